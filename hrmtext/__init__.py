@@ -1,0 +1,1 @@
+"""hrmtext: HRM-Text language models in JAX/Flax."""
