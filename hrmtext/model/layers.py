@@ -1,0 +1,165 @@
+"""Building blocks: parameter-free RMSNorm, RoPE, gated MHA, SwiGLU, pre-norm block, stack."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hrmtext.model import attention as attention_lib
+from hrmtext.model.config import ModelConfig
+
+TRUNCATION = 3.0  # init samples are cut at +-3 sigma
+
+REMAT_POLICIES = {
+    'none': None,
+    'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def truncated_normal(std: float):
+  """Lecun-style init whose *actual* std is `std` (compensating for the truncation)."""
+  a = TRUNCATION
+  pdf = math.exp(-a * a / 2) / math.sqrt(2 * math.pi)
+  z = math.erf(a / math.sqrt(2))  # probability mass inside [-a, a]
+  truncated_std = math.sqrt(1 - 2 * a * pdf / z)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.truncated_normal(key, -a, a, shape, dtype) * (std / truncated_std)
+
+  return init
+
+
+def param(module: nn.Module, name: str, shape, axes, std: float):
+  return module.param(name, nn.with_logical_partitioning(truncated_normal(std), axes), shape)
+
+
+def rms_norm(x, eps: float):
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def rope_tables(positions, head_dim: int, theta: float):
+  """cos/sin [batch, len, head_dim] in float32 (rotate-half layout)."""
+  inv_freq = 1.0 / (theta**(jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  angles = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, rope):
+  cos, sin = rope
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+def constrain(x, *axes):
+  return nn.with_logical_constraint(x, axes)
+
+
+class Attention(nn.Module):
+  """MHA with a sigmoid output gate; gate/q/k/v come from one fused projection."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, rope, mask, cache=None):
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    gqkv = param(self, 'gqkv', (cfg.hidden_size, 4, cfg.num_heads, cfg.head_dim),
+                 ('embed', None, 'heads', 'head_dim'), cfg.hidden_size**-0.5)
+    out_proj = param(self, 'o', (cfg.num_heads, cfg.head_dim, cfg.hidden_size),
+                     ('heads', 'head_dim', 'embed'), cfg.hidden_size**-0.5)
+    gate, q, k, v = jnp.einsum('btd,dnhk->nbthk', x, gqkv.astype(dtype))
+    q, k = apply_rope(q, rope), apply_rope(k, rope)
+    q, k, v = (constrain(t, 'act_batch', 'act_length', 'act_heads', 'act_head_dim')
+               for t in (q, k, v))
+    if cache is not None:  # write this step's keys/values at the query indices, attend to all
+      rows = jnp.arange(k.shape[0])[:, None]
+      cache = {'k': cache['k'].at[rows, mask.q_index].set(k.astype(cache['k'].dtype)),
+               'v': cache['v'].at[rows, mask.q_index].set(v.astype(cache['v'].dtype))}
+      k, v = cache['k'].astype(dtype), cache['v'].astype(dtype)
+    impl = cfg.attention if cache is None else 'xla'
+    out = attention_lib.attention(q, k, v, mask, impl)
+    out = jax.nn.sigmoid(gate) * out
+    return jnp.einsum('bthk,hkd->btd', out, out_proj.astype(dtype)), cache
+
+
+class Mlp(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    gate_up = param(self, 'gate_up', (cfg.hidden_size, 2, cfg.mlp_size), ('embed', None, 'mlp'),
+                    cfg.hidden_size**-0.5)
+    down = param(self, 'down', (cfg.mlp_size, cfg.hidden_size), ('mlp', 'embed'),
+                 cfg.mlp_size**-0.5)
+    gate, up = jnp.einsum('btd,dnf->nbtf', x, gate_up.astype(dtype))
+    h = constrain(jax.nn.silu(gate) * up, 'act_batch', 'act_length', 'act_mlp')
+    return jnp.einsum('btf,fd->btd', h, down.astype(dtype))
+
+
+class Block(nn.Module):
+  """Pre-norm block: x += attn(rms(x)); x += mlp(rms(x))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, rope, mask, cache):
+    eps = self.cfg.rms_norm_eps
+    h, cache = Attention(self.cfg, name='attn')(rms_norm(x, eps), rope, mask, cache)
+    x = x + h
+    x = x + Mlp(self.cfg, name='mlp')(rms_norm(x, eps))
+    return constrain(x, 'act_batch', 'act_length', 'act_embed'), cache
+
+
+class Stack(nn.Module):
+  """`num_layers` blocks under nn.scan (+ remat), then MagicNorm's final RMSNorm."""
+  cfg: ModelConfig
+  num_layers: int
+
+  @nn.compact
+  def __call__(self, x, rope, mask, cache=None):
+    block = Block
+    policy = REMAT_POLICIES[self.cfg.remat_policy]
+    if self.cfg.remat_policy != 'none':
+      block = nn.remat(Block, policy=policy, prevent_cse=False)
+    layers = nn.scan(
+        block,
+        variable_axes={'params': 0},
+        split_rngs={'params': True},
+        in_axes=(nn.broadcast, nn.broadcast, 0),
+        length=self.num_layers,
+        metadata_params={nn.PARTITION_NAME: 'layers'},
+    )(self.cfg, name='layers')
+    x, cache = layers(x, rope, mask, cache)
+    return rms_norm(x, self.cfg.rms_norm_eps), cache
+
+
+class Embed(nn.Module):
+  """Token embedding; rows are multiplied by 1/init_std (`embedding_scale`)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens):
+    cfg = self.cfg
+    table = param(self, 'embedding', (cfg.vocab_size, cfg.hidden_size), ('vocab', 'embed'),
+                  cfg.hidden_size**-0.5)
+    x = jnp.take(table, tokens, axis=0) * cfg.scale
+    return constrain(x.astype(cfg.dtype), 'act_batch', 'act_length', 'act_embed')
+
+
+class LMHead(nn.Module):
+  """Untied output projection; logits in float32."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    kernel = param(self, 'kernel', (cfg.hidden_size, cfg.vocab_size), ('embed', 'vocab'),
+                   cfg.hidden_size**-0.5)
+    logits = jnp.einsum('btd,dv->btv', x, kernel.astype(cfg.dtype),
+                        preferred_element_type=jnp.float32)
+    return constrain(logits, 'act_batch', 'act_length', 'act_vocab')

@@ -1,0 +1,144 @@
+"""HRM-Text and the Transformer baseline behind one functional interface.
+
+The recurrence is a pure function of a parameter pytree; Linen modules supply the pieces.
+That makes a forward-only stack application a plain call on stop-gradient'ed parameters
+and inputs: JAX then stores no residuals and does no backward work for it.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hrmtext.model.attention import AttentionMask
+from hrmtext.model.config import ModelConfig
+from hrmtext.model.horizon import Horizon, credit_horizon
+from hrmtext.model.layers import Embed, LMHead, Stack, rope_tables, truncated_normal
+
+
+class LanguageModel:
+  """Shared embedding / LM head; subclasses define the stacks and `hidden_states`."""
+  stacks: tuple = ()
+
+  def __init__(self, cfg: ModelConfig):
+    self.cfg = cfg
+    self.embed = Embed(cfg)
+    self.stack = Stack(cfg, cfg.layers_per_stack)
+    self.head = LMHead(cfg)
+
+  def init(self, rng) -> dict:
+    """Parameters, boxed with their logical axes (`nn.unbox` to get plain arrays)."""
+    cfg = self.cfg
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    x = jnp.zeros((1, 1, cfg.hidden_size), cfg.dtype)
+    mask = AttentionMask.packed(jnp.ones((1, 1), jnp.int32), jnp.zeros((1, 1), bool))
+    rope = rope_tables(jnp.zeros((1, 1), jnp.int32), cfg.head_dim, cfg.rope_theta)
+    rng_embed, rng_head, *rng_stacks = jax.random.split(rng, 2 + len(self.stacks))
+    params = {
+        'embed': self.embed.init(rng_embed, tokens)['params'],
+        'lm_head': self.head.init(rng_head, x)['params'],
+    }
+    for name, key in zip(self.stacks, rng_stacks):
+      params[name] = self.stack.init(key, x, rope, mask)['params']
+    return params
+
+  def has_gradient(self, horizon: Horizon) -> dict:
+    """Per top-level parameter group: does the horizon give it a gradient?"""
+    return {name: True for name in ('embed', 'lm_head') + self.stacks}
+
+  def logits(self, params, batch, horizon: Horizon | None = None):
+    hidden, _ = self.hidden_states(params, batch, horizon)
+    return self.head.apply({'params': params['lm_head']}, hidden)
+
+  def _inputs(self, params, batch):
+    cfg = self.cfg
+    mask = batch.get('mask')
+    if mask is None:
+      mask = AttentionMask.packed(batch['segment_ids'], batch['is_instruction'])
+    rope = rope_tables(batch['positions'], cfg.head_dim, cfg.rope_theta)
+    x = self.embed.apply({'params': params['embed']}, batch['inputs'])
+    return x, rope, mask
+
+  def init_cache(self, batch_size: int, length: int, dtype=jnp.float32) -> dict:
+    """Zeroed KV cache: one slot per stack application and layer."""
+    cfg = self.cfg
+    shape = (cfg.layers_per_stack, batch_size, length, cfg.num_heads, cfg.head_dim)
+    return {name: {'k': jnp.zeros((n,) + shape, dtype), 'v': jnp.zeros((n,) + shape, dtype)}
+            for name, n in self.cache_slots().items()}
+
+
+class Transformer(LanguageModel):
+  """Baseline: one stack of `layers_per_stack` blocks (with the final MagicNorm)."""
+  stacks = ('stack',)
+
+  def cache_slots(self):
+    return {'stack': 1}
+
+  def hidden_states(self, params, batch, horizon=None, cache=None):
+    x, rope, mask = self._inputs(params, batch)
+    slot = None if cache is None else jax.tree.map(lambda c: c[0], cache['stack'])
+    x, slot = self.stack.apply({'params': params['stack']}, x, rope, mask, slot)
+    new_cache = None if cache is None else {'stack': jax.tree.map(lambda c: c[None], slot)}
+    return x, new_cache
+
+
+class HrmText(LanguageModel):
+  """H/L recurrence: L runs L_cycles times per H cycle on z_L + z_H, then H on z_H + z_L."""
+  stacks = ('L', 'H')
+
+  def init(self, rng) -> dict:
+    rng, rng_z = jax.random.split(rng)
+    params = super().init(rng)
+    shape = (self.cfg.hidden_size,)
+    z = (jnp.zeros(shape) if self.cfg.z_L_init == 'zeros' else truncated_normal(1.0)(rng_z, shape))
+    params['z_L_init'] = nn.LogicallyPartitioned(z, ('embed',))
+    return params
+
+  def has_gradient(self, horizon: Horizon) -> dict:
+    return {'embed': horizon.embedding_has_gradient, 'lm_head': True, 'L': any(horizon.L),
+            'H': any(horizon.H), 'z_L_init': False}  # z_L_init is a fixed, untrained state
+
+  def cache_slots(self):
+    return {'L': self.cfg.H_cycles * self.cfg.L_cycles, 'H': self.cfg.H_cycles}
+
+  def hidden_states(self, params, batch, horizon=None, cache=None):
+    cfg = self.cfg
+    horizon = horizon or credit_horizon(cfg)
+    z_H, rope, mask = self._inputs(params, batch)
+    z_L = jnp.broadcast_to(jax.lax.stop_gradient(params['z_L_init']).astype(z_H.dtype), z_H.shape)
+    frozen = jax.lax.stop_gradient(params)
+
+    def apply_stack(name, differentiable, x, slot):
+      p = params[name] if differentiable else frozen[name]
+      x = x if differentiable else jax.lax.stop_gradient(x)
+      return self.stack.apply({'params': p}, x, rope, mask, slot)
+
+    def run_L(z_L, z_H, differentiable, slots, length):
+      def step(z_L, slot):
+        return apply_stack('L', differentiable, z_L + z_H, slot)
+      return jax.lax.scan(step, z_L, slots, length=length)
+
+    new_cache = {'L': [], 'H': []}
+    for h in range(cfg.H_cycles):
+      # Within an H cycle the L steps are a forward-only run followed by a differentiable run.
+      first = h * cfg.L_cycles
+      flags = horizon.L[first:first + cfg.L_cycles]
+      n_frozen = flags.index(True) if True in flags else len(flags)
+      for differentiable, start, stop in ((False, 0, n_frozen), (True, n_frozen, len(flags))):
+        if stop > start:
+          slots = None if cache is None else _slice(cache['L'], first + start, first + stop)
+          z_L, slots = run_L(z_L, z_H, differentiable, slots, stop - start)
+          new_cache['L'].append(slots)
+      slot = None if cache is None else jax.tree.map(lambda c: c[h], cache['H'])
+      z_H, slot = apply_stack('H', horizon.H[h], z_H + z_L, slot)
+      new_cache['H'].append(None if slot is None else jax.tree.map(lambda c: c[None], slot))
+    if cache is None:
+      return z_H, None
+    return z_H, {name: jax.tree.map(lambda *c: jnp.concatenate(c), *parts)
+                 for name, parts in new_cache.items()}
+
+
+def _slice(tree, start, stop):
+  return jax.tree.map(lambda c: c[start:stop], tree)
+
+
+def build_model(cfg: ModelConfig) -> LanguageModel:
+  return {'hrm': HrmText, 'transformer': Transformer}[cfg.architecture](cfg)

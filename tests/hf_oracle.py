@@ -1,0 +1,46 @@
+"""Random-weight HF `hrm_text` models (the independent oracle) and conversions to hrmtext."""
+import numpy as np
+import torch
+import transformers
+
+from hrmtext.convert.hf import config_from_hf, params_from_hf
+
+
+def make_hf_model(seed=0, vocab=300, hidden=64, heads=2, head_dim=32, intermediate=128,
+                  layers=2, H_cycles=2, L_cycles=3, L_bp_cycles=(2,)):
+  torch.manual_seed(seed)
+  config = transformers.HrmTextConfig(
+      vocab_size=vocab, hidden_size=hidden, num_attention_heads=heads, head_dim=head_dim,
+      intermediate_size=intermediate, num_hidden_layers=layers, H_cycles=H_cycles,
+      L_cycles=L_cycles, L_bp_cycles=list(L_bp_cycles), initializer_range=hidden**-0.5,
+      attn_implementation='sdpa')
+  model = transformers.HrmTextForCausalLM(config).eval()
+  with torch.no_grad():  # non-zero z_L_init so the test sees it; large enough weights to matter
+    model.model.z_L_init.normal_()
+    for p in model.parameters():
+      if p.dim() == 2:
+        p.normal_(0, p.shape[1]**-0.5)
+  return model
+
+
+def to_hrmtext(model):
+  """(ModelConfig, params) holding the same weights."""
+  hf = model.config.to_dict()
+  tensors = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  fused = {}
+  for name, w in tensors.items():  # transformers splits the fused file tensors in memory
+    if '.self_attn.gate_proj' in name:
+      base = name.replace('.self_attn.gate_proj.weight', '')
+      fused[f'{base}.attn.gqkv_proj.weight'] = np.concatenate(
+          [tensors[f'{base}.self_attn.{p}_proj.weight'] for p in ('gate', 'q', 'k', 'v')])
+    elif '.mlp.gate_proj' in name:
+      base = name.replace('.mlp.gate_proj.weight', '')
+      fused[f'{base}.mlp.gate_up_proj.weight'] = np.concatenate(
+          [tensors[f'{base}.mlp.{p}_proj.weight'] for p in ('gate', 'up')])
+      fused[f'{base}.mlp.down_proj.weight'] = tensors[f'{base}.mlp.down_proj.weight']
+    elif 'self_attn.o_proj' in name:
+      fused[name.replace('self_attn', 'attn')] = w
+    elif 'self_attn' not in name and 'mlp.' not in name:
+      fused[name] = w
+  cfg = config_from_hf(hf)
+  return cfg, params_from_hf(fused, cfg)

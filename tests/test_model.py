@@ -1,0 +1,97 @@
+"""Model semantics: HF parity, packing invariance, credit horizon (values and cost)."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from hrmtext.model import AttentionMask, ModelConfig, build_model, credit_horizon
+from tests import hf_oracle
+
+
+def padded_batch(lengths, prefix_lengths, vocab, total, seed=0):
+  """Right-padded single-example rows, as HF sees them (attention_mask, token_type_ids)."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(1, vocab, (len(lengths), total))
+  valid = np.arange(total)[None] < np.array(lengths)[:, None]
+  instruction = np.arange(total)[None] < np.array(prefix_lengths)[:, None]
+  return tokens * valid, valid.astype(np.int64), instruction.astype(np.int64)
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(),
+    dict(H_cycles=1, L_cycles=2, layers=1),
+    dict(H_cycles=3, L_cycles=1, layers=3, heads=4, head_dim=16, hidden=48, L_bp_cycles=(1, 1)),
+])
+def test_logits_match_transformers(kwargs):
+  model = hf_oracle.make_hf_model(**kwargs)
+  cfg, params = hf_oracle.to_hrmtext(model)
+  tokens, valid, instruction = padded_batch([12, 9, 5], [4, 9, 1], cfg.vocab_size, 12)
+  with torch.no_grad():
+    expected = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(valid),
+                     token_type_ids=torch.tensor(instruction)).logits.numpy()
+  positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+  batch = dict(inputs=tokens, positions=positions, segment_ids=valid, is_instruction=instruction)
+  got = np.asarray(build_model(cfg).logits(params, jax.tree.map(jnp.asarray, batch)))
+  scale = np.abs(expected).max()
+  err = np.abs(got - expected)[valid.astype(bool)].max() / scale
+  assert err <= 1e-4, err
+
+
+def small_config(**kw):
+  return ModelConfig(**{**dict(vocab_size=97, hidden_size=32, num_heads=2, head_dim=16,
+                               intermediate_size=64, layers_per_stack=2), **kw})
+
+
+@pytest.mark.parametrize('architecture', ['hrm', 'transformer'])
+def test_packing_matches_examples_alone(architecture):
+  cfg = small_config(architecture=architecture)
+  model = build_model(cfg)
+  params = nn.unbox(model.init(jax.random.key(1)))
+  rng = np.random.default_rng(0)
+  examples = [(rng.integers(1, 97, n), p) for n, p in ((7, 3), (5, 5), (9, 1))]
+  row_len = 24
+  row = {k: np.zeros((1, row_len), np.int32) for k in
+         ('inputs', 'positions', 'segment_ids', 'is_instruction')}
+  start, alone = 0, []
+  for seg, (tokens, prefix) in enumerate(examples, 1):
+    n = len(tokens)
+    sl = slice(start, start + n)
+    row['inputs'][0, sl], row['positions'][0, sl] = tokens, np.arange(n)
+    row['segment_ids'][0, sl], row['is_instruction'][0, sl] = seg, np.arange(n) < prefix
+    single = dict(inputs=tokens[None], positions=np.arange(n)[None],
+                  segment_ids=np.ones((1, n), np.int32), is_instruction=(np.arange(n) < prefix)[None])
+    alone.append(np.asarray(model.logits(params, single))[0])
+    start += n
+  packed = np.asarray(model.logits(params, row))[0]
+  np.testing.assert_allclose(packed[:start], np.concatenate(alone), atol=2e-5, rtol=2e-5)
+
+
+def test_mask_rule():
+  seg = jnp.array([[1, 1, 1, 2, 2, 0]])
+  inst = jnp.array([[1, 1, 0, 1, 0, 0]])
+  mask = np.asarray(AttentionMask.packed(seg, inst).dense()[0, 0])
+  expected = np.array([
+      [1, 1, 0, 0, 0, 0],  # instruction: whole instruction of its segment
+      [1, 1, 0, 0, 0, 0],
+      [1, 1, 1, 0, 0, 0],  # response: causal within its segment
+      [0, 0, 0, 1, 0, 0],
+      [0, 0, 0, 1, 1, 0],
+      [0, 0, 0, 0, 0, 1],  # padding sees only padding
+  ], bool)
+  np.testing.assert_array_equal(mask, expected)
+
+
+def test_horizon_definition():
+  cfg = ModelConfig(H_cycles=2, L_cycles=3)
+  h = credit_horizon(cfg, 2)
+  assert h.H == (False, True) and h.L == (False,) * 5 + (True,)
+  assert not h.embedding_has_gradient  # the reference quirk
+  h = credit_horizon(cfg, 4)
+  assert h.H == (True, True) and h.L == (False,) * 4 + (True,) * 2
+  assert h.embedding_has_gradient
+  h = credit_horizon(ModelConfig(H_cycles=2, L_cycles=3, L_bp_cycles=(2,)))
+  assert h.H == (True, True) and h.L == (False, False, True, False, True, True)
+  with pytest.raises(ValueError):
+    credit_horizon(cfg, 9)
