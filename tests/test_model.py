@@ -95,3 +95,68 @@ def test_horizon_definition():
   assert h.H == (True, True) and h.L == (False, False, True, False, True, True)
   with pytest.raises(ValueError):
     credit_horizon(cfg, 9)
+
+
+def naive_logits(model, params, batch, horizon):
+  """Every application in a Python loop; forward-only outputs become constants."""
+  cfg = model.cfg
+  z_H, rope, mask = model._inputs(params, batch)
+  z_L = jnp.broadcast_to(jax.lax.stop_gradient(params['z_L_init']), z_H.shape)  # never trained
+  run = lambda name, x, diff: (lambda y: y if diff else jax.lax.stop_gradient(y))(
+      model.stack.apply({'params': params[name]}, x, rope, mask)[0])
+  for h in range(cfg.H_cycles):
+    for l in range(cfg.L_cycles):
+      z_L = run('L', z_L + z_H, horizon.L[h * cfg.L_cycles + l])
+    z_H = run('H', z_H + z_L, horizon.H[h])
+  return model.head.apply({'params': params['lm_head']}, z_H)
+
+
+def random_batch(cfg, rows=2, length=16, seed=0):
+  rng = np.random.default_rng(seed)
+  return dict(inputs=rng.integers(0, cfg.vocab_size, (rows, length)),
+              positions=np.tile(np.arange(length), (rows, 1)),
+              segment_ids=np.ones((rows, length), np.int32),
+              is_instruction=np.tile(np.arange(length) < 5, (rows, 1)))
+
+
+@pytest.mark.parametrize('bp_steps', [2, 3, 5, 8, None])
+def test_horizon_gradients_match_naive_stop_gradient(bp_steps):
+  cfg = small_config(L_bp_cycles=(1, 2)) if bp_steps is None else small_config()
+  model = build_model(cfg)
+  params = nn.unbox(model.init(jax.random.key(2)))
+  batch = random_batch(cfg, rows=1, length=8)
+  horizon = credit_horizon(cfg, bp_steps)
+  weights = jax.random.normal(jax.random.key(3), (1, 8, cfg.vocab_size))
+  loss = lambda f: lambda p: jnp.sum(f(p) * weights)
+  got = jax.grad(loss(lambda p: model.logits(p, batch, horizon)))(params)
+  want = jax.grad(loss(lambda p: naive_logits(model, p, batch, horizon)))(params)
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  has_grad = model.has_gradient(horizon)
+  for name, g in got.items():  # the static gradient map agrees with autodiff
+    assert bool(np.any(jax.tree.leaves(g)[0] != 0)) == has_grad[name], name
+
+
+def flops(fn, *args):
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  return (cost[0] if isinstance(cost, list) else cost)['flops']
+
+
+def test_forward_only_applications_do_no_backward_work():
+  """Each extra differentiable application adds exactly one application's backward cost."""
+  cfg = small_config(unroll_loops=True, remat_policy='none')
+  model = build_model(cfg)
+  params = nn.unbox(model.init(jax.random.key(2)))
+  batch = jax.tree.map(jnp.asarray, random_batch(cfg, rows=2, length=32))
+  loss = lambda p, h: jnp.sum(model.logits(p, batch, h)**2)
+  step = {b: flops(jax.grad(lambda p, b=b: loss(p, credit_horizon(cfg, b))), params)
+          for b in range(2, 9)}
+  # Backward cost of one stack application, measured on the stack alone.
+  x, rope, mask = model._inputs(params, batch)
+  apply = lambda p, x: jnp.sum(model.stack.apply({'params': p}, x, rope, mask)[0])
+  backward = flops(jax.grad(apply, argnums=(0, 1)), params['L'], x) - flops(apply, params['L'], x)
+  for b in range(4, 9):
+    added = step[b] - step[b - 1]
+    assert abs(added - backward) / backward < 0.03, (b, added, backward)
+  # b=3 makes H0 differentiable, which also starts the embedding gradient (absent at b=2).
+  assert 0 <= step[3] - step[2] - backward < 0.1 * backward

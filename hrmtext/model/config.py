@@ -36,6 +36,8 @@ class ModelConfig:
   dtype: str = 'float32'  # compute dtype; parameters stay float32
   remat_policy: str = 'nothing_saveable'  # see layers.REMAT_POLICIES
   attention: str = 'xla'  # attention kernel, see attention.IMPLEMENTATIONS
+  # Unroll the layer and L-step loops: more room for XLA scheduling, exact cost analysis.
+  unroll_loops: bool = False
 
   def __post_init__(self):
     if self.architecture not in ('hrm', 'transformer'):

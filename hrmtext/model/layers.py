@@ -132,6 +132,7 @@ class Stack(nn.Module):
         split_rngs={'params': True},
         in_axes=(nn.broadcast, nn.broadcast, 0),
         length=self.num_layers,
+        unroll=self.num_layers if self.cfg.unroll_loops else 1,
         metadata_params={nn.PARTITION_NAME: 'layers'},
     )(self.cfg, name='layers')
     x, cache = layers(x, rope, mask, cache)

@@ -114,7 +114,7 @@ class HrmText(LanguageModel):
     def run_L(z_L, z_H, differentiable, slots, length):
       def step(z_L, slot):
         return apply_stack('L', differentiable, z_L + z_H, slot)
-      return jax.lax.scan(step, z_L, slots, length=length)
+      return jax.lax.scan(step, z_L, slots, length=length, unroll=cfg.unroll_loops)
 
     new_cache = {'L': [], 'H': []}
     for h in range(cfg.H_cycles):

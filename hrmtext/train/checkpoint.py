@@ -15,10 +15,11 @@ from hrmtext.model import ModelConfig, build_model
 
 
 def checkpoint_dir(path: str) -> str:
-  """Accepts a run directory (holding `checkpoints/`) or the checkpoints directory itself."""
+  """`<run>/checkpoints`, or `path` itself when it already is a checkpoints directory."""
   path = os.path.abspath(path)
-  nested = os.path.join(path, 'checkpoints')
-  return nested if os.path.isdir(nested) else path
+  is_steps_dir = os.path.isdir(path) and any(n.isdigit() for n in os.listdir(path))
+  return path if is_steps_dir or os.path.basename(path) == 'checkpoints' else os.path.join(
+      path, 'checkpoints')
 
 
 def manager(path: str, *, max_to_keep: int | None = 3, async_save: bool = True,
