@@ -23,11 +23,17 @@ def loss_and_metrics(logits, labels, segment_ids):
   count = per_segment(labelled.astype(jnp.int32), segment_ids)
   return {
       'loss_sum': token_loss.sum(),
-      'tokens': labelled.sum(),
-      'correct': correct.sum(),
-      'sequences': (count > 0).sum(),
-      'exact': ((count > 0) & (wrong == 0)).sum(),
+      'tokens': labelled.sum(dtype=jnp.int32),
+      'correct': correct.sum(dtype=jnp.int32),
+      'sequences': (count > 0).sum(dtype=jnp.int32),
+      'exact': ((count > 0) & (wrong == 0)).sum(dtype=jnp.int32),
   }
+
+
+def zero_sums() -> dict:
+  """Accumulator matching `loss_and_metrics`."""
+  return {'loss_sum': jnp.zeros((), jnp.float32),
+          **{k: jnp.zeros((), jnp.int32) for k in ('tokens', 'correct', 'sequences', 'exact')}}
 
 
 def summarize(sums) -> dict:

@@ -1,0 +1,34 @@
+"""The one experiment schema; `experiments/*.py` start from `base_config()` and override."""
+import ml_collections
+
+from hrmtext.data.config import data_config
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Model: ModelConfig fields, plus `size` (B/L/XL/XXL presets) and `vocab_multiple`.
+  # vocab_size 0 takes the tokenizer's size from the data, padded to vocab_multiple.
+  c.model = ml_collections.ConfigDict(dict(
+      architecture='hrm', size='', vocab_size=0, vocab_multiple=256, hidden_size=128,
+      num_heads=2, head_dim=64, intermediate_size=0, layers_per_stack=2, H_cycles=2, L_cycles=3,
+      L_bp_cycles=(), z_L_init='truncated_normal', dtype='float32',
+      remat_policy='nothing_saveable', attention='xla', unroll_loops=False))
+  c.data = data_config()
+  c.train = ml_collections.ConfigDict(dict(
+      steps=0,  # 0: epochs * tokens per epoch / global batch
+      epochs=4,
+      global_batch_tokens=196_608,
+      micro_batches=1,  # gradient accumulation steps per train step
+      lr=2.2e-4, warmup_steps=2000, lr_min_ratio=1.0,
+      b1=0.9, b2=0.95, weight_decay=0.1, ema_decay=0.9999,
+      bp_min=2, bp_max=5, bp_warmup_ratio=0.2,
+      seed=0,
+  ))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
+  c.eval = ml_collections.ConfigDict(dict(every_steps=1000, rows=0))  # rows 0: per-step rows
+  c.log_every_steps = 10
+  # Fine-tuning: start from another run's weights (its EMA if `init_use_ema`), fresh optimizer.
+  c.init_from = ''
+  c.init_use_ema = True
+  return c

@@ -1,0 +1,202 @@
+"""The training loop: sharded state, resumable from its workdir, periodic eval and saves."""
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from tensorboardX import SummaryWriter
+
+from hrmtext.data import pipeline
+from hrmtext.data.layout import SampledSet
+from hrmtext.model import ModelConfig, build_model, credit_horizon, summarize, zero_sums
+from hrmtext.model.flops import peak_flops, train_flops_per_token
+from hrmtext.parallel import distributed, sharding
+from hrmtext.parallel.mesh import make_mesh
+from hrmtext.train import checkpoint, optimizer, schedules
+from hrmtext.train.step import TrainState, init_state, make_eval_step, make_train_step
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+  fields = config.model.to_dict()
+  fields['vocab_size'] = fields['vocab_size'] or vocab_size
+  return ModelConfig.from_dict(fields)
+
+
+class Trainer:
+  """Everything a run needs, built from the config; `run()` trains to the end."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    distributed.initialize()
+    self.config, self.workdir = config, workdir
+    self.mesh = make_mesh(config.mesh)
+    sampled = SampledSet(pipeline.sampled_dir(config.data))
+    self.model_cfg = model_config(config, sampled.metadata['tokenizer_info']['vocab_size'])
+    self.model = build_model(self.model_cfg)
+    tc, seq_len = config.train, config.data.seq_len
+    self.global_rows = tc.global_batch_tokens // seq_len
+    batch_shards = self.mesh.shape['data'] * self.mesh.shape['fsdp']
+    if self.global_rows % (tc.micro_batches * batch_shards * jax.process_count()):
+      raise ValueError(f'{self.global_rows} rows per step do not split into {tc.micro_batches} '
+                       f'micro-batches over {batch_shards} batch shards and '
+                       f'{jax.process_count()} processes')
+    self.total_steps = tc.steps or max(1, tc.epochs * sampled.metadata['total_length']
+                                       // tc.global_batch_tokens)
+    self.tx = optimizer.adam_atan2(
+        schedules.warmup_cosine(tc.lr, tc.warmup_steps, self.total_steps, tc.lr_min_ratio),
+        tc.b1, tc.b2, tc.weight_decay)
+    self.schedule = schedules.warmup_cosine(tc.lr, tc.warmup_steps, self.total_steps,
+                                            tc.lr_min_ratio)
+    self.state_shardings = self._state_shardings()
+    self.row_sharding = sharding.batch_sharding(self.mesh)  # [rows, len]
+    self.batch_sharding = jax.sharding.NamedSharding(  # [micro_batches, rows, len]
+        self.mesh, jax.sharding.PartitionSpec(None, *self.row_sharding.spec))
+    data_index, data_count = sharding.process_data_shard(self.mesh)
+    self.data = pipeline.make_train_iterator(
+        config.data, rows_per_process=self.global_rows // data_count, seq_len=seq_len,
+        process_index=data_index, process_count=data_count, seed=tc.seed)
+    self.mngr = checkpoint.manager(workdir, max_to_keep=config.checkpoint.keep,
+                                   async_save=config.checkpoint.async_save)
+    self._steps = {}  # bp_steps -> compiled train step
+    self._eval_step = jax.jit(make_eval_step(self.model),
+                              in_shardings=(self.state_shardings.params, self.row_sharding))
+    self._eval_batches = None
+    self._stop = False
+
+  def _state_shardings(self) -> TrainState:
+    boxed = jax.eval_shape(self.model.init, jax.random.key(0))
+    params = sharding.param_shardings(boxed, self.mesh)
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    return TrainState(step=replicated, params=params, ema=params,
+                      opt_state=optimizer.state_shardings(params))
+
+  def _initial_state(self) -> tuple[TrainState, int]:
+    """Resume from the workdir, else start from `init_from` weights, else from scratch."""
+    step = self.mngr.latest_step()
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            jax.eval_shape(self._init_fn), self.state_shardings)
+    if step is not None:
+      logging.info('resuming from %s step %d', self.mngr.directory, step)
+      items = checkpoint.restore(self.mngr, step, params=abstract.params, ema=abstract.ema,
+                                 opt_state=abstract.opt_state,
+                                 data=pipeline.iterator_restore_args(self.data))
+      return TrainState(jnp.asarray(step, jnp.int32), items['params'], items['ema'],
+                        items['opt_state']), step
+    state = jax.jit(self._init_fn, out_shardings=self.state_shardings)()
+    if self.config.init_from:
+      cfg, params, _ = checkpoint.load_weights(self.config.init_from,
+                                               use_ema=self.config.init_use_ema,
+                                               shardings=self.state_shardings.params)
+      if cfg != self.model_cfg:
+        raise ValueError(f'init_from model {cfg} differs from this run\'s {self.model_cfg}')
+      logging.info('starting from the weights of %s', self.config.init_from)
+      state = state.replace(params=params, ema=params)
+    return state, 0
+
+  def _init_fn(self):
+    return init_state(self.model, self.tx, jax.random.key(self.config.train.seed))
+
+  def _train_step(self, bp: int):
+    if bp not in self._steps:
+      horizon = credit_horizon(self.model_cfg, bp)
+      fn = make_train_step(self.model, self.tx, horizon, self.config.train.ema_decay)
+      self._steps[bp] = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                                out_shardings=(self.state_shardings, None), donate_argnums=0)
+    return self._steps[bp]
+
+  def _global_batch(self, local: dict) -> dict:
+    micro = self.config.train.micro_batches
+    out = {}
+    for name, x in local.items():
+      x = x.reshape(micro, -1, *x.shape[1:])
+      shape = (micro, self.global_rows // micro) + x.shape[2:]
+      out[name] = jax.make_array_from_process_local_data(self.batch_sharding, x, shape)
+    return out
+
+  def evaluate(self, params) -> dict:
+    """Teacher-forced loss and accuracies on the held-out set (every process holds all of it)."""
+    if self._eval_batches is None:
+      rows = self.config.eval.rows or self.global_rows // self.config.train.micro_batches
+      self._eval_batches = pipeline.make_eval_batches(self.config.data, rows=rows,
+                                                      seq_len=self.config.data.seq_len)
+    if not self._eval_batches:
+      return {}
+    sums = zero_sums()
+    for batch in self._eval_batches:
+      batch = {k: jax.make_array_from_callback(v.shape, self.row_sharding, lambda i, v=v: v[i])
+               for k, v in batch.items()}
+      sums = jax.tree.map(jnp.add, sums, self._eval_step(params, batch))
+    return {f'eval/{k}': float(v) for k, v in summarize(sums).items()}
+
+  def save(self, state: TrainState, step: int) -> None:
+    checkpoint.save(self.mngr, step, meta={'model': self.model_cfg.to_dict(),
+                                           'config': self.config.to_dict()},
+                    params=state.params, ema=state.ema, opt_state=state.opt_state,
+                    data=pipeline.iterator_save_args(self.data))
+
+  def run(self) -> dict:
+    with sharding.activate(self.mesh):  # logical activation constraints apply while tracing
+      return self._run()
+
+  def _run(self) -> dict:
+    config, tc = self.config, self.config.train
+    main = distributed.is_main_process()
+    state, start = self._initial_state()
+    writer = SummaryWriter(os.path.join(self.workdir, 'tb')) if main else None
+    if main:
+      os.makedirs(self.workdir, exist_ok=True)
+      with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
+        f.write(config.to_json_best_effort(indent=2))
+    signal.signal(signal.SIGTERM, lambda *_: setattr(self, '_stop', True))
+    device_peak = peak_flops(jax.devices()[0].device_kind)
+    tokens_per_step = self.global_rows * config.data.seq_len
+    logging.info('model %s: %.2fM params; %d steps of %d tokens; mesh %s',
+                 self.model_cfg.architecture,
+                 sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
+                 self.total_steps, tokens_per_step, dict(self.mesh.shape))
+    last = {}
+    t0, logged_step = time.time(), start
+    for step in range(start, self.total_steps):
+      bp = schedules.bp_steps(step, self.total_steps, tc.bp_min, tc.bp_max, tc.bp_warmup_ratio)
+      state, metrics = self._train_step(bp)(state, self._global_batch(next(self.data)))
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == self.total_steps:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed, t0 = time.time() - t0, time.time()
+        tokens_per_s = tokens_per_step * (done - logged_step) / elapsed
+        logged_step = done
+        horizon = credit_horizon(self.model_cfg, bp)
+        flops = train_flops_per_token(self.model_cfg, horizon, config.data.seq_len)
+        metrics.update(lr=float(self.schedule(step)), bp_steps=bp, tokens_per_s=tokens_per_s)
+        if device_peak:
+          metrics['mfu'] = flops * tokens_per_s / (device_peak * jax.device_count())
+        self._log(writer, done, metrics)
+        last.update(metrics)
+      if done % config.eval.every_steps == 0 or done == self.total_steps:
+        eval_metrics = self.evaluate(state.ema)
+        self._log(writer, done, eval_metrics)
+        last.update(eval_metrics)
+      if done % config.checkpoint.every_steps == 0 or done == self.total_steps or self._stop:
+        self.save(state, done)
+      if self._stop:
+        logging.warning('SIGTERM: saved step %d, exiting', done)
+        break
+    self.mngr.wait_until_finished()
+    self.mngr.close()
+    if writer:
+      writer.close()
+    return last
+
+  def _log(self, writer, step: int, metrics: dict) -> None:
+    if not writer or not metrics:
+      return
+    for name, value in metrics.items():
+      writer.add_scalar(name, value, step)
+    writer.flush()
+    with open(os.path.join(self.workdir, 'metrics.jsonl'), 'a') as f:
+      f.write(json.dumps({'step': step, **metrics}) + '\n')
+    shown = ' '.join(f'{k.replace("eval/", "eval_")} {v:.4g}' for k, v in metrics.items())
+    print(f'step {step}/{self.total_steps} {shown}', flush=True)

@@ -1,0 +1,71 @@
+"""Train and eval steps: micro-batch gradient accumulation, AdamATan2 + EMA update."""
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from hrmtext.model import Horizon, LanguageModel, loss_and_metrics, summarize, zero_sums
+from hrmtext.train import optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema: Any
+  opt_state: Any
+
+
+def init_state(model: LanguageModel, tx, rng) -> TrainState:
+  params = nn.unbox(model.init(rng))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
+                    opt_state=tx.init(params))
+
+
+def grad_mask(model: LanguageModel, horizon: Horizon, params) -> dict:
+  """Static per-leaf bools: does this horizon give the leaf a gradient?"""
+  has = model.has_gradient(horizon)
+  return {name: jax.tree.map(lambda _, h=has[name]: h, sub) for name, sub in params.items()}
+
+
+def make_train_step(model: LanguageModel, tx, horizon: Horizon, ema_decay: float):
+  """(state, batch) -> (state, metrics); batch leaves are [micro_batches, rows, len]."""
+
+  def micro_step(params, carry, micro_batch):
+    def loss_fn(p):
+      logits = model.logits(p, micro_batch, horizon)
+      sums = loss_and_metrics(logits, micro_batch['labels'], micro_batch['segment_ids'])
+      return sums['loss_sum'], sums
+
+    grads, sums = jax.grad(loss_fn, has_aux=True)(params)
+    return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+  def train_step(state: TrainState, batch):
+    zeros = (jax.tree.map(jnp.zeros_like, state.params), zero_sums())
+    (grads, sums), _ = jax.lax.scan(lambda c, b: micro_step(state.params, c, b), zeros, batch)
+    # Summed token losses / global labelled-token count == the mean over the whole batch.
+    grads = jax.tree.map(lambda g: g / jnp.maximum(sums['tokens'], 1), grads)
+    mask = grad_mask(model, horizon, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_mask=mask)
+    params = optax.apply_updates(state.params, updates)
+    ema = optimizer.ema_update(state.ema, params, ema_decay, mask)
+    metrics = {**summarize(sums), 'grad_norm': optax.global_norm(grads), 'tokens': sums['tokens']}
+    return TrainState(state.step + 1, params, ema, opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(model: LanguageModel):
+  """(params, batch [rows, len]) -> summed loss/accuracy counts (teacher forcing).
+
+  Teacher-forced exact accuracy equals greedy exact match: every response token is the
+  argmax given the correct prefix iff greedy decoding reproduces the response.
+  """
+  def eval_step(params, batch):
+    logits = model.logits(params, batch)
+    return loss_and_metrics(logits, batch['labels'], batch['segment_ids'])
+
+  return eval_step
