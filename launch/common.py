@@ -1,0 +1,82 @@
+"""Pieces shared by the launchers: the per-process env contract and a parallel process runner."""
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+STOP_GRACE_S = 10  # after SIGTERM, how long a stopped process gets before SIGKILL
+
+
+def process_env(coordinator: str, num_processes, process_id) -> dict:
+  """The env hrmtext.parallel.distributed.initialize() reads (values may be shell expressions)."""
+  return {'JAX_COORDINATOR_ADDRESS': coordinator, 'JAX_NUM_PROCESSES': str(num_processes),
+          'JAX_PROCESS_ID': str(process_id)}
+
+
+def env_assignments(env: dict) -> str:
+  """`KEY=value ...` with each value quoted for a shell."""
+  return ' '.join(f'{key}={shlex.quote(str(value))}' for key, value in env.items())
+
+
+def parse_env_flags(assignments) -> dict:
+  """KEY=VALUE strings (repeatable --env flags) as a dict."""
+  env = {}
+  for assignment in assignments or ():
+    key, sep, value = assignment.partition('=')
+    if not sep or not key:
+      raise ValueError(f'--env expects KEY=VALUE, got {assignment!r}')
+    env[key] = value
+  return env
+
+
+def _stream(label: str, pipe, lock: threading.Lock):
+  for line in pipe:
+    with lock:
+      sys.stdout.write(f'[{label}] {line}')
+      sys.stdout.flush()
+
+
+def _stop(procs):
+  for proc in procs:
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGTERM)
+  deadline = time.monotonic() + STOP_GRACE_S
+  for proc in procs:
+    try:
+      proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      proc.kill()
+
+
+def run_processes(jobs) -> int:
+  """Runs (label, argv, extra_env) jobs at once, output prefixed by label. Returns the first
+  non-zero exit status (after stopping the others; negative: killed by that signal) or 0."""
+  lock, procs, readers = threading.Lock(), [], []
+  for label, argv, extra_env in jobs:
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', **extra_env}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors='replace')
+    procs.append(proc)
+    readers.append(threading.Thread(target=_stream, args=(label, proc.stdout, lock), daemon=True))
+    readers[-1].start()
+  try:
+    while True:
+      codes = [proc.poll() for proc in procs]
+      failed = [code for code in codes if code]
+      if failed or None not in codes:
+        return failed[0] if failed else 0
+      time.sleep(0.1)
+  finally:
+    _stop(procs)
+    for reader in readers:
+      reader.join(timeout=1)
+
+
+def exit_with(status: int, launcher: str):
+  """Exits like the failed process did (1 if it was killed by a signal)."""
+  if status:
+    print(f'{launcher}: a process failed with exit status {status}', file=sys.stderr)
+    sys.exit(status if status > 0 else 1)
