@@ -1,0 +1,154 @@
+"""Grain input pipeline: packed PrefixLM batches from a sampled training set, and held-out data.
+
+Training: each epoch_<k> gets a fixed packing plan; its rows are padded to a multiple of
+process_count, shuffled per (pass, epoch) and dealt round-robin to processes. A process's batches
+walk its rows epoch after epoch and wrap around after the last one. Batch i of a process is a pure
+function of i, so the iterator state that Orbax saves is just the next index (per prefetch worker).
+"""
+
+import functools
+import os
+import sys
+
+import grain
+import ml_collections
+import numpy as np
+
+from hrmtext.data import packing
+from hrmtext.data.layout import (METADATA_FILE, Index, SampledSet, concatenate_sources, heldout_dir,
+                                 load_index, load_tokens, tokenized_sources)
+from hrmtext.data.sources import read_rows
+
+EVAL_WINDOW_ROWS = 1 << 20  # pack the whole held-out set as one window
+
+
+def sampled_dir(data_cfg: ml_collections.ConfigDict) -> str:
+  """`data_cfg.dir` if it is a sampled set (e.g. made by the reference), else <dir>/sampled."""
+  if os.path.exists(os.path.join(data_cfg.dir, METADATA_FILE)):
+    return data_cfg.dir
+  return os.path.join(data_cfg.dir, 'sampled')
+
+
+@functools.lru_cache(maxsize=8)
+def _row_permutation(seed, epoch_pass, epoch, num_rows):
+  return np.random.default_rng([seed, epoch_pass, epoch]).permutation(num_rows)
+
+
+class TrainBatches:
+  """Random-access source whose element i is batch i of one process (endless)."""
+
+  def __init__(self, directory: str, *, seq_len: int, rows_per_process: int, process_index: int,
+               process_count: int, seed: int, window_rows: int):
+    if not 0 <= process_index < process_count:
+      raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+    self._dir, self._seq_len, self._rows = directory, seq_len, rows_per_process
+    self._process_index, self._process_count, self._seed = process_index, process_count, seed
+    sampled = SampledSet(directory)
+    epochs = [sampled.epoch(k) for k in range(sampled.num_epochs)]
+    # One index over all epochs (they share tokens.npy); plans hold ids into it.
+    self._index = Index.concatenate(epochs)
+    self.lengths = packing.packed_lengths(self._index, seq_len)
+    self.plans, base = [], 0
+    for index in epochs:
+      plan = packing.pack(self.lengths[base:base + len(index.inst_len)], seq_len, window_rows)
+      self.plans.append(plan._replace(order=plan.order + base).padded(process_count))
+      base += len(index.inst_len)
+    shard_rows = np.array([plan.num_rows // process_count for plan in self.plans])
+    if shard_rows.sum() == 0:
+      raise ValueError(f'{directory}: no trainable examples for seq_len {seq_len}')
+    self.epoch_end = np.cumsum(shard_rows)  # this process's rows up to the end of each epoch
+    self._tokens = None
+
+  def __getstate__(self):
+    return dict(self.__dict__, _tokens=None)  # workers re-open the memory map instead of copying it
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def batch_rows(self, index: int) -> list[np.ndarray]:
+    """Example ids of the rows of batch `index` of this process."""
+    stream = index * self._rows + np.arange(self._rows)  # positions in this process's row stream
+    epoch_pass, position = np.divmod(stream, self.epoch_end[-1])
+    epochs = np.searchsorted(self.epoch_end, position, side='right')
+    rows = []
+    for p, k, pos in zip(epoch_pass.tolist(), epochs.tolist(), position.tolist()):
+      local = pos - (self.epoch_end[k - 1] if k else 0)
+      permutation = _row_permutation(self._seed, p, k, self.plans[k].num_rows)
+      rows.extend(self.plans[k].rows(
+          [permutation[self._process_index + local * self._process_count]]))
+    return rows
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    if self._tokens is None:
+      self._tokens = load_tokens(self._dir)
+    return packing.pack_rows(self._tokens, self._index, self.lengths, self.batch_rows(index),
+                             self._seq_len)
+
+  def __repr__(self):
+    return (f'TrainBatches({self._dir}, rows={self._rows}, seq_len={self._seq_len}, '
+            f'process {self._process_index}/{self._process_count})')
+
+
+def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, rows_per_process: int, seq_len: int,
+                        process_index: int, process_count: int, seed: int) -> grain.DatasetIterator:
+  """Endless iterator of this process's packed batches, dicts of int32 [rows_per_process, seq_len].
+
+  Save/restore its position with `iterator_save_args` / `iterator_restore_args` in an Orbax
+  Composite next to the train state.
+  """
+  source = TrainBatches(sampled_dir(data_cfg), seq_len=seq_len, rows_per_process=rows_per_process,
+                        process_index=process_index, process_count=process_count, seed=seed,
+                        window_rows=data_cfg.pack_window_rows)
+  dataset = grain.MapDataset.source(source).to_iter_dataset(
+      grain.ReadOptions(num_threads=1, prefetch_buffer_size=data_cfg.worker_buffer_size))
+  if data_cfg.worker_count > 0:
+    dataset = dataset.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=data_cfg.worker_count,
+                                     per_worker_buffer_size=data_cfg.worker_buffer_size))
+  return iter(dataset)
+
+
+def iterator_save_args(iterator: grain.DatasetIterator):
+  """Orbax args saving the iterator's position (one json file per process)."""
+  return grain.checkpoint.CheckpointSave(iterator)
+
+
+def iterator_restore_args(iterator: grain.DatasetIterator):
+  """Orbax args restoring a saved position into `iterator` (made with the same arguments)."""
+  return grain.checkpoint.CheckpointRestore(iterator)
+
+
+def make_eval_batches(data_cfg: ml_collections.ConfigDict, *, rows: int,
+                      seq_len: int) -> list[dict[str, np.ndarray]]:
+  """Packed batches [rows, seq_len] covering every held-out example once (deterministic).
+
+  Empty when the data has no held-out split (e.g. a sampled set made by the reference pipeline).
+  """
+  root = heldout_dir(data_cfg.dir, 'tokenized')
+  if not os.path.isdir(root):
+    return []
+  tokens, indices = concatenate_sources(
+      (load_tokens(d), load_index(d)) for d in tokenized_sources(root).values())
+  if not indices:
+    return []
+  index = Index.concatenate(indices)
+  lengths = packing.packed_lengths(index, seq_len)
+  plan = packing.pack(lengths, seq_len, EVAL_WINDOW_ROWS).padded(rows)
+  return [
+      packing.pack_rows(tokens, index, lengths, plan.rows(range(start, start + rows)), seq_len)
+      for start in range(0, plan.num_rows, rows)
+  ]
+
+
+def heldout_examples(data_cfg: ml_collections.ConfigDict) -> list[dict]:
+  """Raw held-out rows (task, instruction, response, condition, ...) for generation evals."""
+  root = heldout_dir(data_cfg.dir, 'raw')
+  if not os.path.isdir(root):
+    return []
+  examples = []
+  for name in sorted(os.listdir(root)):
+    if name.endswith('.jsonl'):
+      examples.extend(
+          dict(row, task=row.get('task', name[:-len('.jsonl')]))
+          for row in read_rows(os.path.join(root, name)))
+  return examples

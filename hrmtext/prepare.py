@@ -1,0 +1,234 @@
+r"""Prepares training data: raw rows -> tokenizer -> tokenized sources -> sampled epochs.
+
+  python -m hrmtext.prepare --output runs/data/builtin             # built-in corpus, all defaults
+  python -m hrmtext.prepare --output DIR --inputs a.jsonl,b.parquet --tokenizer TOK_DIR
+  python -m hrmtext.prepare --output DIR --config=experiments/tiny_cpu.py   # uses its config.data
+
+Inputs are JSONL/Parquet rows {"instruction", "response", "condition"} (condition defaults to
+'direct'); the built-in reasoning_gym corpus is used when no --inputs are given. Layout of DIR:
+  raw/{train,heldout}/<task>.jsonl   built-in rows (held-out rows carry "task" and "answer")
+  tokenizer/                         trained sentencepiece model + tokenizer_info.json
+  tokenized/{train,heldout}/<name>/  reference tokenized layout, one folder per source file
+  sampled/                           reference sampled training set (what training reads)
+Re-running skips finished outputs; every output is written to a temporary name and renamed.
+"""
+
+import contextlib
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import sys
+
+from absl import app, flags
+import numpy as np
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from hrmtext.data import layout, mixture, packing
+from hrmtext.data.sources import BadRowError, read_rows, source_name, write_jsonl
+from hrmtext.data.tokenizer import Tokenizer, train_tokenizer
+
+_DATA_CONFIG = os.path.join(os.path.dirname(__file__), 'data', 'config.py')
+_CHUNK_ROWS = 1024
+
+config_flags.DEFINE_config_file(
+    'config', _DATA_CONFIG,
+    'Data config file (hrmtext/data/config.py) or an experiment config whose '
+    '`data` field is used. Override fields with e.g. --config.seq_len=512.')
+flags.DEFINE_string('output', None, 'Prepared root to write (default: the config\'s dir).')
+flags.DEFINE_list('inputs', [], 'Training JSONL/Parquet files; each is one source of the mixture.')
+flags.DEFINE_list('heldout_inputs', [], 'Held-out JSONL/Parquet files (for evaluation only).')
+flags.DEFINE_bool('builtin', None, 'Include the built-in corpus (default: only without --inputs).')
+flags.DEFINE_string(
+    'tokenizer', None, 'Existing tokenizer: tokenizer_info.json or its folder '
+    '(sentencepiece model or HF tokenizer.json). Default: train one.')
+flags.DEFINE_string(
+    'tokenized', None, 'Existing tokenized root (reference layout) to sample from '
+    'instead of tokenizing --inputs.')
+flags.DEFINE_bool('skip_bad_rows', False, 'Skip and count malformed rows instead of stopping.')
+flags.DEFINE_integer('workers', os.cpu_count() or 1, 'Tokenization processes.')
+FLAGS = flags.FLAGS
+
+
+def _data_config():
+  cfg = FLAGS.config
+  return cfg.data if 'data' in cfg else cfg
+
+
+def _check_settings(out, cfg):
+  """Refuses to mix outputs of different settings in one root (re-runs must be no-ops)."""
+  settings = dict(seq_len=cfg.seq_len, epochs=cfg.epochs, seed=cfg.seed,
+                  tokenizer=cfg.tokenizer.to_dict(), builtin=cfg.builtin.to_dict(),
+                  mixture=cfg.mixture.to_dict(), inputs=FLAGS.inputs,
+                  heldout_inputs=FLAGS.heldout_inputs, use_builtin=FLAGS.builtin,
+                  tokenizer_path=FLAGS.tokenizer, tokenized=FLAGS.tokenized)
+  settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back
+  path = os.path.join(out, 'prepare_settings.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      if json.load(f) != settings:
+        raise ValueError(
+            f'{out} was prepared with other settings ({path}); use a new --output or delete it')
+  else:
+    os.makedirs(out, exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(settings, f, indent=2)
+    os.replace(path + '.tmp', path)
+
+
+def _copy_heldout_inputs(raw_heldout):
+  """User held-out files become raw/heldout/<name>.jsonl (rows tagged with their task)."""
+  for path in FLAGS.heldout_inputs:
+    name = source_name(path)
+    target = os.path.join(raw_heldout, f'{name}.jsonl')
+    if not os.path.exists(target):
+      write_jsonl(target, (dict(row, task=row.get('task', name)) for row in read_rows(path)))
+
+
+def _get_tokenizer(out, cfg, train_files):
+  directory = os.path.join(out, 'tokenizer')
+  if not os.path.exists(os.path.join(directory, 'tokenizer_info.json')):
+    if FLAGS.tokenizer or FLAGS.tokenized:
+      Tokenizer.load(FLAGS.tokenizer or FLAGS.tokenized).save_info(directory)
+    else:
+      per_file = math.ceil(cfg.tokenizer.train_rows / max(1, len(train_files)))
+      rows = (row for path in train_files.values()
+              for row in itertools.islice(read_rows(path, FLAGS.skip_bad_rows), per_file))
+      texts = (text for row in rows for text in (row['instruction'], row['response']))
+      print(f'training a {cfg.tokenizer.vocab_size}-token tokenizer ...', file=sys.stderr)
+      train_tokenizer(texts, directory, cfg.tokenizer.vocab_size, cfg.tokenizer.conditions)
+  return Tokenizer.load(directory)
+
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer_dir):
+  global _worker_tokenizer
+  _worker_tokenizer = Tokenizer.load(tokenizer_dir)
+
+
+def _encode_chunk(rows):
+  """(tokens, inst_len, resp_len) of rows given as (instruction, response, condition)."""
+  tokens, inst_len, resp_len = [], [], []
+  for instruction, response, condition in rows:
+    inst = _worker_tokenizer.encode_instruction(instruction, condition)
+    resp = _worker_tokenizer.encode_response(response)
+    tokens += inst + resp
+    inst_len.append(len(inst))
+    resp_len.append(len(resp))
+  return np.array(tokens, np.uint32), inst_len, resp_len
+
+
+def _tokenize(jobs, tokenizer_dir, conditions, bad_rows):
+  """Tokenizes (source file, output folder) jobs into the reference tokenized layout."""
+  with contextlib.ExitStack() as stack:
+    if FLAGS.workers > 1:
+      pool_map = stack.enter_context(
+          multiprocessing.get_context('spawn').Pool(FLAGS.workers, _init_worker,
+                                                    (tokenizer_dir,))).imap
+    else:
+      _init_worker(tokenizer_dir)
+      pool_map = map
+    for path, directory in jobs:
+      rows = ((r['instruction'], r['response'], r['condition'])
+              for r in read_rows(path, FLAGS.skip_bad_rows, bad_rows, conditions))
+      chunks = iter(lambda: list(itertools.islice(rows, _CHUNK_ROWS)), [])
+      parts = [(np.zeros(0, np.uint32), [], [])]
+      with tqdm(desc=f'tokenizing {os.path.basename(directory)}', unit=' rows') as progress:
+        for part in pool_map(_encode_chunk, chunks):
+          parts.append(part)
+          progress.update(len(part[1]))
+      tokens, inst_len, resp_len = zip(*parts)
+      layout.write_tokenized_source(directory, np.concatenate(tokens), np.concatenate(inst_len),
+                                    np.concatenate(resp_len))
+
+
+def _named(paths):
+  files = {}
+  for path in paths:
+    name = source_name(path)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'{path}: no such file')
+    if name in files:
+      raise ValueError(f'two input files named {name!r}: {files[name]} and {path}')
+    files[name] = path
+  return files
+
+
+def _jsonl_files(directory):
+  return {
+      source_name(n): os.path.join(directory, n) for n in sorted(os.listdir(directory))
+      if n.endswith('.jsonl')
+  }
+
+
+def prepare(out, cfg):
+  """Runs every unfinished step; returns the sampled set's folder."""
+  _check_settings(out, cfg)
+  use_builtin = FLAGS.builtin if FLAGS.builtin is not None else not (FLAGS.inputs or
+                                                                     FLAGS.tokenized)
+  raw_heldout = layout.heldout_dir(out, 'raw')
+  os.makedirs(raw_heldout, exist_ok=True)
+  train_files = _named(FLAGS.inputs)
+  if use_builtin:
+    from hrmtext.data import builtin  # pylint: disable=g-import-not-at-top  (slow reasoning_gym)
+    builtin.write_builtin_corpus(os.path.join(out, 'raw'), cfg.builtin, cfg.seed)
+    train_files = {**_jsonl_files(os.path.join(out, 'raw', 'train')), **train_files}
+  _copy_heldout_inputs(raw_heldout)
+  if not (train_files or FLAGS.tokenized):
+    raise ValueError('no training data: give --inputs or --tokenized, or use the built-in corpus')
+
+  tokenizer = _get_tokenizer(out, cfg, train_files)
+  tokenized_train = os.path.join(out, 'tokenized', 'train')
+  jobs = []
+  for files, root in ((train_files, tokenized_train), (_jsonl_files(raw_heldout),
+                                                       layout.heldout_dir(out, 'tokenized'))):
+    tokenizer.save_info(root)
+    jobs += [(path, os.path.join(root, name)) for name, path in files.items()
+             if not os.path.exists(os.path.join(root, name))]
+  bad_rows = []
+  if jobs:
+    _tokenize(jobs, os.path.join(out, 'tokenizer'), set(tokenizer.condition_ids), bad_rows)
+  for message in bad_rows:
+    print(f'skipped: {message}', file=sys.stderr)
+
+  sampled = os.path.join(out, 'sampled')
+  if not os.path.exists(sampled):
+    sources = layout.tokenized_sources(tokenized_train)
+    if FLAGS.tokenized:
+      sources.update(layout.tokenized_sources(FLAGS.tokenized))
+    print(f'sampling {cfg.epochs} epochs from {len(sources)} sources ...', file=sys.stderr)
+    mixture.write_mixture(sources, sampled, cfg, tokenizer)
+  return sampled
+
+
+def summary(sampled, seq_len, window_rows):
+  data = layout.SampledSet(sampled)
+  for k in range(data.num_epochs):
+    index = data.epoch(k)
+    lengths = packing.packed_lengths(index, seq_len)
+    plan = packing.pack(lengths, seq_len, window_rows)
+    print(
+        f'epoch {k}: {len(lengths)} examples, {int(lengths.sum())} tokens, {plan.num_rows} rows of '
+        f'{seq_len}, packing efficiency {packing.packing_efficiency(plan, lengths, seq_len):.4f}')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  cfg = _data_config()
+  out = FLAGS.output or cfg.dir
+  try:
+    sampled = prepare(out, cfg)
+    summary(sampled, cfg.seq_len, cfg.pack_window_rows)
+  except (BadRowError, ValueError, OSError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  print(f'prepared {out}; train with data.dir={out}')
+
+
+if __name__ == '__main__':
+  app.run(main)
