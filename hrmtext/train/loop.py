@@ -17,7 +17,8 @@ from hrmtext.model.flops import peak_flops, train_flops_per_token
 from hrmtext.parallel import distributed, sharding
 from hrmtext.parallel.mesh import make_mesh
 from hrmtext.train import checkpoint, optimizer, schedules
-from hrmtext.train.step import TrainState, init_state, make_eval_step, make_train_step
+from hrmtext.train.step import (TrainState, init_state, make_eval_step, make_train_step,
+                                state_shardings)
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
@@ -50,7 +51,7 @@ class Trainer:
         tc.b1, tc.b2, tc.weight_decay)
     self.schedule = schedules.warmup_cosine(tc.lr, tc.warmup_steps, self.total_steps,
                                             tc.lr_min_ratio)
-    self.state_shardings = self._state_shardings()
+    self.state_shardings = state_shardings(self.model, self.mesh)
     self.row_sharding = sharding.batch_sharding(self.mesh)  # [rows, len]
     self.batch_sharding = jax.sharding.NamedSharding(  # [micro_batches, rows, len]
         self.mesh, jax.sharding.PartitionSpec(None, *self.row_sharding.spec))
@@ -65,13 +66,6 @@ class Trainer:
                               in_shardings=(self.state_shardings.params, self.row_sharding))
     self._eval_batches = None
     self._stop = False
-
-  def _state_shardings(self) -> TrainState:
-    boxed = jax.eval_shape(self.model.init, jax.random.key(0))
-    params = sharding.param_shardings(boxed, self.mesh)
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    return TrainState(step=replicated, params=params, ema=params,
-                      opt_state=optimizer.state_shardings(params))
 
   def _initial_state(self) -> tuple[TrainState, int]:
     """Resume from the workdir, else start from `init_from` weights, else from scratch."""
@@ -132,8 +126,9 @@ class Trainer:
     return {f'eval/{k}': float(v) for k, v in summarize(sums).items()}
 
   def save(self, state: TrainState, step: int) -> None:
-    checkpoint.save(self.mngr, step, meta={'model': self.model_cfg.to_dict(),
-                                           'config': self.config.to_dict()},
+    meta = {'model': self.model_cfg.to_dict(), 'config': self.config.to_dict(),
+            'tokenizer': os.path.abspath(pipeline.sampled_dir(self.config.data))}
+    checkpoint.save(self.mngr, step, meta=meta,
                     params=state.params, ema=state.ema, opt_state=state.opt_state,
                     data=pipeline.iterator_save_args(self.data))
 

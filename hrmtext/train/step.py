@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from hrmtext.model import Horizon, LanguageModel, loss_and_metrics, summarize, zero_sums
+from hrmtext.parallel import sharding
 from hrmtext.train import optimizer
 
 
@@ -23,6 +24,13 @@ def init_state(model: LanguageModel, tx, rng) -> TrainState:
   params = nn.unbox(model.init(rng))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
                     opt_state=tx.init(params))
+
+
+def state_shardings(model: LanguageModel, mesh) -> TrainState:
+  """Params (and EMA, moments) sharded by their logical axes; counters replicated."""
+  params = sharding.param_shardings(jax.eval_shape(model.init, jax.random.key(0)), mesh)
+  return TrainState(step=sharding.replicated(mesh), params=params, ema=params,
+                    opt_state=optimizer.state_shardings(params))
 
 
 def grad_mask(model: LanguageModel, horizon: Horizon, params) -> dict:
