@@ -9,6 +9,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from hrmtext.model.kernels import cudnn, splash
+
 
 @flax.struct.dataclass
 class AttentionMask:
@@ -44,7 +46,10 @@ def xla_attention(q, k, v, mask: AttentionMask):
   return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
 
 
-IMPLEMENTATIONS = {'xla': xla_attention}
+# 'splash': TPU Pallas kernel (Pallas interpreter elsewhere); 'cudnn': GPU (Hopper+, bf16/fp16).
+# Both are for packed self-attention; see hrmtext/model/kernels.
+IMPLEMENTATIONS = {'xla': xla_attention, 'splash': splash.splash_attention,
+                   'cudnn': cudnn.cudnn_attention}
 
 
 def attention(q, k, v, mask: AttentionMask, implementation: str = 'xla'):

@@ -1,0 +1,92 @@
+"""GPU cuDNN flash attention on packed PrefixLM rows: two passes in cuDNN's packed layout.
+
+The packed (ragged) layout describes a row as runs of tokens (start, length), each attended to on
+its own, so the work follows the examples' lengths rather than the row's. Two passes give the
+PrefixLM mask:
+  causal  within each run of one segment id: right for response queries;
+  prefix  bidirectional within each instruction: right for instruction queries (the instruction
+          is its example's first tokens, so an instruction query sees exactly its instruction);
+and each query keeps the pass that is right for it. The layout holds at most `max_runs` runs per
+row: a batch with a row of more (many tiny examples) takes one cuDNN pass over the dense mask
+instead (the whole row's work, the same result).
+
+Padding (segment 0) matches the XLA path when a row's padding is one run (trailing, as packing
+leaves it); otherwise only padding outputs differ, and nothing labelled depends on them.
+Needs Hopper or newer (packed layout), bfloat16/float16 q/k/v, and XLA's cuDNN custom calls, which
+come with sharding rules: no shard_map needed.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+# The packed layout is not exposed by jax.nn.dot_product_attention (jax 0.10 to 0.12).
+from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
+
+MAX_RUNS = 128  # runs per row in the packed layout; cuDNN keeps softmax statistics per run slot
+
+
+def cudnn_attention(q, k, v, mask, max_runs: int = MAX_RUNS):
+  """q/k/v [batch, len, heads, head_dim] (bf16/fp16); `mask` an AttentionMask in packed form."""
+  if k.shape[1] != q.shape[1]:
+    raise ValueError(f'cudnn attention needs q and kv of one length (self-attention), got '
+                     f'{q.shape[1]} and {k.shape[1]}; cached decode uses the xla kernel')
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f'cudnn attention needs bfloat16 or float16 activations (model.dtype), '
+                     f'got {q.dtype}')
+  if jax.default_backend() != 'gpu':
+    raise ValueError(f'cudnn attention needs a CUDA GPU, the JAX backend is '
+                     f'{jax.default_backend()} (use splash or xla)')
+  return _two_passes(q, k, v, mask, max_runs)
+
+
+def _two_passes(q, k, v, mask, max_runs: int):
+  # At least 2 run slots: with one, jax passes cuDNN the unused -1 lengths unfiltered.
+  max_runs = max(2, min(max_runs, q.shape[1]))
+  segment_ids, is_instruction = mask.q_segment_ids, mask.q_is_instruction.astype(bool)
+  causal_runs = _runs(segment_ids, jnp.ones_like(is_instruction), max_runs)
+  prefix_runs = _runs(segment_ids, is_instruction, max_runs)
+  # The offsets hold one slot more than `max_runs`: it is filled only when a row has too many runs.
+  fits = jnp.all(causal_runs[0][:, max_runs] < 0)
+  packed = functools.partial(_packed, is_instruction=is_instruction, causal_runs=causal_runs,
+                             prefix_runs=prefix_runs)
+  dense = functools.partial(_dense, mask=mask)
+  return jax.lax.cond(fits, packed, dense, q, k, v)
+
+
+def _runs(segment_ids, keep, max_runs: int):
+  """Packed layout of the runs of one segment id over the `keep` tokens: offsets
+  [batch, max_runs + 1] and lengths [batch, max_runs], both int32 and -1 past the row's runs."""
+  ids = jnp.where(keep, segment_ids, -1)
+  change = ids[:, 1:] != ids[:, :-1]
+  edge = jnp.ones_like(change[:, :1])
+  starts = jnp.concatenate([edge, change], axis=1) & keep
+  ends = jnp.concatenate([change, edge], axis=1) & keep
+
+  def row(starts, ends):
+    first = jnp.nonzero(starts, size=max_runs + 1, fill_value=-1)[0]
+    last = jnp.nonzero(ends, size=max_runs, fill_value=-1)[0]
+    lengths = jnp.where(first[:max_runs] >= 0, last - first[:max_runs] + 1, -1)
+    return first.astype(jnp.int32), lengths.astype(jnp.int32)
+
+  return jax.vmap(row)(starts, ends)
+
+
+def _packed(q, k, v, is_instruction, causal_runs, prefix_runs):
+  def attend(runs, mask_type, q, k, v):
+    offsets, lengths = runs
+    return cudnn_fmha.dot_product_attention(
+        q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
+        scale=q.shape[-1]**-0.5, mask_type=mask_type, qkv_layout='BTNH')
+
+  causal = attend(causal_runs, cudnn_fmha.MaskType.PADDING_CAUSAL, q, k, v)
+  # cuDNN leaves tokens outside every run unwritten, in the output and in the gradients: the
+  # prefix pass sees only instruction tokens (zeroing the others' gradients), its output only
+  # reaches instruction queries.
+  instruction = is_instruction[:, :, None, None]
+  only_instruction = lambda x: jnp.where(instruction, x, jnp.zeros_like(x))
+  prefix = attend(prefix_runs, cudnn_fmha.MaskType.PADDING, *map(only_instruction, (q, k, v)))
+  return jnp.where(instruction, prefix, causal)
+
+
+def _dense(q, k, v, mask):
+  return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), implementation='cudnn')

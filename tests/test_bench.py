@@ -1,0 +1,68 @@
+"""`python -m hrmtext.bench` on tiny configs on CPU: the summary line parses and adds up."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hrmtext import bench
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POSITIVE = ('params_m', 'compile_s', 'step_s', 'tokens_per_s', 'tokens_per_s_per_device',
+            'tflops_per_device', 'loss')
+
+
+def run_bench(*args):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO}
+  env.pop('XLA_FLAGS', None)
+  return subprocess.run([sys.executable, '-m', 'hrmtext.bench', *args], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize('config, architecture', [('experiments/tiny_cpu.py', 'hrm'),
+                                                  ('experiments/transformer_L.py', 'transformer')])
+def test_bench_reports_positive_numbers(config, architecture):
+  tiny = ['--config.model.size=', '--config.model.layers_per_stack=1',
+          '--config.model.hidden_size=64', '--config.model.num_heads=2',
+          '--config.model.head_dim=32', '--config.model.dtype=float32']
+  result = run_bench(f'--config={config}', *tiny, '--config.data.seq_len=128', '--rows=2',
+                     '--steps=2', '--warmup=1', '--vocab=256', '--bp_steps=3',
+                     '--max_example_len=100')
+  assert result.returncode == 0, result.stdout + result.stderr
+  lines = [line for line in result.stdout.splitlines() if line.startswith('bench: ')]
+  assert len(lines) == 1, result.stdout
+  fields = dict(item.split('=', 1) for item in lines[0][len('bench: '):].split())
+  for name in POSITIVE:
+    assert float(fields[name]) > 0, (name, fields)
+  assert np.isfinite(float(fields['loss']))
+  assert fields['architecture'] == architecture
+  assert (fields['rows'], fields['seq_len'], fields['bp_steps']) == ('2', '128', '3')
+  assert int(fields['devices']) == 1 and fields['device_kind'] == 'cpu'
+  assert fields['mfu'] == fields['peak_memory_gib'] == 'n/a'  # no peak FLOP/s, memory stats
+  assert 0 < float(fields['packing']) <= 1
+  tokens_per_s = float(fields['tokens_per_s'])
+  assert abs(tokens_per_s * float(fields['step_s']) - 2 * 128) < 1e-3 * 2 * 128
+
+
+def test_bench_rejects_rows_that_do_not_split():
+  result = run_bench('--rows=3', '--config.train.micro_batches=2', '--vocab=256')
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1] == (
+      'error: 3 rows per step do not split into 2 micro-batches over 1 batch shards')
+
+
+def test_synthetic_rows_are_packed_examples():
+  batch = bench.synthetic_rows(rows=6, seq_len=512, vocab_size=100, min_len=64, max_len=300,
+                               instruction_fraction=0.3, window_rows=4, seed=0)
+  segment_ids, is_instruction = batch['segment_ids'], batch['is_instruction'].astype(bool)
+  assert segment_ids.shape == (6, 512) and (segment_ids > 0).mean() > 0.8
+  for row in range(6):
+    for segment in set(segment_ids[row][segment_ids[row] > 0]):
+      where = np.flatnonzero(segment_ids[row] == segment)
+      assert 64 <= len(where) <= 300 and np.all(np.diff(where) == 1)
+      prefix = is_instruction[row, where]
+      instruction = prefix.sum()
+      assert 1 <= instruction < len(where) and prefix[:instruction].all()
+      assert 0.1 < instruction / len(where) < 0.5
+  assert batch['inputs'].max() < 100 and (batch['labels'] != -100).any()
