@@ -1,0 +1,18 @@
+"""Flags shared by the inference entry points (generate, score, evaluate)."""
+from absl import flags
+
+CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Run directory (or its checkpoints/).')
+TOKENIZER = flags.DEFINE_string('tokenizer', '', 'tokenizer_info.json or a folder holding one '
+                                '(default: the one the checkpoint was trained with).')
+EMA = flags.DEFINE_bool('ema', True, 'Use the EMA weights when the checkpoint has them.')
+SLOTS = flags.DEFINE_integer('slots', 8, 'Sequences decoded together (continuous batching).')
+MAX_LEN = flags.DEFINE_integer('max_len', 0, 'KV-cache length: prompt + response tokens '
+                               '(default: the training row length).')
+
+
+def load():
+  from hrmtext.infer import text
+  if not CHECKPOINT.value:
+    raise ValueError('--checkpoint is required')
+  return text.load(CHECKPOINT.value, tokenizer=TOKENIZER.value, use_ema=EMA.value,
+                   slots=SLOTS.value, max_len=MAX_LEN.value)
