@@ -30,6 +30,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
+    if LIMIT.value is not None and LIMIT.value < 1:
+      raise ValueError('--limit must be >= 1')
+    infer_flags.check_output(OUTPUT.value)
     engine, tok, meta = infer_flags.load()
     tasks = []
     if HELDOUT.value != 'none':
@@ -41,14 +44,16 @@ def main(argv):
       tasks.append(load_benchmark(name, path))
     if not tasks:
       raise ValueError('no tasks: no held-out data found and no --benchmarks given')
+    generate_fn, loglik_fn = text.model_fns(engine, tok)
+    results = evaluate(tasks, generate_fn, loglik_fn, limit=LIMIT.value)
   except (ValueError, FileNotFoundError, KeyError) as e:
     sys.exit(f'error: {e}')
-  generate_fn, loglik_fn = text.model_fns(engine, tok)
-  results = evaluate(tasks, generate_fn, loglik_fn, limit=LIMIT.value)
   print(format_table(results))
   if OUTPUT.value:
-    with open(OUTPUT.value, 'w') as f:
+    with open(OUTPUT.value + '.tmp', 'w') as f:
       json.dump(results, f, indent=2)
+    os.replace(OUTPUT.value + '.tmp', OUTPUT.value)
+    print(f'wrote {OUTPUT.value}')
 
 
 if __name__ == '__main__':

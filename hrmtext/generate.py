@@ -1,8 +1,9 @@
 """python -m hrmtext.generate --checkpoint runs/tiny --condition direct --prompt "What is 3 + 4?"
 
-Generates responses with the KV-cache engine (EMA weights by default). Batch mode:
---input prompts.jsonl --output out.jsonl, rows {"instruction", "condition"?} or
-{"instruction_ids"}; each output row gets "response" (and "response_ids").
+Generates responses with the KV-cache engine (EMA weights by default) and prints the response.
+Batch mode: --input prompts.jsonl --output out.jsonl, rows {"instruction", "condition"?} or
+{"instruction_ids": [...]}; each output row is the input row plus "response" (text) and
+"response_ids" (token ids, end-of-answer excluded). Greedy unless --temperature > 0.
 """
 import sys
 
@@ -30,15 +31,22 @@ def main(argv):
   if INPUT.value and not OUTPUT.value:
     raise app.UsageError('--input needs --output')
   try:
-    rows = (text.read_requests(INPUT.value) if INPUT.value else
-            [{'instruction': PROMPT.value, 'condition': CONDITION.value}])
+    if MAX_NEW.value < 0 or TEMPERATURE.value < 0 or not 0 < TOP_P.value <= 1:
+      raise ValueError('need --max_new_tokens >= 0, --temperature >= 0, 0 < --top_p <= 1')
+    infer_flags.check_output(OUTPUT.value)
     engine, tok, _ = infer_flags.load()
-    prompts = [text.encode_ids(tok, row)[0] for row in rows]
+    if INPUT.value:
+      rows, pairs = text.read_requests(INPUT.value, engine, tok, with_response=False)
+    else:
+      rows = [{'instruction': PROMPT.value, 'condition': CONDITION.value}]
+      pairs = [text.encode_ids(tok, rows[0])]
+      text.check_prompt(engine, pairs[0][0])
   except (ValueError, FileNotFoundError, KeyError) as e:
     sys.exit(f'error: {e}')
   sampling = Sampling(TEMPERATURE.value, TOP_P.value)
-  with tqdm(total=len(prompts), desc='generating', disable=not INPUT.value) as bar:
-    outputs = engine.generate(prompts, MAX_NEW.value, sampling, SEED.value, progress=bar.update)
+  with tqdm(total=len(pairs), desc='generating', unit='response', disable=not INPUT.value) as bar:
+    outputs = engine.generate([prompt for prompt, _ in pairs], MAX_NEW.value, sampling,
+                              SEED.value, progress=bar.update)
   if not INPUT.value:
     print(tok.decode(outputs[0]))
     return

@@ -1,13 +1,15 @@
 """python -m hrmtext.score --checkpoint runs/tiny --input FILE.jsonl --output OUT.jsonl
 
-Log-likelihood requests (multiple-choice evals): for each row, with text fields
-{"instruction", "response", "condition"?} or token ids {"instruction_ids", "response_ids"},
-writes the row plus "logprob" (summed over response tokens, EOA included for text rows),
-"num_tokens" and "greedy" (would greedy decoding reproduce the response exactly).
+Log-likelihood of given responses (multiple-choice evals, reranking). Rows hold text fields
+{"instruction", "response", "condition"?} (the response is encoded with its end-of-answer token)
+or token ids {"instruction_ids", "response_ids"} (scored as given). Each output row is the input
+row plus "logprob" (summed over the response tokens), "num_tokens" (response tokens scored) and
+"greedy" (whether greedy decoding reproduces the response token for token).
 """
 import sys
 
 from absl import app, flags
+from tqdm import tqdm
 
 from hrmtext.data.sources import write_jsonl
 from hrmtext.infer import flags as infer_flags, text
@@ -23,17 +25,17 @@ def main(argv):
   if not INPUT.value or not OUTPUT.value:
     raise app.UsageError('--input and --output are required')
   try:
-    rows = text.read_requests(INPUT.value)
+    if BATCH.value < 1:
+      raise ValueError('--batch_size must be >= 1')
+    infer_flags.check_output(OUTPUT.value)
     engine, tok, _ = infer_flags.load()
-    pairs = [text.encode_ids(tok, row) for row in rows]
-    missing = [i for i, (_, response) in enumerate(pairs) if not response]
-    if missing:
-      raise ValueError(f'{INPUT.value}: row {missing[0] + 1} has no response to score')
+    rows, pairs = text.read_requests(INPUT.value, engine, tok, with_response=True)
   except (ValueError, FileNotFoundError, KeyError) as e:
     sys.exit(f'error: {e}')
-  scored = engine.score(pairs, batch_size=BATCH.value)
-  write_jsonl(OUTPUT.value, [dict(row, logprob=lp, num_tokens=n, greedy=g)
-                             for row, (lp, n, g) in zip(rows, scored)])
+  with tqdm(total=len(pairs), desc='scoring', unit='row') as bar:
+    scored = engine.score(pairs, batch_size=BATCH.value, progress=bar.update)
+  write_jsonl(OUTPUT.value, [dict(row, logprob=logprob, num_tokens=count, greedy=greedy)
+                             for row, (logprob, count, greedy) in zip(rows, scored)])
   print(f'scored {len(rows)} rows into {OUTPUT.value}')
 
 

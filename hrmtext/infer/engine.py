@@ -1,8 +1,15 @@
 """Generation with a KV cache (continuous batching) and log-likelihood scoring.
 
-The cache holds one slot per stack application and layer. A request is prefilled alone
-into a free batch slot (its prompt is the instruction: one bidirectional block), then all
-slots decode together one token per step; a finished slot is refilled from the queue.
+The cache holds one slot per stack application and layer: `slots` rows of `max_len` positions.
+Requests waiting for a row are prefilled together (a prompt is an instruction: one bidirectional
+block), which also samples their first tokens. Then all rows decode together, one token per step,
+in a loop that stays on the device for up to `chunk` steps and ends early when a row finishes
+while requests wait. The host reads the new tokens once per chunk, frees finished rows and
+refills them from the queue.
+
+Few shapes get compiled: prompts are padded to a power of two, prefill groups to a
+power-of-two number of rows, and decoding attends to the smallest power-of-two window of cache
+positions that holds every row (a chunk also ends when a row outgrows it).
 """
 import functools
 
@@ -15,6 +22,8 @@ from hrmtext.data.packing import pack_rows
 from hrmtext.infer.sampling import Sampling, sample
 from hrmtext.model import AttentionMask, LanguageModel
 
+NO_TOKEN = -1  # an empty place in the token buffers
+
 
 def bucket(n: int, minimum: int = 16) -> int:
   """Static lengths are powers of two, so a handful of shapes get compiled."""
@@ -22,57 +31,110 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 class Engine:
+  """`vocab_size` (default: the model's) masks padded vocabulary rows out of token choices."""
 
   def __init__(self, model: LanguageModel, params, *, eoa: int, slots: int = 8,
-               max_len: int = 1024):
+               max_len: int = 1024, chunk: int = 32, min_window: int = 64,
+               vocab_size: int | None = None):
     self.model, self.params, self.eoa = model, params, eoa
-    self.slots, self.max_len = slots, max_len
+    self.slots, self.max_len, self.chunk, self.min_window = slots, max_len, chunk, min_window
+    self.vocab_size = vocab_size or model.cfg.vocab_size
 
   # ---- device functions -------------------------------------------------------------------
 
-  def _project(self, params, hidden):
-    return self.model.head.apply({'params': params['lm_head']}, hidden)
+  def _logits(self, params, hidden):
+    """float32 logits with the padded vocabulary rows (if any) at -inf."""
+    logits = self.model.head.apply({'params': params['lm_head']}, hidden)
+    if self.vocab_size < logits.shape[-1]:
+      logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_size, logits, -jnp.inf)
+    return logits
+
+  def _accept(self, rows, tokens, lengths, budget):
+    """Which sampled tokens (placed at index `lengths`) join the response, and which rows stay
+    active (budget: response tokens still allowed before this one)."""
+    kept = (tokens != self.eoa) & (lengths + 1 < self.max_len) & (budget > 0) & rows
+    return kept, kept & (budget > 1)
 
   @functools.partial(jax.jit, static_argnums=(0,))
-  def _prefill(self, params, state, tokens, length, slot):
-    """Runs one prompt [1, P] into batch row `slot`; returns the state and last logits."""
-    prompt_len, cache_len = tokens.shape[1], self.max_len
-    in_prompt = jnp.arange(cache_len) < length
-    mask = AttentionMask(
-        q_segment_ids=in_prompt[None, :prompt_len].astype(jnp.int32),
-        kv_segment_ids=in_prompt[None].astype(jnp.int32),
-        q_index=jnp.arange(prompt_len)[None], kv_index=jnp.arange(cache_len)[None],
-        q_is_instruction=in_prompt[None, :prompt_len], kv_is_instruction=in_prompt[None])
-    batch = {'inputs': tokens, 'positions': jnp.arange(prompt_len)[None], 'mask': mask}
-    fresh = self.model.init_cache(1, cache_len)
-    hidden, row_cache = self.model.hidden_states(params, batch, cache=fresh)
-    logits = self._project(params, jax.lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1))
-    insert = lambda big, row: jax.lax.dynamic_update_slice_in_dim(big, row, slot, axis=2)
-    state = {
-        'cache': jax.tree.map(insert, state['cache'], row_cache),
-        'segment_ids': state['segment_ids'].at[slot].set(in_prompt.astype(jnp.int32)),
-        'is_instruction': state['is_instruction'].at[slot].set(in_prompt),
-    }
-    return state, logits[:, 0]
+  def _init_state(self):
+    s, n = self.slots, self.max_len
+    zeros = lambda dtype: jnp.zeros((s,), dtype)
+    return {'cache': self.model.init_cache(s, n),
+            'segment_ids': jnp.zeros((s, n), jnp.int32),  # 1 where a row holds a token
+            'is_instruction': jnp.zeros((s, n), bool),
+            'last': zeros(jnp.int32),  # token to feed next, at index `lengths`
+            'lengths': zeros(jnp.int32),
+            'budget': zeros(jnp.int32),  # response tokens still allowed
+            'active': zeros(bool)}
 
-  @functools.partial(jax.jit, static_argnums=(0, 6))
-  def _decode(self, params, state, tokens, lengths, active, sampling, rng):
-    """Feeds one token per slot at index `lengths`; returns the state and the next tokens."""
-    rows = jnp.arange(tokens.shape[0])
-    segment_ids = state['segment_ids'].at[rows, lengths].set(active.astype(jnp.int32))
-    mask = AttentionMask(
-        q_segment_ids=active[:, None].astype(jnp.int32), kv_segment_ids=segment_ids,
-        q_index=lengths[:, None],
-        kv_index=jnp.broadcast_to(jnp.arange(self.max_len), segment_ids.shape),
-        q_is_instruction=jnp.zeros_like(active)[:, None], kv_is_instruction=state['is_instruction'])
-    batch = {'inputs': tokens[:, None], 'positions': lengths[:, None], 'mask': mask}
-    hidden, cache = self.model.hidden_states(params, batch, cache=state['cache'])
-    next_tokens = sample(self._project(params, hidden)[:, 0], rng, sampling)
-    return dict(state, cache=cache, segment_ids=segment_ids), next_tokens
+  @functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(2,))
+  def _prefill(self, params, state, tokens, prompt_lens, rows, limits, sampling, rng):
+    """Prompts [group, P] into batch rows `rows` (out-of-range rows are padding); samples the
+    first token of each. Returns the state and the first tokens (NO_TOKEN where not kept)."""
+    group, prompt_len = tokens.shape
+    in_prompt = jnp.arange(prompt_len)[None] < prompt_lens[:, None]
+    batch = {'inputs': tokens, 'positions': jnp.broadcast_to(jnp.arange(prompt_len), tokens.shape),
+             'mask': AttentionMask.packed(in_prompt.astype(jnp.int32), in_prompt)}
+    hidden, row_cache = self.model.hidden_states(params, batch,
+                                                 cache=self.model.init_cache(group, prompt_len))
+    last_hidden = jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)
+    first = sample(self._logits(params, last_hidden)[:, 0], rng, sampling)
+    kept, active = self._accept(rows < self.slots, first, prompt_lens, limits)
+    prompt_mask = jnp.arange(self.max_len)[None] < prompt_lens[:, None]
+    put = lambda big, new: big.at[rows].set(new, mode='drop')
+    state = dict(
+        state,
+        cache=jax.tree.map(lambda big, new: big.at[:, :, rows, :prompt_len].set(new, mode='drop'),
+                           state['cache'], row_cache),
+        segment_ids=put(state['segment_ids'], prompt_mask.astype(jnp.int32)),
+        is_instruction=put(state['is_instruction'], prompt_mask),
+        last=put(state['last'], first), lengths=put(state['lengths'], prompt_lens),
+        budget=put(state['budget'], limits - kept), active=put(state['active'], active))
+    return state, jnp.where(kept, first, NO_TOKEN)
 
-  @functools.partial(jax.jit, static_argnums=(0, 3))
-  def _sample(self, logits, rng, sampling):
-    return sample(logits, rng, sampling)
+  @functools.partial(jax.jit, static_argnums=(0, 3, 5), donate_argnums=(2,))
+  def _decode(self, params, state, sampling, rng, window, stop_when_free):
+    """Up to `chunk` steps of all active rows, attending to the first `window` cache positions
+    only; stops after a step that leaves a row free if `stop_when_free`, or before a row outgrows
+    the window. Returns the state and the tokens [chunk, slots] (NO_TOKEN: none)."""
+    rows = jnp.arange(self.slots)
+    in_window = lambda x: jax.lax.slice_in_dim(x, 0, window, axis=1)
+    cache = jax.tree.map(lambda c: jax.lax.slice_in_dim(c, 0, window, axis=3), state['cache'])
+    is_instruction = in_window(state['is_instruction'])
+
+    def step(carry):
+      i, cache, segment_ids, slot, out = carry
+      active, lengths = slot['active'], slot['lengths']
+      segment_ids = segment_ids.at[rows, lengths].set(active.astype(jnp.int32), mode='drop')
+      mask = AttentionMask(
+          q_segment_ids=active[:, None].astype(jnp.int32), kv_segment_ids=segment_ids,
+          q_index=lengths[:, None],
+          kv_index=jnp.broadcast_to(jnp.arange(window), segment_ids.shape),
+          q_is_instruction=jnp.zeros_like(active)[:, None], kv_is_instruction=is_instruction)
+      batch = {'inputs': slot['last'][:, None], 'positions': lengths[:, None], 'mask': mask}
+      hidden, cache = self.model.hidden_states(params, batch, cache=cache)
+      tokens = sample(self._logits(params, hidden)[:, 0], jax.random.fold_in(rng, i), sampling)
+      lengths = lengths + active
+      kept, still_active = self._accept(active, tokens, lengths, slot['budget'])
+      slot = dict(last=jnp.where(kept, tokens, slot['last']), lengths=lengths,
+                  budget=slot['budget'] - kept, active=still_active)
+      return i + 1, cache, segment_ids, slot, out.at[i].set(jnp.where(kept, tokens, NO_TOKEN))
+
+    def go_on(carry):
+      i, _, _, slot, _ = carry
+      active = slot['active']
+      fits = jnp.where(active, slot['lengths'], 0).max() < window
+      return (i < self.chunk) & active.any() & fits & ~(stop_when_free & ~active.all())
+
+    slot = {key: state[key] for key in ('last', 'lengths', 'budget', 'active')}
+    out = jnp.full((self.chunk, self.slots), NO_TOKEN, jnp.int32)
+    _, cache, segment_ids, slot, out = jax.lax.while_loop(
+        go_on, step, (jnp.int32(0), cache, in_window(state['segment_ids']), slot, out))
+    put_back = lambda big, new, axis: jax.lax.dynamic_update_slice_in_dim(big, new, 0, axis)
+    state = dict(state, **slot,
+                 cache=jax.tree.map(lambda c, w: put_back(c, w, 3), state['cache'], cache),
+                 segment_ids=put_back(state['segment_ids'], segment_ids, 1))
+    return state, out
 
   # ---- host loop --------------------------------------------------------------------------
 
@@ -84,55 +146,56 @@ class Engine:
     for p in prompts:
       if not 0 < len(p) < self.max_len:
         raise ValueError(f'prompt of {len(p)} tokens does not fit max_len {self.max_len}')
-    state = {'cache': self.model.init_cache(self.slots, self.max_len),
-             'segment_ids': jnp.zeros((self.slots, self.max_len), jnp.int32),
-             'is_instruction': jnp.zeros((self.slots, self.max_len), bool)}
     outputs = [[] for _ in prompts]
-    owner = [None] * self.slots  # request index per slot
-    lengths = np.zeros(self.slots, np.int32)
-    last = np.zeros(self.slots, np.int32)
-    queue = list(range(len(prompts)))[::-1]
-    rng = jax.random.key(seed)
-
-    def accept(slot, token):
-      """Records a sampled token; frees the slot when the request is finished."""
-      request = owner[slot]
-      if token == self.eoa or lengths[slot] + 1 >= self.max_len:
-        owner[slot] = None
-      else:
-        outputs[request].append(token)
-        last[slot] = token
-        if len(outputs[request]) >= limits[request]:
-          owner[slot] = None
-      if owner[slot] is None and progress:
-        progress(1)
+    queue = [r for r in range(len(prompts)) if limits[r] > 0][::-1]
+    if progress and len(queue) < len(prompts):
+      progress(len(prompts) - len(queue))
+    owner = [None] * self.slots  # request index per row
+    lengths = np.zeros(self.slots, np.int32)  # the host's copy of state['lengths']
+    state, rng, calls = self._init_state(), jax.random.key(seed), 0
 
     while queue or any(o is not None for o in owner):
-      for slot in range(self.slots):
-        if owner[slot] is None and queue:
-          request = queue.pop()
+      free = [slot for slot in range(self.slots) if owner[slot] is None]
+      group = [(slot, queue.pop()) for slot in free[:len(queue)]]
+      first = None
+      if group:
+        size, length = bucket(len(group), 1), min(bucket(max(len(prompts[r]) for _, r in group)),
+                                                  self.max_len)
+        tokens = np.zeros((size, length), np.int32)
+        prompt_lens = np.ones(size, np.int32)
+        rows = np.full(size, self.slots, np.int32)  # padding rows are dropped
+        group_limits = np.zeros(size, np.int32)
+        for i, (slot, request) in enumerate(group):
           prompt = prompts[request]
-          tokens = np.zeros((1, bucket(len(prompt))), np.int32)
-          tokens[0, :len(prompt)] = prompt
-          state, logits = self._prefill(self.params, state, tokens, len(prompt), slot)
-          rng, key = jax.random.split(rng)
+          tokens[i, :len(prompt)], prompt_lens[i], rows[i] = prompt, len(prompt), slot
+          group_limits[i] = limits[request]
           owner[slot], lengths[slot] = request, len(prompt)
-          if limits[request] <= 0:
-            owner[slot] = None
-            continue
-          accept(slot, int(self._sample(logits, key, sampling)[0]))
-      active = np.array([o is not None for o in owner])
-      if not active.any():
-        continue
-      rng, key = jax.random.split(rng)
-      state, next_tokens = self._decode(self.params, state, last.copy(), lengths.copy(),
-                                        active, sampling, key)
-      lengths += active
-      for slot in np.flatnonzero(active):
-        accept(slot, int(next_tokens[slot]))
+        state, first = self._prefill(self.params, state, tokens, prompt_lens, rows, group_limits,
+                                     sampling, jax.random.fold_in(rng, calls))
+        calls += 1
+      longest = max(int(lengths[slot]) for slot in range(self.slots) if owner[slot] is not None)
+      window = min(bucket(longest + 1, self.min_window), self.max_len)
+      state, out = self._decode(self.params, state, sampling, jax.random.fold_in(rng, calls),
+                                window, bool(queue))
+      calls += 1
+      first, out, active, lengths = jax.device_get(
+          (first, out, state['active'], state['lengths']))
+      lengths = np.array(lengths)
+      for i, (slot, _) in enumerate(group):
+        if first[i] != NO_TOKEN:
+          outputs[owner[slot]].append(int(first[i]))
+      for slot in range(self.slots):
+        if owner[slot] is None:
+          continue
+        outputs[owner[slot]].extend(int(t) for t in out[:, slot] if t != NO_TOKEN)
+        if not active[slot]:
+          owner[slot] = None
+          if progress:
+            progress(1)
     return outputs
 
-  def score(self, examples: list[tuple[list[int], list[int]]], batch_size: int = 16):
+  def score(self, examples: list[tuple[list[int], list[int]]], batch_size: int = 16,
+            progress=None):
     """Per (instruction ids, response ids): (summed log-prob of the response, its token count,
     whether greedy decoding reproduces it token for token)."""
     results = []
@@ -152,6 +215,8 @@ class Engine:
       logprob, count, greedy = self._score_rows(self.params, batch)
       results += [(float(l), int(c), bool(g)) for l, c, g in
                   zip(*jax.device_get((logprob, count, greedy)))][:len(chunk)]
+      if progress:
+        progress(len(chunk))
     return results
 
   @functools.partial(jax.jit, static_argnums=(0,))
@@ -160,5 +225,8 @@ class Engine:
     labelled = batch['labels'] >= 0
     targets = jnp.where(labelled, batch['labels'], 0)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
-    hit = (jnp.argmax(logits, -1) == targets) | ~labelled
+    choice = logits
+    if self.vocab_size < logits.shape[-1]:  # greedy decoding never picks a padded row
+      choice = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_size, logits, -jnp.inf)
+    hit = (jnp.argmax(choice, -1) == targets) | ~labelled
     return (jnp.where(labelled, logp, 0).sum(-1), labelled.sum(-1), hit.all(-1))

@@ -1,4 +1,6 @@
 """Flags shared by the inference entry points (generate, score, evaluate)."""
+import os
+
 from absl import flags
 
 CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Run directory (or its checkpoints/).')
@@ -14,5 +16,17 @@ def load():
   from hrmtext.infer import text
   if not CHECKPOINT.value:
     raise ValueError('--checkpoint is required')
+  if SLOTS.value < 1 or MAX_LEN.value < 0:
+    raise ValueError('--slots must be >= 1 and --max_len >= 0')
   return text.load(CHECKPOINT.value, tokenizer=TOKENIZER.value, use_ema=EMA.value,
                    slots=SLOTS.value, max_len=MAX_LEN.value)
+
+
+def check_output(path: str | None) -> None:
+  """Fails early (before any work) when `path` could not be written."""
+  if path is None:
+    return
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path) or not os.path.isdir(folder):
+    raise ValueError(f'cannot write {path}: ' +
+                     ('it is a directory' if os.path.isdir(path) else f'no folder {folder}'))

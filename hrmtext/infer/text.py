@@ -15,7 +15,12 @@ def load(path: str, *, tokenizer: str = '', use_ema: bool = True, slots: int = 8
     raise ValueError(f'{path} names no tokenizer; pass --tokenizer')
   tok = Tokenizer.load(tokenizer_path)
   max_len = max_len or meta.get('config', {}).get('data', {}).get('seq_len', 2048)
-  return Engine(build_model(cfg), params, eoa=tok.eoa, slots=slots, max_len=max_len), tok, meta
+  if tok.vocab_size > cfg.vocab_size:
+    raise ValueError(f'tokenizer {tokenizer_path} has {tok.vocab_size} tokens, the model '
+                     f'only {cfg.vocab_size}')
+  engine = Engine(build_model(cfg), params, eoa=tok.eoa, slots=slots, max_len=max_len,
+                  vocab_size=tok.vocab_size)  # never generate the padded vocabulary rows
+  return engine, tok, meta
 
 
 def encode_ids(tok: Tokenizer, row: dict) -> tuple[list[int], list[int] | None]:
@@ -33,6 +38,8 @@ def model_fns(engine: Engine, tok: Tokenizer, sampling: Sampling = Sampling(), p
 
   def generate_fn(requests):
     prompts = [encode_ids(tok, r)[0] for r in requests]
+    for prompt in prompts:
+      check_prompt(engine, prompt)
     limits = [r.get('max_new_tokens', 256) for r in requests]
     return [tok.decode(ids) for ids in engine.generate(prompts, limits, sampling,
                                                        progress=progress)]
@@ -44,14 +51,55 @@ def model_fns(engine: Engine, tok: Tokenizer, sampling: Sampling = Sampling(), p
   return generate_fn, loglik_fn
 
 
-def read_requests(path: str) -> list[dict]:
-  """JSONL/Parquet rows; a malformed line raises ValueError naming file and line."""
+def check_prompt(engine: Engine, prompt: list[int]) -> None:
+  if len(prompt) >= engine.max_len:
+    raise ValueError(f'the prompt has {len(prompt)} tokens, more than --max_len '
+                     f'{engine.max_len} leaves room for (raise --max_len)')
+
+
+def read_requests(path: str, engine: Engine, tok: Tokenizer, *, with_response: bool
+                  ) -> tuple[list[dict], list[tuple[list[int], list[int] | None]]]:
+  """The JSONL/Parquet rows of `path` and their (instruction ids, response ids) from text fields
+  {"instruction", "condition"?, "response"?} or token ids {"instruction_ids", "response_ids"?}.
+  A malformed row raises ValueError naming the file and line; so does a prompt too long to
+  generate from (unless `with_response`: scoring has no length limit)."""
   from hrmtext.data.sources import raw_rows
-  rows = []
+  rows, pairs = [], []
   for where, row in raw_rows(path):
-    if not isinstance(row, dict):
-      raise ValueError(f'{where}: expected a JSON object ({row})')
-    if 'instruction' not in row and 'instruction_ids' not in row:
-      raise ValueError(f'{where}: needs "instruction" (text) or "instruction_ids" (token ids)')
+    try:
+      if isinstance(row, Exception):
+        raise ValueError(str(row))
+      if not isinstance(row, dict):
+        raise ValueError(f'expected a JSON object, got {type(row).__name__}')
+      pair = _encode_row(tok, row, engine.vocab_size, with_response)
+      if not with_response:
+        check_prompt(engine, pair[0])
+    except ValueError as e:
+      raise ValueError(f'{where}: {e}') from None
     rows.append(row)
-  return rows
+    pairs.append(pair)
+  if not rows:
+    raise ValueError(f'{path}: no rows')
+  return rows, pairs
+
+
+def _encode_row(tok, row, vocab_size, with_response):
+  text_fields, id_fields = ('instruction', 'response'), ('instruction_ids', 'response_ids')
+  fields = id_fields if 'instruction_ids' in row else text_fields
+  if fields[0] not in row:
+    raise ValueError('needs "instruction" (text) or "instruction_ids" (token ids)')
+  if with_response and row.get(fields[1]) is None:
+    raise ValueError(f'needs "{fields[1]}" to score')
+  for name in fields:
+    value = row.get(name)
+    if value is None:
+      continue
+    if fields is text_fields and not isinstance(value, str):
+      raise ValueError(f'"{name}" must be a string')
+    if fields is id_fields and not (
+        isinstance(value, list) and value and
+        all(isinstance(i, int) and 0 <= i < vocab_size for i in value)):
+      raise ValueError(f'"{name}" must be a non-empty list of token ids in [0, {vocab_size})')
+  if not isinstance(row.get('condition') or '', str):
+    raise ValueError('"condition" must be a string such as "direct" or "synth,cot"')
+  return encode_ids(tok, row)
