@@ -66,3 +66,20 @@ def test_synthetic_rows_are_packed_examples():
       assert 1 <= instruction < len(where) and prefix[:instruction].all()
       assert 0.1 < instruction / len(where) < 0.5
   assert batch['inputs'].max() < 100 and (batch['labels'] != -100).any()
+
+
+def test_decode_bench_matches_transformers():
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO}
+  env.pop('XLA_FLAGS', None)
+  result = subprocess.run([sys.executable, '-m', 'hrmtext.infer.bench', '--batch=1,3',
+                           '--new_tokens=5', '--prompt_len=7', '--vocab_size=512'], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stdout + result.stderr
+  lines = [dict(item.split('=', 1) for item in line.split()[1:] if '=' in item)
+           for line in result.stdout.splitlines() if line.startswith('bench: engine=')]
+  assert [(line['engine'], line['batch']) for line in lines] == [
+      ('hrmtext', '1'), ('hf', '1'), ('hrmtext', '3'), ('hf', '3')], result.stdout
+  for line in lines:
+    assert float(line['decode_tokens_per_s']) > 0 and line['new_tokens'] == '5'
+  # Greedy tokens of the weights exported to transformers are those hrmtext generated.
+  assert all(line['same_tokens_as_hrmtext'] == '1.000' for line in lines if line['engine'] == 'hf')
