@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 from tqdm import tqdm
 
+from hrmtext.cli import quiet_logs
 from hrmtext.data import packing
 from hrmtext.data.layout import Index
 from hrmtext.model import build_model, credit_horizon
@@ -231,6 +232,7 @@ def report(results: dict) -> None:
 
 
 def main(argv):
+  quiet_logs()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if use_gpu_xla_flags():

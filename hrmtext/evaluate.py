@@ -10,6 +10,7 @@ import sys
 
 from absl import app, flags
 
+from hrmtext.cli import quiet_logs
 from hrmtext.evals import evaluate, format_table, heldout_tasks, load_benchmark
 from hrmtext.infer import flags as infer_flags, text
 
@@ -27,6 +28,7 @@ def heldout_root(meta: dict) -> str:
 
 
 def main(argv):
+  quiet_logs()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:

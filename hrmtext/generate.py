@@ -10,6 +10,7 @@ import sys
 from absl import app, flags
 from tqdm import tqdm
 
+from hrmtext.cli import quiet_logs
 from hrmtext.data.sources import write_jsonl
 from hrmtext.infer import Sampling, flags as infer_flags, text
 
@@ -24,6 +25,7 @@ SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 
 
 def main(argv):
+  quiet_logs()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if (PROMPT.value is None) == (INPUT.value is None):

@@ -26,6 +26,7 @@ import numpy as np
 from ml_collections import config_flags
 from tqdm import tqdm
 
+from hrmtext.cli import quiet_logs
 from hrmtext.data import layout, mixture, packing
 from hrmtext.data.sources import BadRowError, read_rows, source_name, write_jsonl
 from hrmtext.data.tokenizer import Tokenizer, train_tokenizer
@@ -217,6 +218,7 @@ def summary(sampled, seq_len, window_rows):
 
 
 def main(argv):
+  quiet_logs()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   cfg = _data_config()

@@ -11,6 +11,7 @@ import sys
 from absl import app, flags
 from tqdm import tqdm
 
+from hrmtext.cli import quiet_logs
 from hrmtext.data.sources import write_jsonl
 from hrmtext.infer import flags as infer_flags, text
 
@@ -20,6 +21,7 @@ BATCH = flags.DEFINE_integer('batch_size', 16, 'Rows scored per forward pass.')
 
 
 def main(argv):
+  quiet_logs()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not INPUT.value or not OUTPUT.value:

@@ -7,8 +7,9 @@ import os
 import shutil
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
+from hrmtext.cli import quiet_logs
 from hrmtext.convert import hf
 
 flags.DEFINE_string('src', None, 'HF hrm_text directory or hrmtext run/checkpoint directory.')
@@ -18,6 +19,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
+  quiet_logs()
   del argv
   src, dst = FLAGS.src, FLAGS.dst
   if not src or not dst:
@@ -30,10 +32,10 @@ def main(argv):
   shutil.rmtree(partial, ignore_errors=True)
   try:
     if hf.is_hf_dir(src):
-      logging.info('HF hrm_text -> hrmtext: %s -> %s', src, dst)
+      print(f'HF hrm_text -> hrmtext: {src} -> {dst}')
       hf.hf_to_hrmtext(src, partial)
     else:
-      logging.info('hrmtext -> HF hrm_text: %s -> %s', src, dst)
+      print(f'hrmtext -> HF hrm_text: {src} -> {dst}')
       hf.hrmtext_to_hf(src, partial, use_ema=FLAGS.ema)
   except (ValueError, FileNotFoundError, KeyError) as e:
     shutil.rmtree(partial, ignore_errors=True)

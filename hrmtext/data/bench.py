@@ -13,6 +13,7 @@ import time
 from absl import app, flags
 from tqdm import tqdm
 
+from hrmtext.cli import quiet_logs
 from hrmtext.data import packing, pipeline
 from hrmtext.data.config import data_config
 
@@ -25,6 +26,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
+  quiet_logs()
   del argv
   cfg = data_config()
   cfg.dir, cfg.worker_count = FLAGS.data_dir, FLAGS.worker_count

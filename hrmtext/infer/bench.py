@@ -23,8 +23,9 @@ import time
 import flax.linen as nn
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
+from hrmtext.cli import quiet_logs
 from hrmtext.infer.engine import Engine, bucket
 from hrmtext.model import ModelConfig, build_model
 
@@ -123,9 +124,9 @@ def load_hf(hf_dir):
 
 
 def main(argv):
+  quiet_logs()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)
   try:
     batches = [int(b) for b in BATCH.value]
     if min(batches) < 1 or NEW_TOKENS.value < 2 or PROMPT_LEN.value < 1:

@@ -10,6 +10,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from hrmtext.cli import quiet_logs
 from hrmtext.train.loop import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -19,16 +20,16 @@ _WORKDIR = flags.DEFINE_string('workdir', 'runs/tiny', 'Run directory: checkpoin
 
 
 def main(argv):
+  quiet_logs()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
     trainer = Trainer(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
-  metrics = trainer.run()
+  trainer.run()  # returning its metrics would make app.run exit 1 (sys.exit(dict))
   print(f'done: checkpoints in {os.path.join(_WORKDIR.value, "checkpoints")}, '
         f'logs in {_WORKDIR.value}')
-  return metrics
 
 
 if __name__ == '__main__':

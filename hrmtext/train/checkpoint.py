@@ -55,7 +55,9 @@ def restore(mngr: ocp.CheckpointManager, step: int, **abstract) -> dict:
 
 def abstract_params(cfg: ModelConfig, shardings=None):
   """ShapeDtypeStructs of the model's parameters on `shardings` (a pytree; default one device)."""
-  shapes = nn.unbox(jax.eval_shape(build_model(cfg).init, jax.random.key(0)))
+  # Unbox while tracing: under sharding.activate (the train loop) unboxing applies logical
+  # sharding constraints, which fail on the bare ShapeDtypeStructs eval_shape returns.
+  shapes = jax.eval_shape(lambda key: nn.unbox(build_model(cfg).init(key)), jax.random.key(0))
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, shapes)

@@ -2,13 +2,14 @@
 import json
 import os
 import signal
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import logging
 from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 from hrmtext.data import pipeline
 from hrmtext.data.layout import SampledSet
@@ -39,18 +40,16 @@ class Trainer:
     self.model = build_model(self.model_cfg)
     tc, seq_len = config.train, config.data.seq_len
     self.global_rows = tc.global_batch_tokens // seq_len
+    # The mesh spans all processes' devices: batch_shards already counts every process.
     batch_shards = self.mesh.shape['data'] * self.mesh.shape['fsdp']
-    if self.global_rows % (tc.micro_batches * batch_shards * jax.process_count()):
+    if self.global_rows % (tc.micro_batches * batch_shards):
       raise ValueError(f'{self.global_rows} rows per step do not split into {tc.micro_batches} '
-                       f'micro-batches over {batch_shards} batch shards and '
-                       f'{jax.process_count()} processes')
+                       f'micro-batches over {batch_shards} batch shards')
     self.total_steps = tc.steps or max(1, tc.epochs * sampled.metadata['total_length']
                                        // tc.global_batch_tokens)
-    self.tx = optimizer.adam_atan2(
-        schedules.warmup_cosine(tc.lr, tc.warmup_steps, self.total_steps, tc.lr_min_ratio),
-        tc.b1, tc.b2, tc.weight_decay)
     self.schedule = schedules.warmup_cosine(tc.lr, tc.warmup_steps, self.total_steps,
                                             tc.lr_min_ratio)
+    self.tx = optimizer.adam_atan2(self.schedule, tc.b1, tc.b2, tc.weight_decay)
     self.state_shardings = state_shardings(self.model, self.mesh)
     self.row_sharding = sharding.batch_sharding(self.mesh)  # [rows, len]
     self.batch_sharding = jax.sharding.NamedSharding(  # [micro_batches, rows, len]
@@ -66,6 +65,20 @@ class Trainer:
                               in_shardings=(self.state_shardings.params, self.row_sharding))
     self._eval_batches = None
     self._stop = False
+    if config.init_from and self.mngr.latest_step() is None:
+      self._check_init_from()  # user errors surface here, before any training starts
+
+  def _check_init_from(self) -> None:
+    """FileNotFoundError / ValueError unless `init_from` holds a checkpoint of this model."""
+    mngr = checkpoint.manager(self.config.init_from, create=False)
+    step = mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(
+          f'init_from: no checkpoint under {checkpoint.checkpoint_dir(self.config.init_from)}')
+    cfg = ModelConfig(**checkpoint.read_meta(mngr, step)['model'])
+    mngr.close()
+    if cfg != self.model_cfg:
+      raise ValueError(f'init_from model {cfg} differs from this run\'s {self.model_cfg}')
 
   def _initial_state(self) -> tuple[TrainState, int]:
     """Resume from the workdir, else start from `init_from` weights, else from scratch."""
@@ -73,7 +86,7 @@ class Trainer:
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             jax.eval_shape(self._init_fn), self.state_shardings)
     if step is not None:
-      logging.info('resuming from %s step %d', self.mngr.directory, step)
+      self._say(f'resuming from {self.mngr.directory} step {step}')
       items = checkpoint.restore(self.mngr, step, params=abstract.params, ema=abstract.ema,
                                  opt_state=abstract.opt_state,
                                  data=pipeline.iterator_restore_args(self.data))
@@ -81,13 +94,12 @@ class Trainer:
                         items['opt_state']), step
     state = jax.jit(self._init_fn, out_shardings=self.state_shardings)()
     if self.config.init_from:
-      cfg, params, _ = checkpoint.load_weights(self.config.init_from,
-                                               use_ema=self.config.init_use_ema,
-                                               shardings=self.state_shardings.params)
-      if cfg != self.model_cfg:
-        raise ValueError(f'init_from model {cfg} differs from this run\'s {self.model_cfg}')
-      logging.info('starting from the weights of %s', self.config.init_from)
-      state = state.replace(params=params, ema=params)
+      _, params, _ = checkpoint.load_weights(self.config.init_from,  # checked in __init__
+                                             use_ema=self.config.init_use_ema,
+                                             shardings=self.state_shardings.params)
+      self._say(f'starting from the weights of {self.config.init_from}')
+      # The EMA must not share the params' buffers: the train step donates both.
+      state = state.replace(params=params, ema=optimizer.ema_init(params))
     return state, 0
 
   def _init_fn(self):
@@ -148,16 +160,17 @@ class Trainer:
     signal.signal(signal.SIGTERM, lambda *_: setattr(self, '_stop', True))
     device_peak = peak_flops(jax.devices()[0].device_kind)
     tokens_per_step = self.global_rows * config.data.seq_len
-    logging.info('model %s: %.2fM params; %d steps of %d tokens; mesh %s',
-                 self.model_cfg.architecture,
-                 sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
-                 self.total_steps, tokens_per_step, dict(self.mesh.shape))
+    params_m = sum(x.size for x in jax.tree.leaves(state.params)) / 1e6
+    self._say(f'model {self.model_cfg.architecture}: {params_m:.2f}M params; {self.total_steps} '
+              f'steps of {tokens_per_step} tokens; mesh {dict(self.mesh.shape)}')
     last = {}
     t0, logged_step = time.time(), start
+    bar = tqdm(total=self.total_steps, initial=start, unit='step', disable=not main, leave=False)
     for step in range(start, self.total_steps):
       bp = schedules.bp_steps(step, self.total_steps, tc.bp_min, tc.bp_max, tc.bp_warmup_ratio)
       state, metrics = self._train_step(bp)(state, self._global_batch(next(self.data)))
       done = step + 1
+      bar.update()
       if done % config.log_every_steps == 0 or done == self.total_steps:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed, t0 = time.time() - t0, time.time()
@@ -169,6 +182,7 @@ class Trainer:
         if device_peak:
           metrics['mfu'] = flops * tokens_per_s / (device_peak * jax.device_count())
         self._log(writer, done, metrics)
+        bar.set_postfix(loss=f'{metrics["loss"]:.3f}', refresh=False)
         last.update(metrics)
       if done % config.eval.every_steps == 0 or done == self.total_steps:
         eval_metrics = self.evaluate(state.ema)
@@ -177,8 +191,9 @@ class Trainer:
       if done % config.checkpoint.every_steps == 0 or done == self.total_steps or self._stop:
         self.save(state, done)
       if self._stop:
-        logging.warning('SIGTERM: saved step %d, exiting', done)
+        self._say(f'SIGTERM: saved step {done}, exiting')
         break
+    bar.close()
     self.mngr.wait_until_finished()
     self.mngr.close()
     if writer:
@@ -194,4 +209,10 @@ class Trainer:
     with open(os.path.join(self.workdir, 'metrics.jsonl'), 'a') as f:
       f.write(json.dumps({'step': step, **metrics}) + '\n')
     shown = ' '.join(f'{k.replace("eval/", "eval_")} {v:.4g}' for k, v in metrics.items())
-    print(f'step {step}/{self.total_steps} {shown}', flush=True)
+    self._say(f'step {step}/{self.total_steps} {shown}')
+
+  def _say(self, message: str) -> None:
+    """A line on stdout (main process only), above the progress bar."""
+    if distributed.is_main_process():
+      tqdm.write(message)
+      sys.stdout.flush()

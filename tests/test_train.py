@@ -1,0 +1,327 @@
+"""The training entry point end to end, in subprocesses on a tiny model and the reference-layout
+fixture: exact resume after kill -9, SIGTERM save-and-exit, init_from fine-tuning, CLI errors.
+
+Helpers for other test files (keep these names stable):
+  run_train(workdir, *overrides, env=None, timeout=...) -> subprocess.CompletedProcess
+  start_train(workdir, *overrides, env=None) -> subprocess.Popen (output to <workdir>.log)
+  read_metrics(workdir) -> {step: row} of <workdir>/metrics.jsonl, the last row of a step winning
+  finalized_steps(workdir) -> sorted steps of the committed checkpoints in <workdir>/checkpoints
+  TINY: override flags of a tiny model and schedule; tiny_overrides(data_dir, *more) adds the data
+  make_fixture_data(path): the small learnable dataset (reference layout) the tests train on
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.data_fixtures import IGNORE_LABEL, write_reference_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, 'experiments', 'tiny_cpu.py')
+SEQ_LEN = 64
+ROWS = 4  # packed rows per train step
+WINDOW_ROWS = 64  # data.pack_window_rows default
+TINY = [
+    '--config.model.hidden_size=32', '--config.model.num_heads=2', '--config.model.head_dim=16',
+    '--config.model.layers_per_stack=1', '--config.model.H_cycles=1', '--config.model.L_cycles=2',
+    '--config.model.vocab_multiple=64',
+    f'--config.data.seq_len={SEQ_LEN}', f'--config.train.global_batch_tokens={ROWS * SEQ_LEN}',
+    '--config.train.micro_batches=2',
+    # One credit horizon (full backprop with 1 H x 2 L cycles): one compile per process.
+    '--config.train.bp_min=3', '--config.train.bp_max=3',
+    '--config.train.steps=12', '--config.train.lr=1e-2', '--config.train.warmup_steps=3',
+    '--config.train.ema_decay=0.5',
+    '--config.checkpoint.every_steps=4', '--config.checkpoint.keep=2',
+    '--config.eval.every_steps=5', '--config.log_every_steps=1',
+]
+
+
+def tiny_overrides(data_dir, *more):
+  """TINY on the data at `data_dir`; later flags (`more`) win over earlier ones."""
+  return [*TINY, f'--config.data.dir={data_dir}', *more]
+
+
+def make_fixture_data(path):
+  """16 short examples, 2 epochs: batches differ step to step, yet the set is memorizable."""
+  return write_reference_dataset(str(path), num_examples=16, epochs=2, vocab_size=300,
+                                 max_seq_len=SEQ_LEN + 1, max_inst=12, max_resp=12, seed=0)
+
+
+def train_env(env=None):
+  env = dict(os.environ if env is None else env)
+  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  env.pop('XLA_FLAGS', None)
+  return env
+
+
+def train_command(workdir, *overrides):
+  return [sys.executable, '-m', 'hrmtext.train', f'--config={CONFIG}', f'--workdir={workdir}',
+          *map(str, overrides)]
+
+
+def run_train(workdir, *overrides, env=None, timeout=300) -> subprocess.CompletedProcess:
+  return subprocess.run(train_command(workdir, *overrides), cwd=REPO, env=train_env(env),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def start_train(workdir, *overrides, env=None) -> subprocess.Popen:
+  """A training process in the background; stdout and stderr go to `<workdir>.log`."""
+  log = open(f'{workdir}.log', 'w')
+  proc = subprocess.Popen(train_command(workdir, *overrides), cwd=REPO, env=train_env(env),
+                          stdout=log, stderr=subprocess.STDOUT, text=True)
+  log.close()  # the child holds its own descriptor
+  return proc
+
+
+def log_of(workdir) -> str:
+  with open(f'{workdir}.log') as f:
+    return f.read()
+
+
+def metric_rows(workdir) -> list[dict]:
+  """Every row of metrics.jsonl in order (a malformed line fails: the file must stay valid)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def read_metrics(workdir) -> dict[int, dict]:
+  """{step: row}; when a step was logged twice (a resumed run re-logs it) the last row wins."""
+  rows = {}
+  for row in metric_rows(workdir):
+    rows.setdefault(row['step'], {}).update(row)
+  return rows
+
+
+def finalized_steps(workdir) -> list[int]:
+  """Committed checkpoint steps: Orbax saves into `<step>.orbax-checkpoint-tmp` and renames it to
+  `<step>` as the last act of a save (after writing commit_success.txt)."""
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+
+
+def wait_for(condition, proc, what, timeout=240):
+  """Polls `condition()` until true; fails if `proc` exits first or time runs out."""
+  deadline = time.monotonic() + timeout
+  while not condition():
+    if proc.poll() is not None:
+      pytest.fail(f'training exited ({proc.returncode}) before {what}')
+    if time.monotonic() > deadline:
+      proc.kill()
+      pytest.fail(f'timed out waiting for {what}')
+    time.sleep(0.01)
+
+
+def assert_ok(result):
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-5000:]
+
+
+def assert_one_line_error(result, *fragments):
+  assert result.returncode != 0, result.stdout[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-5000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: '), result.stderr[-5000:]
+  for fragment in fragments:
+    assert fragment in last, last
+
+
+def load(workdir, use_ema):
+  from hrmtext.train import checkpoint
+  return checkpoint.load_weights(str(workdir), use_ema=use_ema)
+
+
+def assert_trees_equal(a, b):
+  import jax
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def restore_opt_step(workdir, step):
+  """The optimizer's own update counter (AdamATan2State.step) in a saved checkpoint."""
+  import orbax.checkpoint as ocp
+  from hrmtext.train import checkpoint
+  mngr = checkpoint.manager(str(workdir), create=False)
+  opt_state = mngr.restore(step, args=ocp.args.Composite(
+      opt_state=ocp.args.StandardRestore()))['opt_state']
+  mngr.close()
+  return opt_state
+
+
+# Every per-step training metric that a resumed run must reproduce exactly.
+EXACT_KEYS = ('loss', 'token_accuracy', 'exact_accuracy', 'grad_norm', 'tokens', 'lr', 'bp_steps')
+REF_STEPS = 40  # the reference run: long enough to kill mid-run, saves every 5 steps
+REF = ['--config.train.steps=40', '--config.checkpoint.every_steps=5']
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp('train') / 'data'
+  make_fixture_data(path)
+  return path
+
+
+@pytest.fixture(scope='module')
+def reference_run(data_dir, tmp_path_factory):
+  """REF_STEPS uninterrupted steps (async saves, log every step)."""
+  workdir = tmp_path_factory.mktemp('train') / 'reference'
+  result = run_train(workdir, *tiny_overrides(data_dir, *REF))
+  assert_ok(result)
+  assert 'done: checkpoints in' in result.stdout
+  return workdir
+
+
+def assert_same_steps(rows, reference, steps):
+  for step in steps:
+    for key in EXACT_KEYS:
+      assert rows[step][key] == reference[step][key], (step, key, rows[step], reference[step])
+
+
+def test_fixture_trains_memorizes_and_counts_its_tokens(reference_run, data_dir):
+  """The reference-layout set is read directly; loss falls on a memorizable set; each step's
+  token count is the labelled tokens of that step's packed batch; no held-out data: no eval."""
+  from hrmtext.data.pipeline import TrainBatches
+  rows = read_metrics(reference_run)
+  assert sorted(rows) == list(range(1, REF_STEPS + 1))
+  losses = [rows[s]['loss'] for s in sorted(rows)]
+  assert all(math.isfinite(x) for x in losses), losses
+  assert losses[0] > 0.8 * math.log(300), losses  # starts near uniform over the 300 ids
+  assert np.mean(losses[-5:]) < losses[0] / 4, losses
+  assert rows[REF_STEPS]['token_accuracy'] > 0.9, rows[REF_STEPS]
+  batches = TrainBatches(str(data_dir), seq_len=SEQ_LEN, rows_per_process=ROWS, process_index=0,
+                         process_count=1, seed=0, window_rows=WINDOW_ROWS)
+  expected = [int((batches[i]['labels'] != IGNORE_LABEL).sum()) for i in range(REF_STEPS)]
+  assert len(set(expected)) > 1  # the batches do differ, so this pins the data order
+  assert [rows[s]['tokens'] for s in sorted(rows)] == expected
+  assert not any(key.startswith('eval/') for row in rows.values() for key in row)
+  assert finalized_steps(reference_run) == [35, 40]  # keep=2
+  assert [r['step'] for r in metric_rows(reference_run)] == list(range(1, REF_STEPS + 1))
+
+
+def test_resume_after_kill_9_is_exact(reference_run, data_dir, tmp_path):
+  workdir = tmp_path / 'killed'
+  overrides = tiny_overrides(data_dir, *REF)
+  proc = start_train(workdir, *overrides)
+  wait_for(lambda: any(s >= 5 for s in finalized_steps(workdir)), proc, 'checkpoint 5')
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, log_of(workdir)[-3000:]
+  resume_from = finalized_steps(workdir)[-1]
+  assert resume_from < REF_STEPS, f'run ended before the kill: {finalized_steps(workdir)}'
+  killed_rows = len(metric_rows(workdir))
+  assert killed_rows >= resume_from
+
+  result = run_train(workdir, *overrides)
+  assert_ok(result)
+  assert f'resuming from {workdir / "checkpoints"} step {resume_from}' in result.stdout
+  resumed = [row['step'] for row in metric_rows(workdir)[killed_rows:]]
+  assert resumed == list(range(resume_from + 1, REF_STEPS + 1)), resumed
+  rows, reference = read_metrics(workdir), read_metrics(reference_run)
+  assert sorted(rows) == sorted(reference)
+  # Every step matches: before the kill (same run), and after the resume (exact restore of
+  # params, EMA, optimizer moments and counters, and the data iterator's position).
+  assert_same_steps(rows, reference, range(1, REF_STEPS + 1))
+  for use_ema in (False, True):
+    cfg, params, meta = load(workdir, use_ema)
+    ref_cfg, ref_params, ref_meta = load(reference_run, use_ema)
+    assert cfg == ref_cfg and meta['step'] == ref_meta['step'] == REF_STEPS
+    assert_trees_equal(params, ref_params)
+
+  # Re-running a finished run trains nothing and still exits 0.
+  logged = len(metric_rows(workdir))
+  assert_ok(run_train(workdir, *overrides))
+  assert len(metric_rows(workdir)) == logged
+  assert finalized_steps(workdir)[-1] == REF_STEPS
+
+
+def test_sigterm_saves_the_current_step_and_exits_then_resumes(reference_run, data_dir, tmp_path):
+  workdir = tmp_path / 'preempted'
+  overrides = tiny_overrides(data_dir, *REF)
+  proc = start_train(workdir, *overrides)
+  wait_for(lambda: len(metric_rows(workdir)) >= 3, proc, 'three logged steps')
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=120)
+  log = log_of(workdir)
+  assert proc.returncode == 0, log[-5000:]
+  assert 'Traceback' not in log, log[-5000:]
+  stopped = max(read_metrics(workdir))
+  assert 3 <= stopped < REF_STEPS, f'run ended before SIGTERM took effect: {stopped}'
+  assert f'SIGTERM: saved step {stopped}, exiting' in log, log[-3000:]
+  assert finalized_steps(workdir)[-1] == stopped  # saved on the spot, not at the last multiple
+  logged = len(metric_rows(workdir))
+
+  result = run_train(workdir, *overrides)
+  assert_ok(result)
+  assert f'resuming from {workdir / "checkpoints"} step {stopped}' in result.stdout
+  resumed = [row['step'] for row in metric_rows(workdir)[logged:]]
+  assert resumed == list(range(stopped + 1, REF_STEPS + 1)), resumed
+  assert_same_steps(read_metrics(workdir), read_metrics(reference_run), range(1, REF_STEPS + 1))
+  assert finalized_steps(workdir)[-1] == REF_STEPS
+
+
+def test_init_from_starts_from_the_ema_with_a_fresh_optimizer(reference_run, data_dir, tmp_path):
+  """lr 0 keeps the fine-tuned weights where init_from put them, so they can be compared."""
+  workdir = tmp_path / 'sft'
+  result = run_train(workdir, *tiny_overrides(
+      data_dir, f'--config.init_from={reference_run}', '--config.init_use_ema=True',
+      '--config.train.lr=0', '--config.train.steps=2', '--config.checkpoint.every_steps=1'))
+  assert_ok(result)
+  assert f'starting from the weights of {reference_run}' in result.stdout
+  rows, reference = read_metrics(workdir), read_metrics(reference_run)
+  assert sorted(rows) == [1, 2]  # a new run: steps count from 0, not from the source's 40
+  # Same data and seed: step 1 sees the batch the reference saw at its step 1, from scratch.
+  assert rows[1]['tokens'] == reference[1]['tokens']
+  assert rows[1]['loss'] < reference[1]['loss'] / 3, (rows[1], reference[1])
+  final_regime = max(reference[s]['loss'] for s in range(REF_STEPS - 4, REF_STEPS + 1))
+  assert rows[1]['loss'] < 2 * final_regime + 0.1, (rows[1], final_regime)
+
+  _, params, _ = load(workdir, use_ema=False)
+  _, ref_ema, _ = load(reference_run, use_ema=True)
+  _, ref_params, _ = load(reference_run, use_ema=False)
+  assert_trees_equal(params, ref_ema)  # init_use_ema: the source's EMA, not its params
+  with pytest.raises(AssertionError):
+    assert_trees_equal(ref_params, ref_ema)
+  # A fresh optimizer: its counters started at 0 (the source's are at 40, or 0 for leaves that
+  # never train, like z_L_init), so after one step they are 1 where the source's are 40.
+  import jax
+  ref_opt, opt = restore_opt_step(reference_run, REF_STEPS), restore_opt_step(workdir, 1)
+  assert int(ref_opt['step']) == REF_STEPS and int(opt['step']) == 1
+  ref_counts = [int(c) for c in jax.tree.leaves(ref_opt['count'])]
+  assert REF_STEPS in ref_counts and set(ref_counts) <= {0, REF_STEPS}
+  assert [int(c) for c in jax.tree.leaves(opt['count'])] == [min(c, 1) for c in ref_counts]
+
+
+def test_init_from_errors_are_one_line(reference_run, data_dir, tmp_path):
+  mismatch = run_train(tmp_path / 'wide', *tiny_overrides(
+      data_dir, f'--config.init_from={reference_run}', '--config.model.hidden_size=64'))
+  assert_one_line_error(mismatch, 'init_from model', 'hidden_size=32', 'hidden_size=64')
+  assert finalized_steps(tmp_path / 'wide') == [] and not read_metrics(tmp_path / 'wide')
+  missing = run_train(tmp_path / 'nothing', *tiny_overrides(
+      data_dir, f'--config.init_from={tmp_path / "nowhere"}'))
+  assert_one_line_error(missing, 'init_from', str(tmp_path / 'nowhere'))
+
+
+def test_help_and_missing_data_dir(tmp_path):
+  result = run_train(tmp_path / 'help', '--help', timeout=120)
+  assert result.returncode in (0, 1)  # absl exits 1 after printing --help
+  assert '--workdir' in result.stdout and '--config' in result.stdout, result.stdout
+  assert 'Traceback' not in result.stderr, result.stderr
+  assert not (tmp_path / 'help').exists()  # nothing ran
+  missing = tmp_path / 'no_data'
+  result = run_train(tmp_path / 'run', *tiny_overrides(missing), timeout=120)
+  assert_one_line_error(result, str(missing))
+  assert not (tmp_path / 'run' / 'metrics.jsonl').exists()

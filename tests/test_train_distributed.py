@@ -1,0 +1,226 @@
+"""`python -m hrmtext.train` on several device meshes and processes trains the same model.
+
+Every run trains the same tiny HRM for 6 steps on a reference-layout fixture set, in a subprocess
+on CPU devices forced by XLA_FLAGS. Against an uninterrupted 1-device run, we compare:
+  * 8 devices as data=8 and as fsdp=4 x tensor=2 (per-step losses, token counts, final params);
+  * a run checkpointed at step 3 on fsdp=4 x tensor=2 and resumed on data=8;
+  * 2 processes through launch/local.py (gloo collectives), with params sharded across them.
+
+Tolerances: the meshes split the same float32 sums differently (per-device partial sums, then
+all-reduce), so results differ in the last bits. Observed on a 2-core x86 CPU: per-step losses
+(~6.5) within 1e-6 absolute, 1.5e-7 relative (up to 3e-7 with the default bp_steps schedule), i.e.
+a few float32 ulps; final params within 1.8e-7 absolute (a few ulps of the largest weights).
+LOSS_RTOL and PARAM_ATOL leave ~10-30x headroom for other CPUs' vectorized reduction orders, yet
+stay far below what a real divergence gives: a different batch moves a step's loss by >1e-2 (and
+its labelled-token count, compared exactly), and a few optimizer steps move params by ~1e-3
+(checked below by comparing the step-3 and step-6 params of one run).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from hrmtext.data import pipeline
+from hrmtext.train.checkpoint import load_weights
+from tests.data_fixtures import write_reference_dataset
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, RESUME_AT = 6, 3
+ROWS, SEQ_LEN = 8, 64
+FIXTURE_VOCAB = 300  # write_reference_dataset's default vocabulary
+LOSS_RTOL = 1e-5
+PARAM_ATOL = 2e-6
+
+# Tiny model; constant bp_steps (one compiled step per run keeps the file at a few minutes);
+# a checkpoint every 3 steps (the resume test starts from step 3); no held-out split in the
+# fixture, so eval is a no-op, and every_steps keeps it out of the way anyway.
+TRAIN_FLAGS = (
+    '--config.model.hidden_size=32', '--config.model.num_heads=2', '--config.model.head_dim=16',
+    '--config.model.layers_per_stack=1', f'--config.model.vocab_size={FIXTURE_VOCAB}',
+    f'--config.data.seq_len={SEQ_LEN}', f'--config.train.global_batch_tokens={ROWS * SEQ_LEN}',
+    f'--config.train.steps={STEPS}', '--config.train.warmup_steps=2', '--config.train.bp_min=5',
+    '--config.train.bp_max=5', '--config.log_every_steps=1', '--config.eval.every_steps=1000',
+    f'--config.checkpoint.every_steps={RESUME_AT}', '--config.checkpoint.keep=3')
+
+MESHES = {
+    'data8': (8, ('--config.mesh.data=8', '--config.mesh.fsdp=1', '--config.mesh.tensor=1')),
+    'fsdp4_tensor2': (8, ('--config.mesh.data=1', '--config.mesh.fsdp=-1',
+                          '--config.mesh.tensor=2')),
+}
+
+
+def run_env(devices_per_process: int) -> dict:
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')}
+  return {**env, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO,
+          'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_per_process}'}
+
+
+def train(data_dir, workdir, devices_per_process, *flags, processes=1):
+  """Runs the trainer (through launch.local if several processes); returns its stdout."""
+  command = [sys.executable, '-m', 'hrmtext.train', f'--workdir={workdir}',
+             f'--config.data.dir={data_dir}', *TRAIN_FLAGS, *flags]
+  if processes > 1:
+    command = [sys.executable, '-m', 'launch.local', f'--num_processes={processes}', '--',
+               *command]
+  result = subprocess.run(command, cwd=REPO, env=run_env(devices_per_process), capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+  return result.stdout
+
+
+def metric_rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def per_step(workdir, name):
+  """{step: value} of a metric; a step logged twice (e.g. re-run after a resume) keeps the last."""
+  return {row['step']: row[name] for row in metric_rows(workdir) if name in row}
+
+
+def final_params(workdir, step=None):
+  cfg, params, _ = load_weights(workdir, use_ema=False, step=step)  # onto this process's 1 device
+  return cfg, params
+
+
+def max_diffs(losses, reference):
+  steps = sorted(losses)
+  a = np.array([losses[s] for s in steps])
+  b = np.array([reference[s] for s in steps])
+  return float(np.max(np.abs(a - b))), float(np.max(np.abs(a - b) / np.abs(b)))
+
+
+def assert_same_losses(workdir, reference_dir, steps, label):
+  losses, reference = per_step(workdir, 'loss'), per_step(reference_dir, 'loss')
+  assert sorted(losses) == list(steps), (label, sorted(losses))
+  # Same batches on every step: labelled-token counts are integers and must match exactly.
+  tokens, ref_tokens = per_step(workdir, 'tokens'), per_step(reference_dir, 'tokens')
+  assert [tokens[s] for s in steps] == [ref_tokens[s] for s in steps], label
+  abs_diff, rel_diff = max_diffs(losses, {s: reference[s] for s in steps})
+  print(f'\n{label}: loss max |diff| {abs_diff:.3g}, max rel diff {rel_diff:.3g}')
+  np.testing.assert_allclose([losses[s] for s in steps], [reference[s] for s in steps],
+                             rtol=LOSS_RTOL, atol=0, err_msg=label)
+
+
+def assert_same_params(workdir, reference_params, label):
+  cfg, params = final_params(workdir)
+  assert cfg.vocab_size == 512  # the fixture's 300 padded to the config's vocab_multiple (256)
+  assert jax.tree.structure(params) == jax.tree.structure(reference_params)
+  worst = 0.0
+  for (path, x), y in zip(jax.tree.leaves_with_path(params), jax.tree.leaves(reference_params)):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.shape == y.shape and x.dtype == y.dtype, jax.tree_util.keystr(path)
+    worst = max(worst, float(np.max(np.abs(x - y))))
+    np.testing.assert_allclose(x, y, rtol=0, atol=PARAM_ATOL,
+                               err_msg=f'{label} {jax.tree_util.keystr(path)}')
+  print(f'{label}: params max |diff| {worst:.3g}')
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('data'))
+  write_reference_dataset(path, num_examples=60, seed=1, vocab_size=FIXTURE_VOCAB)
+  # Each process reads its rows round-robin from epoch plans padded to a multiple of the number
+  # of data shards, so 2 processes feed the same global batches as 1 only if no padding row is
+  # added: this seed packs every epoch into an even number of rows.
+  for shards in (1, 2):
+    source = pipeline.TrainBatches(path, seq_len=SEQ_LEN, rows_per_process=ROWS // shards,
+                                   process_index=0, process_count=shards, seed=0, window_rows=64)
+    assert all(plan.num_rows % 2 == 0 for plan in source.plans), [p.num_rows for p in source.plans]
+  return path
+
+
+@pytest.fixture(scope='module')
+def runs(data_dir, tmp_path_factory):
+  """name -> workdir of a finished single-process run on that mesh ('1dev' or a MESHES key)."""
+  done = {}
+
+  def get(name):
+    if name not in done:
+      workdir = str(tmp_path_factory.mktemp(name))
+      devices, flags = MESHES.get(name, (1, ()))
+      train(data_dir, workdir, devices, *flags)
+      done[name] = workdir
+    return done[name]
+
+  return get
+
+
+@pytest.fixture(scope='module')
+def baseline(runs):
+  """The uninterrupted 1-device run: (workdir, final params)."""
+  workdir = runs('1dev')
+  steps = [row['step'] for row in metric_rows(workdir)]
+  assert steps == list(range(1, STEPS + 1)), steps
+  return workdir, final_params(workdir)[1]
+
+
+def test_baseline_params_move_far_beyond_the_tolerance(baseline):
+  """The param tolerance can fail: 3 optimizer steps move params by orders of magnitude more."""
+  workdir, params = baseline
+  _, halfway = final_params(workdir, step=RESUME_AT)
+  moved = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+              for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(halfway)))
+  print(f'\nparams moved by up to {moved:.3g} from step {RESUME_AT} to {STEPS}')
+  assert moved > 100 * PARAM_ATOL, moved
+  losses = per_step(workdir, 'loss')
+  assert max(losses.values()) - min(losses.values()) > 1000 * LOSS_RTOL * losses[1]
+
+
+@pytest.mark.parametrize('mesh', sorted(MESHES))
+def test_any_mesh_trains_like_one_device(runs, baseline, mesh):
+  baseline_dir, baseline_params = baseline
+  workdir = runs(mesh)
+  assert_same_losses(workdir, baseline_dir, range(1, STEPS + 1), mesh)
+  assert_same_params(workdir, baseline_params, mesh)
+
+
+def test_resume_on_another_mesh(data_dir, runs, baseline, tmp_path):
+  """Step-3 checkpoint of an fsdp=4 x tensor=2 run, resumed on data=8, continues like 1 device.
+
+  A separate `--config.train.steps=3` run would not do: the LR schedule depends on the total
+  number of steps, so its first 3 steps differ from those of a 6-step run. The step-3
+  checkpoint of the 6-step run is exactly what that run leaves when interrupted after step 3.
+  """
+  baseline_dir, baseline_params = baseline
+  source = os.path.join(runs('fsdp4_tensor2'), 'checkpoints', str(RESUME_AT))
+  workdir = str(tmp_path / 'resumed')
+  shutil.copytree(source, os.path.join(workdir, 'checkpoints', str(RESUME_AT)))
+  devices, flags = MESHES['data8']
+  train(data_dir, workdir, devices, *flags)
+  # Only steps 4-6 ran (a run from scratch would log from step 1), on the restored state and
+  # data position.
+  assert [row['step'] for row in metric_rows(workdir)] == list(range(RESUME_AT + 1, STEPS + 1))
+  assert_same_losses(workdir, baseline_dir, range(RESUME_AT + 1, STEPS + 1), 'resumed on data8')
+  assert_same_params(workdir, baseline_params, 'resumed on data8')
+
+
+@pytest.mark.parametrize('devices_per_process, mesh_flags', [
+    # 'tensor' within a process, 'fsdp' across the two: params sharded over both processes.
+    (2, ('--config.mesh.data=1', '--config.mesh.fsdp=2', '--config.mesh.tensor=2')),
+    # One row per device, 4 devices per process.
+    (4, ('--config.mesh.data=8', '--config.mesh.fsdp=1', '--config.mesh.tensor=1')),
+], ids=['2x2dev_fsdp2_tensor2', '2x4dev_data8'])
+def test_two_processes_train_like_one(data_dir, baseline, tmp_path, devices_per_process,
+                                      mesh_flags):
+  baseline_dir, baseline_params = baseline
+  workdir = str(tmp_path / 'run')
+  stdout = train(data_dir, workdir, devices_per_process, *mesh_flags, processes=2)
+  label = f'2 processes x {devices_per_process} devices'
+  assert f'[0] step {STEPS}/{STEPS} ' in stdout and '[1] step ' not in stdout, stdout[-3000:]
+  # Only process 0 writes metrics: one row per step, no duplicates.
+  assert [row['step'] for row in metric_rows(workdir)] == list(range(1, STEPS + 1))
+  step_dir = os.path.join(workdir, 'checkpoints', str(STEPS))
+  # Each process saved its own data-iterator position.
+  assert {'process_0-of-2.json', 'process_1-of-2.json'} <= set(
+      os.listdir(os.path.join(step_dir, 'data')))
+  assert_same_losses(workdir, baseline_dir, range(1, STEPS + 1), label)
+  assert_same_params(workdir, baseline_params, label)  # restored in this single process
