@@ -4,7 +4,7 @@ Every run trains the same tiny HRM for 6 steps on a reference-layout fixture set
 on CPU devices forced by XLA_FLAGS. Against an uninterrupted 1-device run, we compare:
   * 8 devices as data=8 and as fsdp=4 x tensor=2 (per-step losses, token counts, final params);
   * a run checkpointed at step 3 on fsdp=4 x tensor=2 and resumed on data=8;
-  * 2 processes through launch/local.py (gloo collectives), with params sharded across them.
+  * 2 and 4 processes through launch/local.py (gloo collectives), params sharded across them.
 
 Tolerances: the meshes split the same float32 sums differently (per-device partial sums, then
 all-reduce), so results differ in the last bits. Observed on a 2-core x86 CPU: per-step losses
@@ -130,11 +130,11 @@ def data_dir(tmp_path_factory):
   write_reference_dataset(path, num_examples=60, seed=1, vocab_size=FIXTURE_VOCAB)
   # Each process reads its rows round-robin from epoch plans padded to a multiple of the number
   # of data shards, so 2 processes feed the same global batches as 1 only if no padding row is
-  # added: this seed packs every epoch into an even number of rows.
-  for shards in (1, 2):
+  # added: this seed packs every epoch into a multiple of 4 rows.
+  for shards in (1, 2, 4):
     source = pipeline.TrainBatches(path, seq_len=SEQ_LEN, rows_per_process=ROWS // shards,
                                    process_index=0, process_count=shards, seed=0, window_rows=64)
-    assert all(plan.num_rows % 2 == 0 for plan in source.plans), [p.num_rows for p in source.plans]
+    assert all(plan.num_rows % 4 == 0 for plan in source.plans), [p.num_rows for p in source.plans]
   return path
 
 
@@ -203,24 +203,27 @@ def test_resume_on_another_mesh(data_dir, runs, baseline, tmp_path):
   assert_same_params(workdir, baseline_params, 'resumed on data8')
 
 
-@pytest.mark.parametrize('devices_per_process, mesh_flags', [
+@pytest.mark.parametrize('processes, devices_per_process, mesh_flags', [
     # 'tensor' within a process, 'fsdp' across the two: params sharded over both processes.
-    (2, ('--config.mesh.data=1', '--config.mesh.fsdp=2', '--config.mesh.tensor=2')),
+    (2, 2, ('--config.mesh.data=1', '--config.mesh.fsdp=2', '--config.mesh.tensor=2')),
     # One row per device, 4 devices per process.
-    (4, ('--config.mesh.data=8', '--config.mesh.fsdp=1', '--config.mesh.tensor=1')),
-], ids=['2x2dev_fsdp2_tensor2', '2x4dev_data8'])
-def test_two_processes_train_like_one(data_dir, baseline, tmp_path, devices_per_process,
-                                      mesh_flags):
+    (2, 4, ('--config.mesh.data=8', '--config.mesh.fsdp=1', '--config.mesh.tensor=1')),
+    # 'fsdp' over 4 processes.
+    (4, 2, ('--config.mesh.data=1', '--config.mesh.fsdp=4', '--config.mesh.tensor=2')),
+], ids=['2x2dev_fsdp2_tensor2', '2x4dev_data8', '4x2dev_fsdp4_tensor2'])
+def test_processes_train_like_one(data_dir, baseline, tmp_path, processes, devices_per_process,
+                                  mesh_flags):
   baseline_dir, baseline_params = baseline
   workdir = str(tmp_path / 'run')
-  stdout = train(data_dir, workdir, devices_per_process, *mesh_flags, processes=2)
-  label = f'2 processes x {devices_per_process} devices'
-  assert f'[0] step {STEPS}/{STEPS} ' in stdout and '[1] step ' not in stdout, stdout[-3000:]
+  stdout = train(data_dir, workdir, devices_per_process, *mesh_flags, processes=processes)
+  label = f'{processes} processes x {devices_per_process} devices'
+  assert f'[0] step {STEPS}/{STEPS} ' in stdout, stdout[-3000:]
+  assert not any(f'[{i}] step ' in stdout for i in range(1, processes)), stdout[-3000:]
   # Only process 0 writes metrics: one row per step, no duplicates.
   assert [row['step'] for row in metric_rows(workdir)] == list(range(1, STEPS + 1))
   step_dir = os.path.join(workdir, 'checkpoints', str(STEPS))
   # Each process saved its own data-iterator position.
-  assert {'process_0-of-2.json', 'process_1-of-2.json'} <= set(
+  assert {f'process_{i}-of-{processes}.json' for i in range(processes)} <= set(
       os.listdir(os.path.join(step_dir, 'data')))
   assert_same_losses(workdir, baseline_dir, range(1, STEPS + 1), label)
   assert_same_params(workdir, baseline_params, label)  # restored in this single process
