@@ -82,7 +82,7 @@ def metric_rows(workdir):
 
 
 def per_step(workdir, name):
-  """{step: value} of a metric; a step logged twice (e.g. re-run after a resume) keeps the last."""
+  """{step: value} of a metric."""
   return {row['step']: row[name] for row in metric_rows(workdir) if name in row}
 
 

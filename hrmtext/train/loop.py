@@ -157,6 +157,7 @@ class Trainer:
       os.makedirs(self.workdir, exist_ok=True)
       with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
         f.write(config.to_json_best_effort(indent=2))
+      self._drop_metrics_after(start)
     signal.signal(signal.SIGTERM, lambda *_: setattr(self, '_stop', True))
     device_peak = peak_flops(jax.devices()[0].device_kind)
     tokens_per_step = self.global_rows * config.data.seq_len
@@ -199,6 +200,17 @@ class Trainer:
     if writer:
       writer.close()
     return last
+
+  def _drop_metrics_after(self, step: int) -> None:
+    """A run killed after its last checkpoint logged steps it will now redo: forget them."""
+    path = os.path.join(self.workdir, 'metrics.jsonl')
+    if not os.path.exists(path):
+      return
+    with open(path) as f:
+      kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(kept)
+    os.replace(path + '.tmp', path)
 
   def _log(self, writer, step: int, metrics: dict) -> None:
     if not writer or not metrics:
