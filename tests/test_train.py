@@ -326,3 +326,43 @@ def test_help_and_missing_data_dir(tmp_path):
   result = run_train(tmp_path / 'run', *tiny_overrides(missing), timeout=120)
   assert_one_line_error(result, str(missing))
   assert not (tmp_path / 'run' / 'metrics.jsonl').exists()
+
+
+@pytest.mark.slow
+def test_generation_eval_in_the_loop_equals_the_harness(tmp_path):
+  """eval.generate_per_task: the loop's greedy exact match per held-out task is the harness's on
+  the saved EMA weights (and, after 40 steps, not all zero, so the comparison means something)."""
+  from hrmtext.data.tokenizer import Tokenizer
+  from hrmtext.evals import evaluate, heldout_tasks
+  from hrmtext.infer import Engine, text
+  from hrmtext.model import build_model
+  from tests.test_data_prepare import SMALL_CONFIG
+  (tmp_path / 'small.py').write_text(SMALL_CONFIG)
+  data = tmp_path / 'data'
+  prepared = subprocess.run([sys.executable, '-m', 'hrmtext.prepare', f'--output={data}',
+                             f'--config={tmp_path / "small.py"}'], cwd=REPO, env=train_env(),
+                            capture_output=True, text=True, timeout=300)
+  assert_ok(prepared)
+  seq_len, limit = 256, 4
+  result = run_train(
+      tmp_path / 'run', f'--config.data.dir={data}', f'--config.data.seq_len={seq_len}',
+      '--config.model.hidden_size=64', '--config.model.head_dim=32',
+      '--config.train.steps=40', '--config.train.lr=3e-3', '--config.train.warmup_steps=4',
+      '--config.train.ema_decay=0.5', f'--config.train.global_batch_tokens={8 * seq_len}',
+      '--config.eval.every_steps=40', f'--config.eval.generate_per_task={limit}')
+  assert_ok(result)
+  logged = {k: v for k, v in read_metrics(tmp_path / 'run')[40].items() if k.startswith('eval_gen/')}
+
+  cfg, params, _ = load(tmp_path / 'run', use_ema=True)
+  tok = Tokenizer.load(str(data / 'sampled'))
+  tasks = heldout_tasks(str(data), max_new_tokens=seq_len)
+  longest = max(len(tok.encode_instruction(e.instruction, e.condition))
+                for task in tasks for e in task.examples[:limit])
+  engine = Engine(build_model(cfg), params, eoa=tok.eoa, max_len=longest + seq_len,
+                  vocab_size=tok.vocab_size)
+  want = evaluate(tasks, *text.model_fns(engine, tok), limit=limit, progress=False)
+  assert {f'eval_gen/{task}/exact_match': m['exact_match'] for task, m in want.items()} == {
+      k: v for k, v in logged.items() if k.endswith('/exact_match') and k.count('/') == 2}
+  assert logged['eval_gen/exact_match'] == pytest.approx(
+      np.mean([m['exact_match'] for m in want.values()]))
+  assert logged['eval_gen/exact_match'] > 0, logged

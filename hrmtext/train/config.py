@@ -26,7 +26,10 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
-  c.eval = ml_collections.ConfigDict(dict(every_steps=1000, rows=0))  # rows 0: per-step rows
+  # Held-out eval: teacher-forced loss/accuracies (rows per batch; 0: the train step's rows) and,
+  # with generate_per_task > 0 (single-process runs), greedy generation's exact match on that many
+  # raw held-out examples per task (the `hrmtext.evaluate` harness).
+  c.eval = ml_collections.ConfigDict(dict(every_steps=1000, rows=0, generate_per_task=0))
   c.log_every_steps = 10
   # Fine-tuning: start from another run's weights (its EMA if `init_use_ema`), fresh optimizer.
   c.init_from = ''

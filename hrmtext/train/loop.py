@@ -12,7 +12,10 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from hrmtext.data import pipeline
-from hrmtext.data.layout import SampledSet
+from hrmtext.data.tokenizer import Tokenizer
+from hrmtext.evals import evaluate, heldout_tasks
+from hrmtext.infer import Engine, text
+from hrmtext.data.layout import SampledSet, heldout_dir
 from hrmtext.model import ModelConfig, build_model, credit_horizon, summarize, zero_sums
 from hrmtext.model.flops import peak_flops, train_flops_per_token
 from hrmtext.parallel import distributed, sharding
@@ -64,6 +67,7 @@ class Trainer:
     self._eval_step = jax.jit(make_eval_step(self.model),
                               in_shardings=(self.state_shardings.params, self.row_sharding))
     self._eval_batches = None
+    self._generation = None  # (Engine, Tokenizer, tasks) for eval.generate_per_task
     self._stop = False
     if config.init_from and self.mngr.latest_step() is None:
       self._check_init_from()  # user errors surface here, before any training starts
@@ -135,7 +139,35 @@ class Trainer:
       batch = {k: jax.make_array_from_callback(v.shape, self.row_sharding, lambda i, v=v: v[i])
                for k, v in batch.items()}
       sums = jax.tree.map(jnp.add, sums, self._eval_step(params, batch))
-    return {f'eval/{k}': float(v) for k, v in summarize(sums).items()}
+    metrics = {f'eval/{k}': float(v) for k, v in summarize(sums).items()}
+    if metrics and self.config.eval.generate_per_task:
+      metrics.update(self._generation_eval(params))
+    return metrics
+
+  def _generation_eval(self, params) -> dict:
+    """Greedy exact match per held-out task, as `hrmtext.evaluate` scores it."""
+    if jax.process_count() > 1:  # the engine runs on one process's devices
+      self._say('eval.generate_per_task is skipped in multi-process runs; use hrmtext.evaluate')
+      self.config.eval.generate_per_task = 0
+      return {}
+    if not os.path.isdir(heldout_dir(self.config.data.dir, 'raw')):
+      return {}
+    limit, seq_len = self.config.eval.generate_per_task, self.config.data.seq_len
+    if self._generation is None:
+      tok = Tokenizer.load(pipeline.sampled_dir(self.config.data))
+      tasks = heldout_tasks(self.config.data.dir, max_new_tokens=seq_len)
+      longest = max(len(tok.encode_instruction(e.instruction, e.condition))
+                    for task in tasks for e in task.examples[:limit])
+      engine = Engine(self.model, None, eoa=tok.eoa, max_len=longest + seq_len,
+                      vocab_size=tok.vocab_size)
+      self._generation = engine, tok, tasks
+    engine, tok, tasks = self._generation
+    engine.params = jax.device_get(params)
+    results = evaluate(tasks, *text.model_fns(engine, tok), limit=limit, progress=False)
+    metrics = {f'eval_gen/{task}/{name}': value for task, task_metrics in results.items()
+               for name, value in task_metrics.items() if name not in ('n', 'subsets')}
+    exact = [task_metrics['exact_match'] for task_metrics in results.values()]
+    return {'eval_gen/exact_match': sum(exact) / len(exact), **metrics}
 
   def save(self, state: TrainState, step: int) -> None:
     meta = {'model': self.model_cfg.to_dict(), 'config': self.config.to_dict(),
