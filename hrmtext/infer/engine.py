@@ -44,7 +44,10 @@ class Engine:
 
   def _logits(self, params, hidden):
     """float32 logits with the padded vocabulary rows (if any) at -inf."""
-    logits = self.model.head.apply({'params': params['lm_head']}, hidden)
+    return self._without_padding(self.model.head.apply({'params': params['lm_head']}, hidden))
+
+  def _without_padding(self, logits):
+    """`logits` with the padded vocabulary rows (if any) at -inf: never chosen."""
     if self.vocab_size < logits.shape[-1]:
       logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_size, logits, -jnp.inf)
     return logits
@@ -225,8 +228,5 @@ class Engine:
     labelled = batch['labels'] >= 0
     targets = jnp.where(labelled, batch['labels'], 0)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
-    choice = logits
-    if self.vocab_size < logits.shape[-1]:  # greedy decoding never picks a padded row
-      choice = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_size, logits, -jnp.inf)
-    hit = (jnp.argmax(choice, -1) == targets) | ~labelled
+    hit = (jnp.argmax(self._without_padding(logits), -1) == targets) | ~labelled
     return (jnp.where(labelled, logp, 0).sum(-1), labelled.sum(-1), hit.all(-1))

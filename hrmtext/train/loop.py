@@ -12,10 +12,10 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from hrmtext.data import pipeline
+from hrmtext.data.layout import SampledSet, heldout_dir
 from hrmtext.data.tokenizer import Tokenizer
 from hrmtext.evals import evaluate, heldout_tasks
 from hrmtext.infer import Engine, text
-from hrmtext.data.layout import SampledSet, heldout_dir
 from hrmtext.model import ModelConfig, build_model, credit_horizon, summarize, zero_sums
 from hrmtext.model.flops import peak_flops, train_flops_per_token
 from hrmtext.parallel import distributed, sharding
@@ -68,6 +68,10 @@ class Trainer:
                               in_shardings=(self.state_shardings.params, self.row_sharding))
     self._eval_batches = None
     self._generation = None  # (Engine, Tokenizer, tasks) for eval.generate_per_task
+    # Held-out examples generated per task at each eval; the engine runs on one process's devices.
+    self._generate_per_task = config.eval.generate_per_task if jax.process_count() == 1 else 0
+    if config.eval.generate_per_task and not self._generate_per_task:
+      self._say('eval.generate_per_task is skipped in multi-process runs; use hrmtext.evaluate')
     self._stop = False
     if config.init_from and self.mngr.latest_step() is None:
       self._check_init_from()  # user errors surface here, before any training starts
@@ -140,19 +144,15 @@ class Trainer:
                for k, v in batch.items()}
       sums = jax.tree.map(jnp.add, sums, self._eval_step(params, batch))
     metrics = {f'eval/{k}': float(v) for k, v in summarize(sums).items()}
-    if metrics and self.config.eval.generate_per_task:
+    if metrics and self._generate_per_task:
       metrics.update(self._generation_eval(params))
     return metrics
 
   def _generation_eval(self, params) -> dict:
     """Greedy exact match per held-out task, as `hrmtext.evaluate` scores it."""
-    if jax.process_count() > 1:  # the engine runs on one process's devices
-      self._say('eval.generate_per_task is skipped in multi-process runs; use hrmtext.evaluate')
-      self.config.eval.generate_per_task = 0
-      return {}
     if not os.path.isdir(heldout_dir(self.config.data.dir, 'raw')):
       return {}
-    limit, seq_len = self.config.eval.generate_per_task, self.config.data.seq_len
+    limit, seq_len = self._generate_per_task, self.config.data.seq_len
     if self._generation is None:
       tok = Tokenizer.load(pipeline.sampled_dir(self.config.data))
       tasks = heldout_tasks(self.config.data.dir, max_new_tokens=seq_len)
