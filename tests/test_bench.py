@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from hrmtext import bench
+from tests import hf_oracle
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POSITIVE = ('params_m', 'compile_s', 'step_s', 'tokens_per_s', 'tokens_per_s_per_device',
@@ -68,6 +69,7 @@ def test_synthetic_rows_are_packed_examples():
   assert batch['inputs'].max() < 100 and (batch['labels'] != -100).any()
 
 
+@hf_oracle.needs_hf
 def test_decode_bench_matches_transformers():
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO}
   env.pop('XLA_FLAGS', None)

@@ -15,6 +15,7 @@ def convert(src, dst):
                         capture_output=True, text=True)
 
 
+@hf_oracle.needs_hf
 def test_round_trip_is_identical(tmp_path):
   # Settings the reference training code lacks: vocab 300 (not a multiple of 256), L_bp_cycles.
   model = hf_oracle.make_hf_model(vocab=300, L_bp_cycles=(1, 3))

@@ -3,11 +3,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-import torch
 
 from hrmtext.infer import Engine, Sampling
 from hrmtext.model import ModelConfig, build_model
 from tests import hf_oracle
+from tests.hf_oracle import torch
 
 
 def recompute_greedy(model, params, prompt, max_new, eoa, row_len=64):
@@ -61,6 +61,7 @@ def test_sampling_respects_top_p_and_seed():
   assert engine.generate(p, 8, Sampling(1.0, 1e-6)) == engine.generate(p, 8)
 
 
+@hf_oracle.needs_hf
 def test_generation_and_scores_match_transformers():
   hf = hf_oracle.make_hf_model(vocab=128, L_bp_cycles=(2,))
   cfg, params = hf_oracle.to_hrmtext(hf)

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from hrmtext.model import AttentionMask, ModelConfig, build_model, credit_horizon
 from tests import hf_oracle
+from tests.hf_oracle import torch
 
 
 def padded_batch(lengths, prefix_lengths, vocab, total, seed=0):
@@ -19,6 +19,7 @@ def padded_batch(lengths, prefix_lengths, vocab, total, seed=0):
   return tokens * valid, valid.astype(np.int64), instruction.astype(np.int64)
 
 
+@hf_oracle.needs_hf
 @pytest.mark.parametrize('kwargs', [
     dict(),
     dict(H_cycles=1, L_cycles=2, layers=1),
