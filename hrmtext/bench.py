@@ -1,10 +1,13 @@
-r"""Train-step speed of an experiment config on synthetic packed rows.
+r"""Train-step speed, cost and memory of an experiment config, on synthetic packed rows.
 
-  python -m hrmtext.bench --config experiments/hrm_XL.py
-  python -m hrmtext.bench --config experiments/transformer_L.py --config.model.attention=cudnn
+  python -m hrmtext.bench --config experiments/hrm.py:XL --config.model.attention=cudnn
+  python -m hrmtext.bench --config experiments/hrm.py:L --config.model.architecture=transformer
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m hrmtext.bench \
+      --config experiments/hrm.py:XL --config.mesh.fsdp=8 --compile_only --json
 
-Builds the model, optimizer, shardings and jitted train step as training does (hrmtext.train.step)
-and feeds it rows packed, as the data pipeline packs, from random examples: lengths uniform in
+Builds the model, optimizer, shardings and jitted train step as training does (hrmtext.train.step:
+the config's mesh, micro-batches, remat policy and loss chunking, the state donated) and feeds it
+rows packed, as the data pipeline packs, from random examples: lengths uniform in
 [--min_example_len, --max_example_len], instructions about --instruction_fraction of each. The
 same batch every step, so data loading is not measured (see hrmtext.data.bench for that).
 
@@ -13,9 +16,17 @@ TFLOP/s and MFU (hrmtext.model.flops at --bp_steps: forward of every stack appli
 of the differentiable ones) and peak device memory, then one line `bench: key=value ...`.
 Config fields are overridable as in training, e.g. --config.train.micro_batches=2.
 
+--compile_only lowers and compiles the train step on abstract inputs (nothing is allocated, so
+a 1B model compiles on a laptop, for N fake CPU devices with
+XLA_FLAGS=--xla_force_host_platform_device_count=N) and reports the parameter count, the analytic
+and the compiled (XLA cost analysis) FLOPs per token and the per-device memory of the compiled
+step (compiled.memory_analysis()). CPU buffer assignment only approximates a GPU's or TPU's:
+treat its bytes as an estimate of what the step needs, not a measurement of another backend.
+
 On GPU, unless XLA_FLAGS is set, XLA_FLAGS becomes GPU_XLA_FLAGS below (suggested for H100).
 """
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -29,6 +40,7 @@ from tqdm import tqdm
 
 from hrmtext.cli import quiet_logs
 from hrmtext.data import packing
+from hrmtext.data.packing import FIELDS
 from hrmtext.data.layout import Index
 from hrmtext.model import build_model, credit_horizon
 from hrmtext.model.flops import peak_flops, train_flops_per_token
@@ -36,7 +48,7 @@ from hrmtext.parallel import distributed, sharding
 from hrmtext.parallel.mesh import make_mesh
 from hrmtext.train import optimizer, schedules
 from hrmtext.train.loop import model_config
-from hrmtext.train.step import init_state, make_train_step, state_shardings
+from hrmtext.train.step import init_state, loss_chunk_len, make_train_step, state_shardings
 
 # Each flag exists in the XLA of jax 0.10.2 and 0.11.2 (NVIDIA JAX-Toolbox / MaxText practice,
 # not yet A/B-measured here: set XLA_FLAGS yourself to compare). The collective ones pay off with
@@ -67,6 +79,12 @@ _MAX_LEN = flags.DEFINE_integer('max_example_len', 2048, 'Longest synthetic exam
 _INSTRUCTION = flags.DEFINE_float('instruction_fraction', 0.3,
                                   'Mean instruction share of an example.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the synthetic examples.')
+_COMPILE_ONLY = flags.DEFINE_bool(
+    'compile_only', False, 'Only lower and compile the train step on abstract inputs and report '
+    'params, FLOPs per token and per-device memory (CPU buffer assignment approximates a GPU\'s '
+    'or TPU\'s; see the module doc).')
+_JSON = flags.DEFINE_bool('json', False, 'Also print the results as one JSON object on the last '
+                          'stdout line.')
 
 
 def use_gpu_xla_flags() -> bool:
@@ -133,10 +151,38 @@ def jitted_train_step(config, model, mesh, horizon):
   shardings = state_shardings(model, mesh)
   batch_sharding = NamedSharding(  # [micro_batches, rows, len]
       mesh, PartitionSpec(None, *sharding.batch_sharding(mesh).spec))
-  train_step = jax.jit(make_train_step(model, tx, horizon, tc.ema_decay),
+  chunk = loss_chunk_len(tc.loss_chunk_len, model.cfg.vocab_size, config.data.seq_len)
+  train_step = jax.jit(make_train_step(model, tx, horizon, tc.ema_decay, chunk),
                        in_shardings=(shardings, batch_sharding),
                        out_shardings=(shardings, None), donate_argnums=0)
   return tx, shardings, batch_sharding, train_step
+
+
+def compile_report(train_step, abstract_state, abstract_batch, flops_per_token: float) -> dict:
+  """Compiles on abstract inputs: compile time, compiled FLOPs per token, per-device bytes."""
+  start = time.perf_counter()
+  compiled = train_step.lower(abstract_state, abstract_batch).compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list in older jax
+  tokens = abstract_batch['inputs'].size
+  compiled_flops = (cost or {}).get('flops')
+  memory = compiled.memory_analysis()
+  per_device = None
+  if memory is not None:
+    per_device = {
+        'argument': memory.argument_size_in_bytes, 'output': memory.output_size_in_bytes,
+        'alias': memory.alias_size_in_bytes, 'temp': memory.temp_size_in_bytes}
+    # Donated state: outputs that alias arguments take no memory of their own.
+    per_device['total'] = (per_device['argument'] + per_device['output'] - per_device['alias']
+                           + per_device['temp'])
+  return {
+      'compile_s': compile_s,
+      'compiled_flops_per_token': compiled_flops / tokens if compiled_flops else None,
+      'compiled_to_analytic_flops': (compiled_flops / tokens / flops_per_token
+                                     if compiled_flops else None),
+      'per_device_memory_bytes': per_device,
+  }
 
 
 def time_train_step(train_step, state, batch) -> tuple[float, float, dict]:
@@ -156,7 +202,8 @@ def time_train_step(train_step, state, batch) -> tuple[float, float, dict]:
 
 
 def run(config) -> dict:
-  """Builds, compiles and times the train step; the results (None: not measurable here)."""
+  """Builds, compiles and (unless --compile_only) times the train step; the results (None: not
+  measurable here)."""
   tc, seq_len, micro = config.train, config.data.seq_len, config.train.micro_batches
   mesh = make_mesh(config.mesh)
   model_cfg = model_config(config, _VOCAB.value)
@@ -165,39 +212,56 @@ def run(config) -> dict:
   check_flags(config, rows, mesh.shape['data'] * mesh.shape['fsdp'])
   bp = _BP_STEPS.value or tc.bp_max
   horizon = credit_horizon(model_cfg, bp)
+  flops_per_token = train_flops_per_token(model_cfg, horizon, seq_len)
   tx, shardings, batch_sharding, train_step = jitted_train_step(config, model, mesh, horizon)
-  rows_batch = synthetic_rows(rows, seq_len, model_cfg.vocab_size, _MIN_LEN.value,
-                              _MAX_LEN.value, _INSTRUCTION.value, config.data.pack_window_rows,
-                              _SEED.value)
-  if distributed.is_main_process():
-    print(f'compiling the train step ({model_cfg.architecture}, bp_steps {bp}, {rows} rows x '
-          f'{seq_len} tokens, {jax.device_count()} x {jax.devices()[0].device_kind})', flush=True)
-  with sharding.activate(mesh):  # logical activation constraints apply while tracing
-    state = jax.jit(lambda: init_state(model, tx, jax.random.key(tc.seed)),
-                    out_shardings=shardings)()
-    params_m = sum(x.size for x in jax.tree.leaves(state.params)) / 1e6
-    batch = {name: jax.make_array_from_callback(
-        (micro, rows // micro, seq_len), batch_sharding,
-        lambda index, x=x.reshape(micro, rows // micro, seq_len): x[index])
-             for name, x in rows_batch.items()}
-    compile_s, step_s, metrics = time_train_step(train_step, state, batch)
-
   devices = jax.device_count()
-  tokens_per_s = rows * seq_len / step_s
-  flops_per_s = train_flops_per_token(model_cfg, horizon, seq_len) * tokens_per_s
-  device_peak = peak_flops(jax.devices()[0].device_kind)
   applications = ((1, 1) if model_cfg.architecture == 'transformer' else
                   (sum(horizon.L) + sum(horizon.H), len(horizon.L) + len(horizon.H)))
-  return {
+  init = lambda: init_state(model, tx, jax.random.key(tc.seed))
+  abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                jax.eval_shape(init), shardings)
+  results = {
       'architecture': model_cfg.architecture,
       'attention': model_cfg.attention,
       'devices': devices,
       'device_kind': jax.devices()[0].device_kind.replace(' ', '_'),
-      'params_m': params_m,
+      'mesh': 'x'.join(map(str, mesh.devices.shape)),
+      'params': sum(x.size for x in jax.tree.leaves(abstract_state.params)),
       'rows': rows,
+      'micro_batches': micro,
       'seq_len': seq_len,
       'bp_steps': bp,
       'differentiable_applications': '{}/{}'.format(*applications),
+      'remat_policy': model_cfg.remat_policy,
+      'loss_chunk_len': loss_chunk_len(tc.loss_chunk_len, model_cfg.vocab_size, seq_len),
+      'flops_per_token': flops_per_token,
+  }
+  if distributed.is_main_process():
+    print(f'compiling the train step ({model_cfg.architecture}, bp_steps {bp}, {rows} rows x '
+          f'{seq_len} tokens in {micro} micro-batches, {devices} x '
+          f'{jax.devices()[0].device_kind})', flush=True)
+  shape = (micro, rows // micro, seq_len)
+  with sharding.activate(mesh):  # logical activation constraints apply while tracing
+    if _COMPILE_ONLY.value:
+      abstract_batch = {name: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding)
+                        for name in FIELDS}
+      return {**results, **compile_report(train_step, abstract_state, abstract_batch,
+                                          flops_per_token)}
+    rows_batch = synthetic_rows(rows, seq_len, model_cfg.vocab_size, _MIN_LEN.value,
+                                _MAX_LEN.value, _INSTRUCTION.value, config.data.pack_window_rows,
+                                _SEED.value)
+    state = jax.jit(init, out_shardings=shardings)()
+    batch = {name: jax.make_array_from_callback(
+        shape, batch_sharding, lambda index, x=x.reshape(shape): x[index])
+             for name, x in rows_batch.items()}
+    compile_s, step_s, metrics = time_train_step(train_step, state, batch)
+
+  tokens_per_s = rows * seq_len / step_s
+  flops_per_s = flops_per_token * tokens_per_s
+  device_peak = peak_flops(jax.devices()[0].device_kind)
+  return {
+      **results,
+      'params_m': results['params'] / 1e6,
       'packing': float((rows_batch['segment_ids'] > 0).mean()),
       'loss': float(metrics['loss']),
       'compile_s': compile_s,
@@ -211,24 +275,40 @@ def run(config) -> dict:
 
 
 def report(results: dict) -> None:
-  """A readable summary, then every result on one `bench: key=value ...` line."""
+  """A readable summary, then every result on one `bench: key=value ...` line (and with --json
+  as one JSON object on the last line)."""
   r = {k: 'n/a' if v is None else v for k, v in results.items()}
-  mfu = r['mfu'] if results['mfu'] is None else f'{r["mfu"]:.1%}'
-  memory = r['peak_memory_gib'] if results['peak_memory_gib'] is None else (
-      f'{r["peak_memory_gib"]:.2f} GiB')
-  print(f'model: {r["architecture"]}, {r["params_m"]:.1f}M params, attention {r["attention"]}, '
-        f'bp_steps {r["bp_steps"]} ({r["differentiable_applications"]} stack applications '
-        f'differentiable)')
-  print(f'batch: {r["rows"]} rows x {r["seq_len"]} tokens, {r["packing"]:.1%} real tokens; '
-        f'last loss {r["loss"]:.4f}')
+  print(f'model: {r["architecture"]}, {r["params"] / 1e6:.1f}M params, attention '
+        f'{r["attention"]}, bp_steps {r["bp_steps"]} ({r["differentiable_applications"]} stack '
+        f'applications differentiable), remat {r["remat_policy"]}')
+  print(f'batch: {r["rows"]} rows x {r["seq_len"]} tokens in {r["micro_batches"]} micro-batches '
+        f'on mesh {r["mesh"]}, loss chunk {r["loss_chunk_len"] or "none"}')
   print(f'compile: {r["compile_s"]:.1f} s')
-  print(f'step: {r["step_s"]:.4f} s')
-  print(f'tokens/s: {r["tokens_per_s"]:,.0f} total, {r["tokens_per_s_per_device"]:,.0f} per device '
-        f'({r["devices"]} x {r["device_kind"]})')
-  print(f'model TFLOP/s per device: {r["tflops_per_device"]:.2f}, MFU {mfu}')
-  print(f'peak device memory: {memory}')
-  fields = ' '.join(f'{k}={v:.6g}' if isinstance(v, float) else f'{k}={v}' for k, v in r.items())
+  if _COMPILE_ONLY.value:
+    ratio = r['compiled_to_analytic_flops']
+    ratio = ratio if isinstance(ratio, str) else f'{ratio:.3f}'
+    print(f'FLOPs per token: analytic {r["flops_per_token"]:.4g}, compiled (XLA cost analysis) '
+          f'{r["compiled_flops_per_token"]}, ratio {ratio}')
+    memory = results['per_device_memory_bytes'] or {}
+    print('per-device memory: ' + (', '.join(f'{k} {v / 2**30:.2f} GiB' for k, v in
+                                              memory.items()) or 'n/a'))
+    flat = {k: v for k, v in r.items() if k != 'per_device_memory_bytes'}
+    flat.update({f'memory_{k}_bytes': v for k, v in memory.items()})
+  else:
+    mfu = r['mfu'] if results['mfu'] is None else f'{r["mfu"]:.1%}'
+    memory = r['peak_memory_gib'] if results['peak_memory_gib'] is None else (
+        f'{r["peak_memory_gib"]:.2f} GiB')
+    print(f'step: {r["step_s"]:.4f} s ({r["packing"]:.1%} real tokens, last loss '
+          f'{r["loss"]:.4f})')
+    print(f'tokens/s: {r["tokens_per_s"]:,.0f} total, {r["tokens_per_s_per_device"]:,.0f} per '
+          f'device ({r["devices"]} x {r["device_kind"]})')
+    print(f'model TFLOP/s per device: {r["tflops_per_device"]:.2f}, MFU {mfu}')
+    print(f'peak device memory: {memory}')
+    flat = r
+  fields = ' '.join(f'{k}={v:.6g}' if isinstance(v, float) else f'{k}={v}' for k, v in flat.items())
   print(f'bench: {fields}', flush=True)
+  if _JSON.value:
+    print(json.dumps(results), flush=True)
 
 
 def main(argv):

@@ -22,12 +22,13 @@ def run_bench(*args):
 
 
 @pytest.mark.parametrize('config, architecture', [('experiments/tiny_cpu.py', 'hrm'),
-                                                  ('experiments/transformer_L.py', 'transformer')])
+                                                  ('experiments/hrm.py:L', 'transformer')])
 def test_bench_reports_positive_numbers(config, architecture):
   tiny = ['--config.model.size=', '--config.model.layers_per_stack=1',
           '--config.model.hidden_size=64', '--config.model.num_heads=2',
           '--config.model.head_dim=32', '--config.model.dtype=float32']
-  result = run_bench(f'--config={config}', *tiny, '--config.data.seq_len=128', '--rows=2',
+  result = run_bench(f'--config={config}', *tiny, f'--config.model.architecture={architecture}',
+                     '--config.data.seq_len=128', '--rows=2',
                      '--steps=2', '--warmup=1', '--vocab=256', '--bp_steps=3',
                      '--max_example_len=100')
   assert result.returncode == 0, result.stdout + result.stderr

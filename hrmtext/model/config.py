@@ -14,6 +14,19 @@ def round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
+def size_preset(size: str, architecture: str) -> dict:
+  """ModelConfig fields of a DESIGN §1 size ('' for none): HRM splits n_layers between H and
+  L, the Transformer baseline stacks them all (equal non-embedding parameters)."""
+  if not size:
+    return {}
+  if size not in SIZES:
+    raise ValueError(f'unknown model size {size!r}; have {sorted(SIZES)}')
+  preset = dict(SIZES[size])
+  n_layers = preset.pop('n_layers')
+  layers = n_layers if architecture == 'transformer' else n_layers // 2
+  return {**preset, 'layers_per_stack': layers, 'head_dim': 128}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   architecture: str = 'hrm'  # 'hrm' | 'transformer'
@@ -44,6 +57,15 @@ class ModelConfig:
       raise ValueError(f'unknown architecture {self.architecture!r}')
     if self.z_L_init not in ('truncated_normal', 'zeros'):
       raise ValueError(f'unknown z_L_init {self.z_L_init!r}')
+    if self.dtype not in ('float32', 'bfloat16', 'float16'):
+      raise ValueError(f'unknown dtype {self.dtype!r}')
+    sizes = ('vocab_size', 'hidden_size', 'num_heads', 'head_dim', 'layers_per_stack',
+             'H_cycles', 'L_cycles')
+    for name in sizes:
+      if getattr(self, name) < 1:
+        raise ValueError(f'model.{name} must be >= 1, not {getattr(self, name)}')
+    if self.expansion <= 0 or self.intermediate_size < 0:
+      raise ValueError('model.expansion must be > 0 and model.intermediate_size >= 0')
     object.__setattr__(self, 'L_bp_cycles', tuple(self.L_bp_cycles))
 
   @property
@@ -58,16 +80,13 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d) -> 'ModelConfig':
-    """Builds from a (ConfigDict) mapping, expanding `size: 'XL'` and `vocab_multiple`."""
-    d = dict(d)
-    size = d.pop('size', None)
+    """Builds from a (ConfigDict) mapping: `size` ('B', 'L', 'XL', 'XXL') sets the preset
+    sizes, then every field that is not None overrides it; `vocab_multiple` pads the vocab."""
+    d = {name: value for name, value in dict(d).items() if value is not None}
+    size = d.pop('size', '')
     vocab_multiple = d.pop('vocab_multiple', 1)
-    if size:
-      preset = dict(SIZES[size])
-      n_layers = preset.pop('n_layers')
-      layers = n_layers if d.get('architecture') == 'transformer' else n_layers // 2
-      d = {**preset, 'layers_per_stack': layers, 'head_dim': 128, **d}
-    d['vocab_size'] = round_up(d['vocab_size'], vocab_multiple)
+    d = {**size_preset(size, d.get('architecture', 'hrm')), **d}
+    d['vocab_size'] = round_up(d.get('vocab_size', cls.vocab_size), vocab_multiple)
     return cls(**d)
 
   def to_dict(self) -> dict:

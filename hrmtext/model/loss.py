@@ -5,17 +5,45 @@ import jax.numpy as jnp
 IGNORE_LABEL = -100
 
 
-def loss_and_metrics(logits, labels, segment_ids):
-  """Sums over the batch (divide by `tokens` globally): loss, correct tokens, exact examples.
-
-  logits [batch, len, vocab] (float32), labels [batch, len] with IGNORE_LABEL where unlabelled.
-  """
+def token_stats(logits, labels):
+  """(cross-entropy, correct) per token [batch, len]; zero / False where unlabelled."""
   labelled = labels != IGNORE_LABEL
   targets = jnp.where(labelled, labels, 0)
+  logits = logits.astype(jnp.float32)
   log_z = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   token_loss = jnp.where(labelled, log_z - target_logit, 0.0)
   correct = labelled & (jnp.argmax(logits, axis=-1) == targets)
+  return token_loss, correct
+
+
+def chunked_token_stats(logits_fn, hidden, labels, chunk_len: int):
+  """token_stats(logits_fn(hidden), labels), computing the logits `chunk_len` positions at a time.
+
+  Each chunk's logits are rematerialised in the backward pass, so only one chunk's float32
+  logits [batch, chunk_len, vocab] (and their gradient) are ever live, not the whole row's.
+  """
+  batch, length = labels.shape
+  chunks = -(-length // chunk_len)
+  pad = chunks * chunk_len - length
+  hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+  labels = jnp.pad(labels, ((0, 0), (0, pad)), constant_values=IGNORE_LABEL)
+  # [chunks, batch, chunk_len, ...]: the scan runs over chunks, rows stay sharded as they are.
+  to_chunks = lambda x: jnp.moveaxis(x.reshape(batch, chunks, chunk_len, *x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def chunk_stats(hidden_chunk, labels_chunk):
+    return token_stats(logits_fn(hidden_chunk), labels_chunk)
+
+  _, (token_loss, correct) = jax.lax.scan(
+      lambda carry, xs: (carry, chunk_stats(*xs)), None, (to_chunks(hidden), to_chunks(labels)))
+  from_chunks = lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, -1)[:, :length]
+  return from_chunks(token_loss), from_chunks(correct)
+
+
+def sums_from_token_stats(token_loss, correct, labels, segment_ids):
+  """Sums over the batch (divide by `tokens` globally): loss, correct tokens, exact examples."""
+  labelled = labels != IGNORE_LABEL
   # An example is exact iff none of its labelled tokens is wrong.
   num_segments = labels.shape[1] + 1
   per_segment = jax.vmap(lambda x, s: jax.ops.segment_sum(x, s, num_segments))
@@ -28,6 +56,12 @@ def loss_and_metrics(logits, labels, segment_ids):
       'sequences': (count > 0).sum(dtype=jnp.int32),
       'exact': ((count > 0) & (wrong == 0)).sum(dtype=jnp.int32),
   }
+
+
+def loss_and_metrics(logits, labels, segment_ids):
+  """Summed loss/accuracy counts of logits [batch, len, vocab] against labels [batch, len]
+  (IGNORE_LABEL where unlabelled)."""
+  return sums_from_token_stats(*token_stats(logits, labels), labels, segment_ids)
 
 
 def zero_sums() -> dict:

@@ -4,10 +4,13 @@ The recurrence is a pure function of a parameter pytree; Linen modules supply th
 That makes a forward-only stack application a plain call on stop-gradient'ed parameters
 and inputs: JAX then stores no residuals and does no backward work for it.
 """
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hrmtext.model import loss
 from hrmtext.model.attention import AttentionMask
 from hrmtext.model.config import ModelConfig
 from hrmtext.model.horizon import Horizon, credit_horizon
@@ -44,9 +47,26 @@ class LanguageModel:
     """Per top-level parameter group: does the horizon give it a gradient?"""
     return {name: True for name in ('embed', 'lm_head') + self.stacks}
 
+  def head_logits(self, params, hidden):
+    """float32 logits [batch, len, vocab] of final hidden states."""
+    return self.head.apply({'params': params['lm_head']}, hidden)
+
   def logits(self, params, batch, horizon: Horizon | None = None):
     hidden, _ = self.hidden_states(params, batch, horizon)
-    return self.head.apply({'params': params['lm_head']}, hidden)
+    return self.head_logits(params, hidden)
+
+  def loss_sums(self, params, batch, horizon: Horizon | None = None, loss_chunk_len: int = 0):
+    """Summed loss/accuracy counts (`loss.loss_and_metrics`) of a packed batch. With
+    `loss_chunk_len`, logits are computed that many positions at a time (same values, a chunk's
+    logits live instead of the whole batch's: `loss.chunked_token_stats`)."""
+    hidden, _ = self.hidden_states(params, batch, horizon)
+    labels = batch['labels']
+    logits_fn = functools.partial(self.head_logits, params)
+    if 0 < loss_chunk_len < labels.shape[1]:
+      stats = loss.chunked_token_stats(logits_fn, hidden, labels, loss_chunk_len)
+    else:
+      stats = loss.token_stats(logits_fn(hidden), labels)
+    return loss.sums_from_token_stats(*stats, labels, batch['segment_ids'])
 
   def _inputs(self, params, batch):
     cfg = self.cfg

@@ -1,18 +1,26 @@
 """The one experiment schema; `experiments/*.py` start from `base_config()` and override."""
+import dataclasses
+
 import ml_collections
+from ml_collections import config_dict
 
 from hrmtext.data.config import data_config
+from hrmtext.model.config import ModelConfig
+
+
+def model_schema() -> ml_collections.ConfigDict:
+  """`config.model`: every ModelConfig field, unset (None) unless an experiment or a flag sets
+  it, so the `size` preset (B/L/XL/XXL), then ModelConfig's own defaults, fill the rest.
+
+  `vocab_size` unset takes the tokenizer's size from the data, padded to `vocab_multiple`.
+  """
+  fields = {f.name: config_dict.placeholder(f.type) for f in dataclasses.fields(ModelConfig)}
+  return ml_collections.ConfigDict(dict(size='', vocab_multiple=256, **fields))
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # Model: ModelConfig fields, plus `size` (B/L/XL/XXL presets) and `vocab_multiple`.
-  # vocab_size 0 takes the tokenizer's size from the data, padded to vocab_multiple.
-  c.model = ml_collections.ConfigDict(dict(
-      architecture='hrm', size='', vocab_size=0, vocab_multiple=256, hidden_size=128,
-      num_heads=2, head_dim=64, intermediate_size=0, layers_per_stack=2, H_cycles=2, L_cycles=3,
-      L_bp_cycles=(), z_L_init='truncated_normal', dtype='float32',
-      remat_policy='nothing_saveable', attention='xla', unroll_loops=False))
+  c.model = model_schema()
   c.data = data_config()
   c.train = ml_collections.ConfigDict(dict(
       steps=0,  # 0: epochs * tokens per epoch / global batch
@@ -22,6 +30,9 @@ def base_config() -> ml_collections.ConfigDict:
       lr=2.2e-4, warmup_steps=2000, lr_min_ratio=1.0,
       b1=0.9, b2=0.95, weight_decay=0.1, ema_decay=0.9999,
       bp_min=2, bp_max=5, bp_warmup_ratio=0.2,
+      # Cross-entropy over this many positions at a time (0: whole rows; -1: 512 where a row's
+      # float32 logits take >= 128 MiB). Same values; saves the memory of the full logits.
+      loss_chunk_len=-1,
       seed=0,
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))

@@ -21,8 +21,8 @@ from hrmtext.model.flops import peak_flops, train_flops_per_token
 from hrmtext.parallel import distributed, sharding
 from hrmtext.parallel.mesh import make_mesh
 from hrmtext.train import checkpoint, optimizer, schedules
-from hrmtext.train.step import (TrainState, init_state, make_eval_step, make_train_step,
-                                state_shardings)
+from hrmtext.train.step import (TrainState, init_state, loss_chunk_len, make_eval_step,
+                                make_train_step, state_shardings)
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
@@ -64,7 +64,8 @@ class Trainer:
     self.mngr = checkpoint.manager(workdir, max_to_keep=config.checkpoint.keep,
                                    async_save=config.checkpoint.async_save)
     self._steps = {}  # bp_steps -> compiled train step
-    self._eval_step = jax.jit(make_eval_step(self.model),
+    self.loss_chunk_len = loss_chunk_len(tc.loss_chunk_len, self.model_cfg.vocab_size, seq_len)
+    self._eval_step = jax.jit(make_eval_step(self.model, self.loss_chunk_len),
                               in_shardings=(self.state_shardings.params, self.row_sharding))
     self._eval_batches = None
     self._generation = None  # (Engine, Tokenizer, tasks) for eval.generate_per_task
@@ -116,7 +117,8 @@ class Trainer:
   def _train_step(self, bp: int):
     if bp not in self._steps:
       horizon = credit_horizon(self.model_cfg, bp)
-      fn = make_train_step(self.model, self.tx, horizon, self.config.train.ema_decay)
+      fn = make_train_step(self.model, self.tx, horizon, self.config.train.ema_decay,
+                           self.loss_chunk_len)
       self._steps[bp] = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
                                 out_shardings=(self.state_shardings, None), donate_argnums=0)
     return self._steps[bp]

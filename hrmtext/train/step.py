@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hrmtext.model import Horizon, LanguageModel, loss_and_metrics, summarize, zero_sums
+from hrmtext.model import Horizon, LanguageModel, summarize, zero_sums
 from hrmtext.parallel import sharding
 from hrmtext.train import optimizer
 
@@ -39,13 +39,21 @@ def grad_mask(model: LanguageModel, horizon: Horizon, params) -> dict:
   return {name: jax.tree.map(lambda _, h=has[name]: h, sub) for name, sub in params.items()}
 
 
-def make_train_step(model: LanguageModel, tx, horizon: Horizon, ema_decay: float):
+def loss_chunk_len(setting: int, vocab_size: int, seq_len: int) -> int:
+  """`train.loss_chunk_len` resolved: -1 (auto) chunks the cross-entropy by 512 positions where
+  one row's float32 logits take 128 MiB or more (a vocab of 8192 or more at 4096 tokens)."""
+  if setting >= 0:
+    return setting
+  return 512 if vocab_size * seq_len * 4 >= 2**27 and seq_len > 512 else 0
+
+
+def make_train_step(model: LanguageModel, tx, horizon: Horizon, ema_decay: float,
+                    loss_chunk_len: int = 0):
   """(state, batch) -> (state, metrics); batch leaves are [micro_batches, rows, len]."""
 
   def micro_step(params, carry, micro_batch):
     def loss_fn(p):
-      logits = model.logits(p, micro_batch, horizon)
-      sums = loss_and_metrics(logits, micro_batch['labels'], micro_batch['segment_ids'])
+      sums = model.loss_sums(p, micro_batch, horizon, loss_chunk_len)
       return sums['loss_sum'], sums
 
     grads, sums = jax.grad(loss_fn, has_aux=True)(params)
@@ -66,14 +74,13 @@ def make_train_step(model: LanguageModel, tx, horizon: Horizon, ema_decay: float
   return train_step
 
 
-def make_eval_step(model: LanguageModel):
+def make_eval_step(model: LanguageModel, loss_chunk_len: int = 0):
   """(params, batch [rows, len]) -> summed loss/accuracy counts (teacher forcing).
 
   Teacher-forced exact accuracy equals greedy exact match: every response token is the
   argmax given the correct prefix iff greedy decoding reproduces the response.
   """
   def eval_step(params, batch):
-    logits = model.logits(params, batch)
-    return loss_and_metrics(logits, batch['labels'], batch['segment_ids'])
+    return model.loss_sums(params, batch, loss_chunk_len=loss_chunk_len)
 
   return eval_step
