@@ -1,4 +1,6 @@
-"""AdamATan2 + EMA against a plain NumPy reference; lr and bp_steps schedules."""
+"""AdamATan2 + EMA against an fp32 PyTorch oracle of the reference formula; lr and bp_steps
+schedules. `torch_oracle` is reused by other tests (a tiny training run's first steps)."""
+import functools
 import math
 
 import jax
@@ -12,41 +14,54 @@ from hrmtext.train import optimizer, schedules
 B1, B2, WD, PEAK_LR, WARMUP, DECAY = 0.9, 0.95, 0.1, 0.05, 4, 0.8
 
 
-def numpy_lr(step):
-  t = step + 1  # reference convention: the step counter is incremented before the lr
-  return PEAK_LR * min(1.0, t / WARMUP)
+def reference_lr(step):
+  """The reference's lr for the update at 0-based `step` (it counts updates from 1)."""
+  return PEAK_LR * min(1.0, (step + 1) / WARMUP)
 
 
-def numpy_reference(params, grads_per_step, masks_per_step):
-  """Reference semantics, leaf by leaf: a skipped leaf keeps params, moments, count and EMA."""
-  params = {k: v.astype(np.float64) for k, v in params.items()}
-  ema = dict(params)
-  mu = {k: np.zeros_like(v) for k, v in params.items()}
-  nu = {k: np.zeros_like(v) for k, v in params.items()}
-  count = dict.fromkeys(params, 0)
+def torch_oracle(torch, params, grads_per_step, masks_per_step, lr_of_step=reference_lr,
+                 b1=B1, b2=B2, wd=WD, ema_decay=DECAY, count=None, mu=None, nu=None, ema=None):
+  """The reference AdamATan2 + EMA in fp32 PyTorch, written from its formula, leaf by leaf:
+
+    p <- p * (1 - lr * wd);  p <- p - (lr / bc1) * atan2(m, sqrt(v) / sqrt(bc2))
+
+  with bc1 = 1 - b1^t, bc2 = 1 - b2^t from the leaf's own count t. A leaf without a gradient
+  that step (mask False) is skipped: no decay, no moment, count or EMA update.
+  Returns (params, ema, count, mu, nu) as NumPy arrays / ints.
+  """
+  tensor = lambda x: torch.tensor(np.asarray(x), dtype=torch.float32)
+  p = {k: tensor(v) for k, v in params.items()}
+  ema = {k: tensor(v) for k, v in (ema or params).items()}
+  mu = {k: tensor(v) for k, v in mu.items()} if mu else {k: torch.zeros_like(v) for k, v in p.items()}
+  nu = {k: tensor(v) for k, v in nu.items()} if nu else {k: torch.zeros_like(v) for k, v in p.items()}
+  count = {k: torch.tensor(float(c)) for k, c in (count or dict.fromkeys(p, 0)).items()}
   for step, (grads, mask) in enumerate(zip(grads_per_step, masks_per_step)):
-    lr = numpy_lr(step)
-    for k in params:
+    lr = torch.tensor(lr_of_step(step), dtype=torch.float32)
+    for k in p:
       if not mask[k]:
         continue
-      g = grads[k].astype(np.float64)
+      g = tensor(grads[k])
+      p[k].mul_(1 - lr * wd)
+      mu[k].lerp_(g, 1 - b1)
+      nu[k].mul_(b2).addcmul_(g, g, value=1 - b2)
       count[k] += 1
-      mu[k] = B1 * mu[k] + (1 - B1) * g
-      nu[k] = B2 * nu[k] + (1 - B2) * g * g
-      m_hat, v_hat = mu[k] / (1 - B1**count[k]), nu[k] / (1 - B2**count[k])
-      params[k] = params[k] * (1 - lr * WD) - lr * np.arctan2(m_hat, np.sqrt(v_hat))
-      ema[k] = DECAY * ema[k] + (1 - DECAY) * params[k]
-  return params, ema, count, mu, nu
+      bc1, bc2 = 1 - b1**count[k], 1 - b2**count[k]
+      p[k].add_(-(lr / bc1) * torch.atan2(mu[k], nu[k].sqrt() / bc2.sqrt()))
+      ema[k].lerp_(p[k], 1 - ema_decay)
+  numpy = lambda d: {k: v.numpy() for k, v in d.items()}
+  return numpy(p), numpy(ema), {k: int(c) for k, c in count.items()}, numpy(mu), numpy(nu)
 
 
-def test_adam_atan2_and_ema_match_numpy_with_per_leaf_skipping():
+def test_adam_atan2_and_ema_match_a_torch_oracle_with_per_leaf_skipping():
+  torch = pytest.importorskip('torch', reason='the oracle is written in PyTorch (not installed)')
   rng = np.random.default_rng(0)
   shapes = {'embed': (5, 3), 'w': (3, 4), 'b': (4,)}
   init = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
   steps = 10
-  # Grads are nonzero even where masked: the optimizer must ignore them there.
-  grads_per_step = [{k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
-                    for _ in range(steps)]
+  # Consistent-sign gradients in 'w' (where the bias-correction placement matters most), noisy
+  # elsewhere. Grads are nonzero even where masked: the optimizer must ignore them there.
+  grads_per_step = [{k: (rng.normal(size=s) + (3.0 if k == 'w' else 0.0)).astype(np.float32)
+                     for k, s in shapes.items()} for _ in range(steps)]
   masks_per_step = [{'embed': step % 3 == 1, 'w': True, 'b': step != 4} for step in range(steps)]
 
   tx = optimizer.adam_atan2(
@@ -61,25 +76,37 @@ def test_adam_atan2_and_ema_match_numpy_with_per_leaf_skipping():
       params = optax.apply_updates(params, updates)
       return params, opt_state, optimizer.ema_update(ema, params, DECAY, mask)
 
-    before = opt_state
+    before, before_params = opt_state, params
     params, opt_state, ema = train_step(params, opt_state, ema, grads)
     for k, keep in mask.items():
-      if not keep:  # skipped leaves keep their state bit for bit
+      if not keep:  # skipped leaves keep their params and state bit for bit
+        np.testing.assert_array_equal(params[k], before_params[k])
         assert int(opt_state.count[k]) == int(before.count[k])
         np.testing.assert_array_equal(opt_state.mu[k], before.mu[k])
         np.testing.assert_array_equal(opt_state.nu[k], before.nu[k])
 
-  ref_params, ref_ema, ref_count, ref_mu, ref_nu = numpy_reference(
-      init, grads_per_step, masks_per_step)
+  ref_params, ref_ema, ref_count, ref_mu, ref_nu = torch_oracle(
+      torch, init, grads_per_step, masks_per_step)
   assert int(opt_state.step) == steps
   assert {k: int(c) for k, c in opt_state.count.items()} == ref_count
   assert ref_count['embed'] < ref_count['b'] < ref_count['w']  # the per-leaf counts differ
   for k in shapes:
-    np.testing.assert_allclose(params[k], ref_params[k], rtol=2e-5, atol=2e-6)
-    np.testing.assert_allclose(ema[k], ref_ema[k], rtol=2e-5, atol=2e-6)
-    np.testing.assert_allclose(opt_state.mu[k], ref_mu[k], rtol=2e-5, atol=2e-6)
-    np.testing.assert_allclose(opt_state.nu[k], ref_nu[k], rtol=2e-5, atol=2e-6)
+    for ours, ref in ((params, ref_params), (ema, ref_ema), (opt_state.mu, ref_mu),
+                      (opt_state.nu, ref_nu)):
+      np.testing.assert_allclose(ours[k], ref[k], rtol=1e-6, atol=1e-7, err_msg=k)
     assert params[k].dtype == ema[k].dtype == opt_state.mu[k].dtype == jnp.float32
+
+
+def test_first_update_moves_a_consistent_gradient_by_the_reference_step():
+  """bc1 scales the step outside the atan2: the first update is lr/(1-b1)*atan2(1-b1, 1)
+  ~ 0.997 lr, not atan2(1, 1) = 0.785 lr (bias correction inside the atan2)."""
+  lr = 0.01
+  params = {'w': jnp.zeros(3)}
+  tx = optimizer.adam_atan2(lr, B1, B2)
+  updates, _ = tx.update({'w': jnp.full(3, 0.5)}, tx.init(params), params)
+  expected = -lr / (1 - B1) * math.atan2(1 - B1, 1)
+  np.testing.assert_allclose(updates['w'], expected, rtol=1e-6)
+  assert expected == pytest.approx(-0.9967 * lr, rel=1e-4)
 
 
 def test_prefix_mask_and_chain_forward_the_mask():
@@ -123,3 +150,77 @@ def test_bp_steps():
   assert all(a <= b for a, b in zip(values, values[1:]))
   assert schedules.bp_steps(0, total, bp_warmup_ratio=0.0) == 5
   assert schedules.bp_steps(3, 0) == 5
+
+
+def test_a_tiny_training_run_follows_the_oracle_for_its_first_3_steps(tmp_path):
+  """The training loop's first 3 updates (the embedding skipped at bp_steps 2, trained at 3;
+  z_L_init never) change params, EMA and moments as the oracle says, on the gradients of the
+  same batches."""
+  torch = pytest.importorskip('torch', reason='the oracle is written in PyTorch (not installed)')
+  from hrmtext.data import pipeline
+  from hrmtext.model import build_model, credit_horizon, loss_and_metrics
+  from hrmtext.train import checkpoint
+  from hrmtext.train.loop import Trainer
+  from hrmtext.train.step import grad_mask, init_state
+  from tests.test_sft import restore_all, tiny_config
+  from tests.test_train import make_fixture_data
+
+  make_fixture_data(tmp_path / 'data')
+  lr, warmup, total, ratio = 1e-2, 2, 3, 0.5
+  c = tiny_config(tmp_path / 'data', steps=total, lr=lr, warmup_steps=warmup, lr_min_ratio=ratio,
+                  ema_decay=0.7, bp_min=2, bp_max=3, bp_warmup_ratio=1 / 3)
+  run = tmp_path / 'run'
+  Trainer(c, str(run)).run()
+
+  def lr_of_step(step):  # the reference's update_lr at its 1-based step
+    t = step + 1
+    if t < warmup:
+      return lr * t / warmup
+    progress = (t - warmup) / (total - warmup)
+    return lr * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+  cfg, _, _ = checkpoint.load_weights(str(run), use_ema=False, step=1)
+  model = build_model(cfg)
+  params = jax.jit(lambda key: init_state(model, optax.identity(), key).params)(
+      jax.random.key(c.train.seed))  # the run's initial params
+  paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+  names = [jax.tree_util.keystr(path) for path, _ in paths]
+  flat = lambda tree: dict(zip(names, (np.asarray(x) for x in jax.tree.leaves(tree))))
+  batches = pipeline.make_train_iterator(c.data, rows_per_process=4, seq_len=c.data.seq_len,
+                                         process_index=0, process_count=1, seed=c.train.seed)
+
+  @functools.partial(jax.jit, static_argnums=2)
+  def gradients(p, batch, bp):  # as the train step: the grad of the summed loss / tokens
+    def loss_sum(p):
+      sums = loss_and_metrics(model.logits(p, batch, credit_horizon(cfg, bp)), batch['labels'],
+                              batch['segment_ids'])
+      return sums['loss_sum'], sums['tokens']
+    grads, tokens = jax.grad(loss_sum, has_aux=True)(p)
+    return jax.tree.map(lambda g: g / tokens, grads)
+
+  # Each update starts from the run's own params and EMA before it (errors do not compound) and
+  # the oracle's moments and counts, which must equal the run's after it.
+  before = dict(params=flat(params), ema=flat(params), count=None, mu=None, nu=None)
+  skipped = []
+  for step, bp in enumerate([2, 3, 3]):
+    current = jax.tree.unflatten(treedef, [jnp.asarray(v) for v in before['params'].values()])
+    grads = flat(gradients(current, {k: jnp.asarray(v) for k, v in next(batches).items()}, bp))
+    mask = flat(grad_mask(model, credit_horizon(cfg, bp), current))
+    skipped.append(sorted(k for k, keep in mask.items() if not keep))
+    oracle = dict(zip(('params', 'ema', 'count', 'mu', 'nu'), torch_oracle(
+        torch, before['params'], [grads], [mask], lambda _, s=step: lr_of_step(s), b1=c.train.b1,
+        b2=c.train.b2, wd=c.train.weight_decay, ema_decay=c.train.ema_decay,
+        count=before['count'], mu=before['mu'], nu=before['nu'], ema=before['ema'])))
+    saved = restore_all(run, step + 1)
+    opt = saved.pop('opt_state')
+    saved = dict(params=flat(saved['params']), ema=flat(saved['ema']), mu=flat(opt['mu']),
+                 nu=flat(opt['nu']), count={k: int(v) for k, v in flat(opt['count']).items()})
+    assert saved['count'] == oracle['count'], step + 1
+    for item in ('params', 'ema', 'mu', 'nu'):
+      for name, value in saved[item].items():
+        np.testing.assert_allclose(value, oracle[item][name], rtol=1e-6, atol=1e-7,
+                                   err_msg=f'step {step + 1} {item} {name}')
+    before = saved
+  assert any('embed' in k for k in skipped[0]) and not any('embed' in k for k in skipped[1])
+  assert all(any('z_L_init' in k for k in s) for s in skipped)
+  assert before['count'][[k for k in names if 'embed' in k][0]] == 2

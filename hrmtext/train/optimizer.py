@@ -37,12 +37,17 @@ def _leaf_mask(grad_mask, params):
 
 def adam_atan2(learning_rate: float | Callable, b1: float = 0.9, b2: float = 0.95,
                weight_decay: float = 0.0) -> optax.GradientTransformationExtraArgs:
-  """Adam with update atan2(m_hat, sqrt(v_hat)) (no epsilon) and decoupled weight decay.
+  """The reference AdamATan2 (no epsilon) with decoupled weight decay.
 
-  Per leaf and step: p <- p - lr * (atan2(m_hat, sqrt(v_hat)) + weight_decay * p), with the
-  bias correction of m_hat, v_hat from the leaf's own count. `learning_rate` is a float or
-  a schedule of the global step, which the state counts (every update call, whatever the
-  mask), so it equals the train step when the state is created at step 0.
+  Per leaf that has a gradient, with bias corrections bc1 = 1 - b1^t, bc2 = 1 - b2^t from the
+  leaf's own count t:
+    p <- p * (1 - lr * weight_decay)
+    p <- p - (lr / bc1) * atan2(m, sqrt(v) / sqrt(bc2))
+  The first-moment correction scales the step, outside the atan2 (the first update of a
+  consistent gradient moves lr / (1 - b1) * atan2(1 - b1, 1), about 0.997 lr). The moments are
+  updated as the reference does, m <- m + (1 - b1) (g - m) and v <- b2 v + (1 - b2) g^2.
+  `learning_rate` is a float or a schedule of the global step, which the state counts (every
+  update call, whatever the mask), so it equals the train step when the state is created at 0.
   """
   schedule = learning_rate if callable(learning_rate) else optax.constant_schedule(learning_rate)
 
@@ -55,17 +60,20 @@ def adam_atan2(learning_rate: float | Callable, b1: float = 0.9, b2: float = 0.9
   def update(grads, state, params=None, *, grad_mask=None, **unused_extra_args):
     if params is None:
       raise ValueError('adam_atan2 needs params (for weight decay)')
-    lr = schedule(state.step)
+    lr = jnp.asarray(schedule(state.step), jnp.float32)
 
     def leaf(grad, param, count, mu, nu, has_grad):
       if not has_grad:
         return jnp.zeros_like(param), count, mu, nu
       grad = grad.astype(jnp.float32)
       count = count + 1
-      mu = b1 * mu + (1 - b1) * grad
+      mu = mu + (1 - b1) * (grad - mu)
       nu = b2 * nu + (1 - b2) * grad * grad
-      direction = jnp.arctan2(mu / (1 - b1**count), jnp.sqrt(nu / (1 - b2**count)))
-      return (-lr * (direction + weight_decay * param)).astype(param.dtype), count, mu, nu
+      t = count.astype(jnp.float32)
+      bc1, bc2 = 1 - jnp.float32(b1)**t, 1 - jnp.float32(b2)**t
+      direction = jnp.arctan2(mu, jnp.sqrt(nu) / jnp.sqrt(bc2))
+      update = -(lr * weight_decay) * param - (lr / bc1) * direction
+      return update.astype(param.dtype), count, mu, nu
 
     per_leaf = jax.tree.map(leaf, grads, params, state.count, state.mu, state.nu,
                             _leaf_mask(grad_mask, params))
