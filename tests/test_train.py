@@ -278,7 +278,7 @@ def test_init_from_starts_from_the_ema_with_a_fresh_optimizer(reference_run, dat
   """lr 0 keeps the fine-tuned weights where init_from put them, so they can be compared."""
   workdir = tmp_path / 'sft'
   result = run_train(workdir, *tiny_overrides(
-      data_dir, f'--config.init_from={reference_run}', '--config.init_use_ema=True',
+      data_dir, f'--config.init_from={reference_run}', '--config.init_mode=ema',
       '--config.train.lr=0', '--config.train.steps=2', '--config.checkpoint.every_steps=1'))
   assert_ok(result)
   assert f'starting from the weights of {reference_run}' in result.stdout
@@ -293,7 +293,7 @@ def test_init_from_starts_from_the_ema_with_a_fresh_optimizer(reference_run, dat
   _, params, _ = load(workdir, use_ema=False)
   _, ref_ema, _ = load(reference_run, use_ema=True)
   _, ref_params, _ = load(reference_run, use_ema=False)
-  assert_trees_equal(params, ref_ema)  # init_use_ema: the source's EMA, not its params
+  assert_trees_equal(params, ref_ema)  # init_mode ema: the source's EMA, not its params
   with pytest.raises(AssertionError):
     assert_trees_equal(ref_params, ref_ema)
   # A fresh optimizer: its counters started at 0 (the source's are at 40, or 0 for leaves that

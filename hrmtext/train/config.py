@@ -42,7 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
   # raw held-out examples per task (the `hrmtext.evaluate` harness).
   c.eval = ml_collections.ConfigDict(dict(every_steps=1000, rows=0, generate_per_task=0))
   c.log_every_steps = 10
-  # Fine-tuning: start from another run's weights (its EMA if `init_use_ema`), fresh optimizer.
+  # Fine-tuning (SFT): start a new run from another run's latest checkpoint. init_mode
+  # 'continue' (the reference default): its params, EMA, optimizer moments and per-leaf counts,
+  # with the step counter and lr/bp_steps schedules restarting at 0 and this config's betas,
+  # weight decay and EMA decay; 'ema' / 'params': its EMA / raw weights, a fresh optimizer and EMA.
   c.init_from = ''
-  c.init_use_ema = True
+  c.init_mode = 'continue'
   return c

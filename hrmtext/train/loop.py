@@ -25,6 +25,13 @@ from hrmtext.train.step import (TrainState, init_state, loss_chunk_len, make_eva
                                 make_train_step, state_shardings)
 
 
+# How `init_from` starts a run (DESIGN §3, SFT): 'continue' (the reference default) takes the
+# source's params, EMA, optimizer moments and per-leaf counts, with the step counter and schedule
+# restarting at 0 and this run's hyper-parameters; 'ema' / 'params' take the source's EMA / raw
+# weights with a fresh optimizer and EMA.
+INIT_MODES = ('continue', 'ema', 'params')
+
+
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
   fields = config.model.to_dict()
   fields['vocab_size'] = fields['vocab_size'] or vocab_size
@@ -78,16 +85,24 @@ class Trainer:
       self._check_init_from()  # user errors surface here, before any training starts
 
   def _check_init_from(self) -> None:
-    """FileNotFoundError / ValueError unless `init_from` holds a checkpoint of this model."""
-    mngr = checkpoint.manager(self.config.init_from, create=False)
+    """FileNotFoundError / ValueError unless `init_from` holds a checkpoint of this model (and,
+    for init_mode 'continue', its optimizer state and EMA)."""
+    mode, source = self.config.init_mode, self.config.init_from
+    if mode not in INIT_MODES:
+      raise ValueError(f'init_mode {mode!r} is not one of {", ".join(INIT_MODES)}')
+    mngr = checkpoint.manager(source, create=False)
     step = mngr.latest_step()
     if step is None:
-      raise FileNotFoundError(
-          f'init_from: no checkpoint under {checkpoint.checkpoint_dir(self.config.init_from)}')
+      raise FileNotFoundError(f'init_from: no checkpoint under {checkpoint.checkpoint_dir(source)}')
     cfg = ModelConfig(**checkpoint.read_meta(mngr, step)['model'])
+    missing = {'opt_state', 'ema'} - checkpoint.saved_items(mngr, step)
     mngr.close()
     if cfg != self.model_cfg:
       raise ValueError(f'init_from model {cfg} differs from this run\'s {self.model_cfg}')
+    if mode == 'continue' and missing:
+      raise ValueError(f'init_mode continue needs the optimizer state and EMA of a training run; '
+                       f'{source} step {step} has no {" or ".join(sorted(missing))} '
+                       f'(use --config.init_mode=ema or params)')
 
   def _initial_state(self) -> tuple[TrainState, int]:
     """Resume from the workdir, else start from `init_from` weights, else from scratch."""
@@ -97,16 +112,26 @@ class Trainer:
     if step is not None:
       self._say(f'resuming from {self.mngr.directory} step {step}')
       items = checkpoint.restore(self.mngr, step, params=abstract.params, ema=abstract.ema,
-                                 opt_state=abstract.opt_state,
-                                 data=pipeline.iterator_restore_args(self.data))
+                                 opt_state=abstract.opt_state)
       return TrainState(jnp.asarray(step, jnp.int32), items['params'], items['ema'],
                         items['opt_state']), step
     state = jax.jit(self._init_fn, out_shardings=self.state_shardings)()
-    if self.config.init_from:
-      _, params, _ = checkpoint.load_weights(self.config.init_from,  # checked in __init__
-                                             use_ema=self.config.init_use_ema,
+    source, mode = self.config.init_from, self.config.init_mode  # checked in __init__
+    if source and mode == 'continue':
+      mngr = checkpoint.manager(source, create=False)
+      source_step = mngr.latest_step()
+      items = checkpoint.restore(mngr, source_step, params=abstract.params, ema=abstract.ema,
+                                 opt_state=abstract.opt_state)
+      mngr.close()
+      self._say(f'continuing from {source} step {source_step}: its params, EMA, optimizer '
+                f'moments and counts; step and schedule restart at 0')
+      opt_state = items['opt_state']._replace(step=state.opt_state.step)  # the schedule's clock
+      state = state.replace(params=items['params'], ema=items['ema'], opt_state=opt_state)
+    elif source:
+      _, params, _ = checkpoint.load_weights(source, use_ema=mode == 'ema',
                                              shardings=self.state_shardings.params)
-      self._say(f'starting from the weights of {self.config.init_from}')
+      which = 'its EMA' if mode == 'ema' else 'its params'
+      self._say(f'starting from the weights of {source} ({which}), fresh optimizer')
       # The EMA must not share the params' buffers: the train step donates both.
       state = state.replace(params=params, ema=optimizer.ema_init(params))
     return state, 0

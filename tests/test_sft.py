@@ -1,0 +1,195 @@
+"""Fine-tuning from a tiny pretrain run (in process): init_mode continue restores the source's
+params, EMA, moments and per-leaf counts bit for bit and then applies the new run's schedule and
+hyper-parameters; init_mode ema starts from the EMA weights with a fresh optimizer; the SFT run
+resumes exactly; the experiments/sft.py configs carry the reference recipe.
+
+Helper for other test files: tiny_config(data_dir, **train) -> an in-process tiny config.
+"""
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tests.test_configs import load_config
+from tests.test_train import make_fixture_data
+
+SEQ_LEN, ROWS = 64, 4
+PRETRAIN_STEPS = 4
+
+
+def tiny_config(data_dir, **train):
+  """A ~0.1M-parameter HRM (2 H x 2 L cycles) on the fixture data; `train` overrides c.train."""
+  from hrmtext.train.config import base_config
+  c = base_config()
+  c.model.update(hidden_size=32, num_heads=2, head_dim=16, layers_per_stack=1, H_cycles=2,
+                 L_cycles=2, vocab_multiple=64)
+  c.data.update(dir=str(data_dir), seq_len=SEQ_LEN)
+  c.train.update(global_batch_tokens=ROWS * SEQ_LEN, **train)
+  c.checkpoint.update(every_steps=1, keep=None, async_save=False)
+  c.log_every_steps = 1
+  return c
+
+
+def restore_all(workdir, step=None) -> dict:
+  """params, ema and opt_state of a checkpoint, as saved (NumPy)."""
+  from hrmtext.train import checkpoint
+  mngr = checkpoint.manager(str(workdir), create=False)
+  step = mngr.latest_step() if step is None else step
+  items = mngr.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(), ema=ocp.args.StandardRestore(),
+      opt_state=ocp.args.StandardRestore()))
+  mngr.close()
+  return jax.tree.map(np.asarray, {k: items[k] for k in ('params', 'ema', 'opt_state')})
+
+
+def assert_trees_equal(a, b):
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def as_saved(state) -> dict:
+  """A TrainState as restore_all gives a checkpoint (opt_state as a dict)."""
+  opt = state.opt_state
+  return jax.tree.map(np.asarray, dict(params=state.params, ema=state.ema, opt_state=dict(
+      step=opt.step, count=opt.count, mu=opt.mu, nu=opt.nu)))
+
+
+@pytest.fixture(scope='module')
+def pretrain(tmp_path_factory):
+  """(data dir, workdir) of PRETRAIN_STEPS steps whose credit horizon grows from 2 to 3, so the
+  embedding (skipped at bp_steps 2) has a smaller update count than the other leaves."""
+  from hrmtext.train.loop import Trainer
+  root = tmp_path_factory.mktemp('sft')
+  make_fixture_data(root / 'data')
+  c = tiny_config(root / 'data', steps=PRETRAIN_STEPS, lr=1e-2, warmup_steps=2, ema_decay=0.5,
+                  bp_min=2, bp_max=3, bp_warmup_ratio=0.5)
+  c.checkpoint.every_steps = PRETRAIN_STEPS
+  Trainer(c, str(root / 'pretrain')).run()
+  return root / 'data', root / 'pretrain'
+
+
+# The fine-tuning run's hyper-parameters, all different from the pretrain run's.
+SFT = dict(steps=3, lr=1e-3, warmup_steps=0, lr_min_ratio=0.1, b1=0.8, b2=0.9, weight_decay=0.2,
+           ema_decay=0.7, bp_min=3, bp_max=3, bp_warmup_ratio=0.0)
+
+
+def sft_config(data_dir, source, mode):
+  c = tiny_config(data_dir, **SFT)
+  c.init_from, c.init_mode = str(source), mode
+  return c
+
+
+@pytest.mark.slow  # ~30 s of CPU: three compiled runs (pretrain, SFT, its resume)
+def test_continue_restores_the_source_state_and_applies_the_new_hyper_parameters(pretrain,
+                                                                                   tmp_path):
+  from hrmtext.train.loop import Trainer
+  data_dir, source = pretrain
+  c = sft_config(data_dir, source, 'continue')
+  trainer = Trainer(c, str(tmp_path / 'sft'))
+  state, start = trainer._initial_state()
+  saved = restore_all(source)
+  assert start == 0 and int(state.step) == 0 and int(saved['opt_state']['step']) == PRETRAIN_STEPS
+  # Bit for bit: params, EMA, moments and per-leaf counts; only the schedule's clock restarts.
+  initial = as_saved(state)
+  assert int(initial['opt_state']['step']) == 0
+  initial['opt_state']['step'] = saved['opt_state']['step']
+  assert_trees_equal(initial, saved)
+  counts = sorted({int(c) for c in jax.tree.leaves(saved['opt_state']['count'])})
+  assert counts == [0, PRETRAIN_STEPS - 2, PRETRAIN_STEPS]  # z_L_init, embedding, the rest
+  del trainer
+
+  Trainer(c, str(tmp_path / 'sft')).run()
+  after = restore_all(tmp_path / 'sft', step=1)
+  opt0, opt1 = saved['opt_state'], after['opt_state']
+  assert int(opt1['step']) == 1
+  # Every leaf that trains took one more update on top of the source's count.
+  assert_trees_equal(opt1['count'], jax.tree.map(lambda n: n + (n > 0), opt0['count']))
+
+  def check(b1, b2, wd, ema_decay, lr):
+    """The first SFT update as the reference formula gives it from the source's state."""
+    for path, p1 in jax.tree_util.tree_flatten_with_path(after['params'])[0]:
+      p0, e0, e1 = _at(saved['params'], path), _at(saved['ema'], path), _at(after['ema'], path)
+      mu0, nu0, mu1, nu1 = (_at(t, path) for t in (opt0['mu'], opt0['nu'], opt1['mu'], opt1['nu']))
+      t = int(_at(opt1['count'], path))
+      if t == 0:  # never trained (z_L_init): untouched
+        np.testing.assert_array_equal(p1, p0)
+        continue
+      grad = (mu1 - b1 * mu0) / (1 - b1)  # the gradient the moments took in
+      np.testing.assert_allclose(nu1, b2 * nu0 + (1 - b2) * grad**2, rtol=1e-3, atol=1e-9)
+      step = lr / (1 - b1**t) * np.arctan2(mu1, np.sqrt(nu1) / np.sqrt(1 - b2**t))
+      np.testing.assert_allclose(p1, p0 * (1 - lr * wd) - step, rtol=1e-6, atol=1e-7)
+      np.testing.assert_allclose(e1, e0 + (1 - ema_decay) * (p1 - e0), rtol=1e-6, atol=1e-7)
+
+  from hrmtext.train import schedules
+  sft_lr = float(schedules.warmup_cosine(SFT['lr'], 0, SFT['steps'], SFT['lr_min_ratio'])(0))
+  check(SFT['b1'], SFT['b2'], SFT['weight_decay'], SFT['ema_decay'], sft_lr)
+  with pytest.raises(AssertionError):  # the pretrain run's betas do not explain the update
+    check(0.9, 0.95, SFT['weight_decay'], SFT['ema_decay'], sft_lr)
+
+  # Resume of the SFT run itself is exact: drop its last checkpoint and train again.
+  resumed = tmp_path / 'resumed'
+  shutil.copytree(tmp_path / 'sft', resumed)
+  shutil.rmtree(resumed / 'checkpoints' / str(SFT['steps']))
+  Trainer(c, str(resumed)).run()
+  assert_trees_equal(restore_all(resumed), restore_all(tmp_path / 'sft'))
+
+
+def _at(tree, path):
+  for key in path:
+    tree = tree[key.key]
+  return np.asarray(tree)
+
+
+def test_ema_mode_starts_from_the_ema_weights_with_a_fresh_optimizer(pretrain, tmp_path):
+  from hrmtext.train.loop import Trainer
+  data_dir, source = pretrain
+  state, start = Trainer(sft_config(data_dir, source, 'ema'), str(tmp_path / 'sft'))._initial_state()
+  saved, initial = restore_all(source), as_saved(state)
+  assert start == 0
+  assert_trees_equal(initial['params'], saved['ema'])
+  assert_trees_equal(initial['ema'], saved['ema'])
+  assert all(int(n) == 0 for n in jax.tree.leaves(initial['opt_state']['count']))
+  assert all(not x.any() for x in jax.tree.leaves((initial['opt_state']['mu'],
+                                                   initial['opt_state']['nu'])))
+
+
+def test_init_mode_errors(pretrain, tmp_path):
+  from hrmtext.train.loop import Trainer
+  data_dir, source = pretrain
+  with pytest.raises(ValueError, match='init_mode .resume. is not one of continue, ema, params'):
+    Trainer(sft_config(data_dir, source, 'resume'), str(tmp_path / 'a'))
+  weights_only = tmp_path / 'weights_only'  # as `convert` imports a HF checkpoint
+  from hrmtext.train import checkpoint
+  cfg, params, meta = checkpoint.load_weights(str(source))
+  mngr = checkpoint.manager(str(weights_only), async_save=False)
+  checkpoint.save(mngr, 0, meta={'model': cfg.to_dict()}, params=params)
+  mngr.close()
+  with pytest.raises(ValueError, match='init_mode continue needs .* no ema or opt_state'):
+    Trainer(sft_config(data_dir, weights_only, 'continue'), str(tmp_path / 'b'))
+
+
+@pytest.mark.parametrize('size', ['B', 'L', 'XL', 'XXL'])
+def test_sized_sft_configs_carry_the_reference_recipe(size):
+  c = load_config(f'experiments/sft.py:{size}')
+  pretrain = load_config(f'experiments/hrm.py:{size}')
+  assert c.model.to_dict() == pretrain.model.to_dict() and c.data.seq_len == pretrain.data.seq_len
+  t = c.train
+  assert (t.lr, t.warmup_steps, t.lr_min_ratio, t.global_batch_tokens, t.epochs, t.steps) == (
+      3e-5, 0, 0.1, 32_768, 5, 0)
+  assert (t.weight_decay, t.b1, t.b2, t.ema_decay, t.bp_max, t.bp_warmup_ratio) == (
+      0.1, 0.9, 0.95, 0.999, 5, 0.0)
+  assert c.init_mode == 'continue' and c.init_from == f'runs/{size.lower()}'
+  from hrmtext.train import schedules
+  assert schedules.bp_steps(0, 1000, t.bp_min, t.bp_max, t.bp_warmup_ratio) == 5
+
+
+def test_tiny_sft_config_continues_the_tiny_run():
+  c = load_config('experiments/sft.py', '--config.init_mode=ema')
+  tiny = load_config('experiments/tiny_cpu.py')
+  assert c.model.to_dict() == tiny.model.to_dict() and c.init_from == 'runs/tiny'
+  assert c.init_mode == 'ema' and load_config('experiments/sft.py').init_mode == 'continue'
