@@ -21,20 +21,21 @@ import multiprocessing
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 import numpy as np
-from ml_collections import config_flags
 from tqdm import tqdm
 
-from hrmtext.cli import quiet_logs
+from hrmtext import cli
+from hrmtext.cli import UserError
 from hrmtext.data import layout, mixture, packing
-from hrmtext.data.sources import BadRowError, read_rows, source_name, write_jsonl
+from hrmtext.data.sources import read_rows, source_name, write_jsonl
 from hrmtext.data.tokenizer import Tokenizer, train_tokenizer
+from hrmtext.files import atomic_open
 
 _DATA_CONFIG = os.path.join(os.path.dirname(__file__), 'data', 'config.py')
 _CHUNK_ROWS = 1024
 
-config_flags.DEFINE_config_file(
+cli.define_config_file(
     'config', _DATA_CONFIG,
     'Data config file (hrmtext/data/config.py) or an experiment config whose '
     '`data` field is used. Override fields with e.g. --config.seq_len=512.')
@@ -70,13 +71,12 @@ def _check_settings(out, cfg):
   if os.path.exists(path):
     with open(path) as f:
       if json.load(f) != settings:
-        raise ValueError(
+        raise UserError(
             f'{out} was prepared with other settings ({path}); use a new --output or delete it')
   else:
     os.makedirs(out, exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
+    with atomic_open(path) as f:
       json.dump(settings, f, indent=2)
-    os.replace(path + '.tmp', path)
 
 
 def _copy_heldout_inputs(raw_heldout):
@@ -154,7 +154,7 @@ def _named(paths):
     if not os.path.exists(path):
       raise FileNotFoundError(f'{path}: no such file')
     if name in files:
-      raise ValueError(f'two input files named {name!r}: {files[name]} and {path}')
+      raise UserError(f'two input files named {name!r}: {files[name]} and {path}')
     files[name] = path
   return files
 
@@ -180,7 +180,7 @@ def prepare(out, cfg):
     train_files = {**_jsonl_files(os.path.join(out, 'raw', 'train')), **train_files}
   _copy_heldout_inputs(raw_heldout)
   if not (train_files or FLAGS.tokenized):
-    raise ValueError('no training data: give --inputs or --tokenized, or use the built-in corpus')
+    raise UserError('no training data: give --inputs or --tokenized, or use the built-in corpus')
 
   tokenizer = _get_tokenizer(out, cfg, train_files)
   tokenized_train = os.path.join(out, 'tokenized', 'train')
@@ -217,20 +217,13 @@ def summary(sampled, seq_len, window_rows):
         f'{seq_len}, packing efficiency {packing.packing_efficiency(plan, lengths, seq_len):.4f}')
 
 
-def main(argv):
-  quiet_logs()
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+def main(_):
   cfg = _data_config()
   out = FLAGS.output or cfg.dir
-  try:
-    sampled = prepare(out, cfg)
-    summary(sampled, cfg.seq_len, cfg.pack_window_rows)
-  except (BadRowError, ValueError, OSError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  sampled = prepare(out, cfg)
+  summary(sampled, cfg.seq_len, cfg.pack_window_rows)
   print(f'prepared {out}; train with data.dir={out}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -7,6 +7,8 @@ import sys
 import threading
 import time
 
+from hrmtext.cli import UserError
+
 STOP_GRACE_S = 10  # after SIGTERM, how long a stopped process gets before SIGKILL
 
 
@@ -27,7 +29,7 @@ def parse_env_flags(assignments) -> dict:
   for assignment in assignments or ():
     key, sep, value = assignment.partition('=')
     if not sep or not key:
-      raise ValueError(f'--env expects KEY=VALUE, got {assignment!r}')
+      raise UserError(f'--env expects KEY=VALUE, got {assignment!r}')
     env[key] = value
   return env
 

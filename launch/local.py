@@ -12,6 +12,7 @@ import socket
 
 from absl import app, flags
 
+from hrmtext import cli
 from launch import common
 
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 2, 'JAX processes to start.')
@@ -42,4 +43,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, extra_args=True)

@@ -15,6 +15,7 @@ import sys
 
 from absl import app, flags
 
+from hrmtext import cli
 from launch import common
 
 _NODES = flags.DEFINE_integer('nodes', 1, 'Nodes to allocate.')
@@ -99,9 +100,9 @@ def main(argv):
   try:
     result = subprocess.run(['sbatch'], input=script, text=True)
   except FileNotFoundError:
-    sys.exit('launch.slurm: sbatch not found; run on a SLURM login node (or use --dry_run)')
+    cli.fail('sbatch not found; run on a SLURM login node (or use --dry_run)')
   sys.exit(result.returncode)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, extra_args=True)

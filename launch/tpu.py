@@ -20,6 +20,7 @@ import sys
 
 from absl import app, flags
 
+from hrmtext import cli
 from launch import common
 
 _MODE = flags.DEFINE_enum('mode', 'vm', ['vm', 'gke'], 'TPU VM over gcloud ssh, or a GKE JobSet.')
@@ -103,7 +104,7 @@ def run_vm(command, extra_env: dict):
     found = subprocess.run(worker0_ip_command(), capture_output=True, text=True)
     coordinator_ip = found.stdout.strip()
     if found.returncode or not coordinator_ip:
-      sys.exit(f"launch.tpu: could not get worker 0's IP: {found.stderr.strip()}")
+      cli.fail(f"could not get worker 0's IP: {' '.join(found.stderr.split())}")
   jobs = vm_jobs(command, coordinator_ip, extra_env)
   if _DRY_RUN.value:
     for label, argv, _ in jobs:
@@ -139,8 +140,8 @@ def main(argv):
   try:
     (run_vm if _MODE.value == 'vm' else run_gke)(command, extra_env)
   except FileNotFoundError as e:
-    sys.exit(f'launch.tpu: {e.filename} not found (install it, or use --dry_run)')
+    cli.fail(f'{e.filename} not found (install it, or use --dry_run)')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, extra_args=True)

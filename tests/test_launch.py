@@ -176,6 +176,9 @@ def test_tpu_gke_dry_run_manifest():
 def test_launchers_explain_themselves_and_reject_bad_input(name):
   help_text = launcher(name, '--help').stdout  # absl exits 1 after --help
   assert f'python -m launch.{name}' in help_text and 'dry_run' in help_text
-  result = launcher(name, '--dry_run')  # no command
-  assert result.returncode != 0 and 'no command given' in result.stderr
-  assert 'Traceback' not in result.stderr
+  for args, fragment in ((['--dry_run'], 'no command given'),  # no command
+                         (['--bogus', '--', 'true'], "Unknown command line flag 'bogus'")):
+    result = launcher(name, *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]]
+    assert result.stderr.startswith('error: ') and fragment in result.stderr, result.stderr

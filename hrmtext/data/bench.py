@@ -7,13 +7,12 @@ Reads the sampled set of a prepared root (or a reference sampled set), builds ba
 slots, and real tokens only) plus the packing efficiency of every epoch's plan.
 """
 
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from tqdm import tqdm
 
-from hrmtext.cli import quiet_logs
+from hrmtext import cli
 from hrmtext.data import packing, pipeline
 from hrmtext.data.config import data_config
 
@@ -25,17 +24,13 @@ flags.DEFINE_integer('worker_count', 0, 'Grain prefetch processes.')
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  quiet_logs()
-  del argv
+def main(_):
+  if min(FLAGS.rows, FLAGS.batches, FLAGS.seq_len) < 1 or FLAGS.worker_count < 0:
+    raise cli.UserError('--rows, --batches and --seq_len must be >= 1, --worker_count >= 0')
   cfg = data_config()
   cfg.dir, cfg.worker_count = FLAGS.data_dir, FLAGS.worker_count
-  try:
-    iterator = pipeline.make_train_iterator(cfg, rows_per_process=FLAGS.rows, seq_len=FLAGS.seq_len,
-                                            process_index=0, process_count=1, seed=cfg.seed)
-  except (ValueError, OSError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  iterator = pipeline.make_train_iterator(cfg, rows_per_process=FLAGS.rows, seq_len=FLAGS.seq_len,
+                                          process_index=0, process_count=1, seed=cfg.seed)
   next(iterator)  # plans, memory maps and worker start-up are not part of the steady state
   real_tokens, start = 0, time.perf_counter()
   for _ in tqdm(range(FLAGS.batches), desc='batches'):
@@ -55,4 +50,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

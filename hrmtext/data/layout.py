@@ -9,13 +9,16 @@ epoch k, and `metadata.json` `{"tokenizer_info", "vocab_size", "max_seq_len", "t
 Every folder is written under a temporary name and renamed when complete.
 """
 
+import contextlib
 import json
 import os
 import re
-import shutil
 from typing import NamedTuple
 
 import numpy as np
+
+from hrmtext.cli import UserError
+from hrmtext.files import atomic_path
 
 METADATA_FILE = 'metadata.json'
 _EPOCH_DIR = re.compile(r'epoch_(\d+)$')
@@ -27,6 +30,13 @@ class Index(NamedTuple):
   inst_len: np.ndarray
   resp_start: np.ndarray
   resp_len: np.ndarray
+
+  @classmethod
+  def from_lengths(cls, inst_len, resp_len) -> 'Index':
+    """Examples stored back to back, each its instruction then its response."""
+    inst_len, resp_len = np.asarray(inst_len, np.int64), np.asarray(resp_len, np.int64)
+    inst_start = np.cumsum(inst_len + resp_len) - (inst_len + resp_len)
+    return cls(inst_start, inst_len, inst_start + inst_len, resp_len)
 
   def take(self, rows) -> 'Index':
     return Index(*(a[rows] for a in self))
@@ -62,29 +72,19 @@ def token_dtype(vocab_size: int):
   for dtype in (np.uint8, np.uint16, np.int32):
     if vocab_size - 1 <= np.iinfo(dtype).max:
       return dtype
-  raise ValueError(f'vocab_size {vocab_size} too large')
+  raise UserError(f'vocab_size {vocab_size} too large')
 
 
 def load_tokens(directory: str) -> np.ndarray:
   return np.load(os.path.join(directory, 'tokens.npy'), mmap_mode='r')
 
 
-class TempDir:
+@contextlib.contextmanager
+def temp_dir(path):
   """A folder written under `<path>.tmp` and renamed to `path` only when the block succeeds."""
-
-  def __init__(self, path):
-    self.path, self.tmp = path, path + '.tmp'
-
-  def __enter__(self):
-    shutil.rmtree(self.tmp, ignore_errors=True)
-    os.makedirs(self.tmp)
-    return self.tmp
-
-  def __exit__(self, exc_type, *_):
-    if exc_type is None:
-      os.replace(self.tmp, self.path)
-    else:
-      shutil.rmtree(self.tmp, ignore_errors=True)
+  with atomic_path(path) as tmp:
+    os.makedirs(tmp)
+    yield tmp
 
 
 def heldout_dir(root: str, kind: str) -> str:
@@ -98,11 +98,9 @@ def heldout_dir(root: str, kind: str) -> str:
 def write_tokenized_source(directory: str, tokens: np.ndarray, inst_len: np.ndarray,
                            resp_len: np.ndarray) -> None:
   """`tokens` holds each row's instruction then response ids, row after row."""
-  inst_len, resp_len = np.asarray(inst_len, np.int64), np.asarray(resp_len, np.int64)
-  inst_start = np.concatenate([[0], np.cumsum(inst_len + resp_len)[:-1]]).astype(np.int64)
-  with TempDir(directory) as tmp:
+  with temp_dir(directory) as tmp:
     np.save(os.path.join(tmp, 'tokens.npy'), np.asarray(tokens, np.uint32))
-    save_index(tmp, Index(inst_start, inst_len, inst_start + inst_len, resp_len))
+    save_index(tmp, Index.from_lengths(inst_len, resp_len))
 
 
 def tokenized_sources(root: str) -> dict[str, str]:
@@ -118,7 +116,7 @@ def tokenized_sources(root: str) -> dict[str, str]:
 
 def write_sampled(directory: str, tokens: np.ndarray, epochs: list[Index], tokenizer_info: dict,
                   vocab_size: int, max_seq_len: int) -> None:
-  with TempDir(directory) as tmp:
+  with temp_dir(directory) as tmp:
     np.save(os.path.join(tmp, 'tokens.npy'), np.asarray(tokens).astype(token_dtype(vocab_size)))
     for k, index in enumerate(epochs):
       os.makedirs(os.path.join(tmp, f'epoch_{k}'))

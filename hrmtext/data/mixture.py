@@ -13,6 +13,7 @@ import zlib
 import ml_collections
 import numpy as np
 
+from hrmtext.cli import UserError
 from hrmtext.data.layout import Index, concatenate_sources, load_index, load_tokens, write_sampled
 from hrmtext.data.tokenizer import Tokenizer
 
@@ -23,9 +24,9 @@ def rule_for(name: str, rules) -> dict:
   for rule in rules:
     if name.startswith(rule['prefix']):
       if rule['long_context'] not in LONG_CONTEXT:
-        raise ValueError(f'mixture rule {rule}: long_context must be one of {LONG_CONTEXT}')
+        raise UserError(f'mixture rule {rule}: long_context must be one of {LONG_CONTEXT}')
       return rule
-  raise ValueError(f'source {name!r} matches no mixture rule prefix {[r["prefix"] for r in rules]}')
+  raise UserError(f'source {name!r} matches no mixture rule prefix {[r["prefix"] for r in rules]}')
 
 
 def eligible(index: Index, rule: dict, context: int, min_resp_length: int) -> Index:

@@ -10,12 +10,14 @@ from collections.abc import Iterator
 
 import pyarrow.parquet as pq
 
+from hrmtext.cli import UserError
+from hrmtext.files import atomic_open
 from hrmtext.data.tokenizer import condition_tags
 
 SUFFIXES = ('.jsonl', '.parquet')
 
 
-class BadRowError(ValueError):
+class BadRowError(UserError):
   """A malformed input row; the message names the file and line (JSONL) or row (Parquet)."""
 
 
@@ -85,8 +87,6 @@ def read_rows(path: str, skip_bad_rows: bool = False, bad_rows: list | None = No
 
 def write_jsonl(path: str, rows) -> None:
   """Writes rows to `path` atomically (temp file, then rename)."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
+  with atomic_open(path, encoding='utf-8') as f:
     for row in rows:
       f.write(json.dumps(row, ensure_ascii=False) + '\n')
-  os.replace(tmp, path)

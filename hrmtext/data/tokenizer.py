@@ -13,6 +13,9 @@ from collections.abc import Iterable, Sequence
 import sentencepiece as spm
 import tokenizers
 
+from hrmtext.cli import UserError
+from hrmtext.files import atomic_open
+
 INFO_FILE = 'tokenizer_info.json'
 SPM_FILE = 'spm.model'
 BOQ, EOQ, EOA = '<|boq|>', '<|eoq|>', '<|eoa|>'
@@ -97,7 +100,7 @@ class Tokenizer:
   def _special_id(self, token):
     token_id = self._backend.token_id(token)
     if token_id is None:
-      raise ValueError(f'{self.path}: special token {token!r} is not in the vocabulary')
+      raise UserError(f'{self.path}: special token {token!r} is not in the vocabulary')
     return token_id
 
   def encode(self, text: str) -> list[int]:
@@ -111,7 +114,7 @@ class Tokenizer:
     tags = condition_tags(condition)
     unknown = [t for t in tags if t not in self.condition_ids]
     if unknown:
-      raise ValueError(f'unknown condition tag(s) {unknown}; known: {sorted(self.condition_ids)}')
+      raise UserError(f'unknown condition tag(s) {unknown}; known: {sorted(self.condition_ids)}')
     return [self.condition_ids[t] for t in tags]
 
   def encode_instruction(self, instruction: str, condition: str = 'direct') -> list[int]:
@@ -141,10 +144,8 @@ def _resolve(path, info_dir):
 
 
 def _write_json(path, obj):
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
+  with atomic_open(path) as f:
     json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
   return path
 
 
@@ -157,19 +158,28 @@ def train_tokenizer(texts: Iterable[str], directory: str, vocab_size: int,
   """
   os.makedirs(directory, exist_ok=True)
   condition_mapping = {tag: condition_token(tag) for tag in conditions}
-  model_path = os.path.join(directory, SPM_FILE)
-  with open(model_path + '.tmp', 'wb') as model_file:
+  text_errors = []  # raised by `texts` itself (a malformed input row): that is the error to report
+
+  def sentences():
+    try:
+      yield from texts
+    except Exception as e:  # re-raised below, not swallowed
+      text_errors.append(e)
+      raise
+
+  with atomic_open(os.path.join(directory, SPM_FILE), 'wb') as model_file:
     try:
       spm.SentencePieceTrainer.train(
-          sentence_iterator=iter(texts), model_writer=model_file, vocab_size=vocab_size,
+          sentence_iterator=sentences(), model_writer=model_file, vocab_size=vocab_size,
           model_type='bpe', control_symbols=[BOQ, EOQ, EOA, *condition_mapping.values()], pad_id=0,
           unk_id=1, bos_id=-1, eos_id=-1, byte_fallback=True, split_digits=True,
           character_coverage=0.9995, normalization_rule_name='identity', add_dummy_prefix=False,
           remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, hard_vocab_limit=False,
           num_threads=os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as e:  # e.g. a vocab_size too small for the corpus's characters
-      raise ValueError(f'tokenizer training failed: {str(e).split("] ")[-1]}') from e
-  os.replace(model_path + '.tmp', model_path)
+      if text_errors:  # sentencepiece wraps it in a RuntimeError with its own stack ("At: ...")
+        raise text_errors[0] from None
+      raise UserError(f'tokenizer training failed: {str(e).splitlines()[0].split("] ")[-1]}') from e
   info = dict(tokenizer_path=SPM_FILE, boq=BOQ, eoq=EOQ, eoa=EOA,
               condition_mapping=condition_mapping)
   tokenizer = Tokenizer(info, directory)

@@ -3,6 +3,8 @@ import math
 
 import jax
 
+from hrmtext.cli import UserError
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 
@@ -11,12 +13,12 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
   sizes = [int(getattr(mesh_cfg, axis)) for axis in MESH_AXES]
   described = ', '.join(f'{axis}={size}' for axis, size in zip(MESH_AXES, sizes))
   if any(size == 0 or size < -1 for size in sizes) or sizes.count(-1) > 1:
-    raise ValueError(f'mesh {described}: sizes must be positive, with at most one -1')
+    raise UserError(f'mesh {described}: sizes must be positive, with at most one -1')
   fixed = math.prod(size for size in sizes if size != -1)
   if -1 in sizes and num_devices % fixed == 0:
     sizes[sizes.index(-1)] = num_devices // fixed
   if math.prod(sizes) != num_devices:
-    raise ValueError(f'mesh {described} does not fit the {num_devices} devices')
+    raise UserError(f'mesh {described} does not fit the {num_devices} devices')
   return tuple(sizes)
 
 
