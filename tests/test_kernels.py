@@ -136,7 +136,7 @@ def tiny_batch(batch, length, vocab):
 def check_model_against_xla(attention_impl, dtype, tolerance):
   cfg = ModelConfig(architecture='transformer', vocab_size=64, hidden_size=64, num_heads=2,
                     head_dim=32, layers_per_stack=1, dtype=dtype, attention=attention_impl)
-  params = nn.unbox(build_model(cfg).init(jax.random.key(0)))  # runs the kernel on 1-token rows
+  params = nn.unbox(build_model(cfg).init(jax.random.key(0)))  # init traces the xla path
   batch = tiny_batch(2, 128, cfg.vocab_size)
   want = model_loss_and_grads(dataclasses.replace(cfg, attention='xla'), params, batch)
   got = model_loss_and_grads(cfg, params, batch)

@@ -9,7 +9,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from hrmtext.model.kernels import cudnn, splash
+from hrmtext.model.kernels import compute_capability, cudnn, splash, target_device
 
 
 @flax.struct.dataclass
@@ -47,14 +47,29 @@ def xla_attention(q, k, v, mask: AttentionMask):
 
 
 # 'splash': TPU Pallas kernel (Pallas interpreter elsewhere); 'cudnn': GPU (Hopper+, bf16/fp16).
-# Both are for packed self-attention; see hrmtext/model/kernels.
+# Both are for packed self-attention; see hrmtext/model/kernels. 'auto': see `auto_implementation`.
 IMPLEMENTATIONS = {'xla': xla_attention, 'splash': splash.splash_attention,
                    'cudnn': cudnn.cudnn_attention}
 
 
+def auto_implementation(device, dtype) -> str:
+  """The kernel for `device` (see kernels.target_device) and activations of `dtype`: splash on
+  TPUs, cuDNN on Hopper-or-newer CUDA GPUs in bfloat16/float16, XLA elsewhere."""
+  if device.platform == 'tpu':
+    return 'splash'
+  capability = compute_capability(device)
+  if (device.platform == 'gpu' and capability is not None and capability >= (9, 0)
+      and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)):
+    return 'cudnn'
+  return 'xla'
+
+
 def attention(q, k, v, mask: AttentionMask, implementation: str = 'xla'):
-  """PrefixLM attention; `implementation` picks the kernel (all compute the same function)."""
+  """PrefixLM attention; `implementation` picks the kernel (all compute the same function), 'auto'
+  the one for the devices the computation is compiled for."""
+  if implementation == 'auto':
+    implementation = auto_implementation(target_device(), q.dtype)
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'unknown attention implementation {implementation!r}; '
-                     f'have {sorted(IMPLEMENTATIONS)}')
+                     f"have {sorted(IMPLEMENTATIONS)} and 'auto'")
   return IMPLEMENTATIONS[implementation](q, k, v, mask)

@@ -80,7 +80,8 @@ class Attention(nn.Module):
       cache = {'k': cache['k'].at[rows, mask.q_index].set(k.astype(cache['k'].dtype)),
                'v': cache['v'].at[rows, mask.q_index].set(v.astype(cache['v'].dtype))}
       k, v = cache['k'].astype(dtype), cache['v'].astype(dtype)
-    impl = cfg.attention if cache is None else 'xla'
+    # Initialising needs only shapes, and the XLA path traces for any device (kernels check theirs).
+    impl = cfg.attention if cache is None and not self.is_initializing() else 'xla'
     out = attention_lib.attention(q, k, v, mask, impl)
     out = jax.nn.sigmoid(gate) * out
     return jnp.einsum('bthk,hkd->btd', out, out_proj.astype(dtype)), cache

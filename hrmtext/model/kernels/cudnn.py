@@ -14,6 +14,13 @@ Padding (segment 0) matches the XLA path when a row's padding is one run (traili
 leaves it); otherwise only padding outputs differ, and nothing labelled depends on them.
 Needs Hopper or newer (packed layout), bfloat16/float16 q/k/v, and XLA's cuDNN custom calls, which
 come with sharding rules: no shard_map needed.
+
+Compiling for GPUs that are not here (`hrmtext.parallel.targets`): jax checks the packed layout
+against the *local* GPU (`check_compute_capability` reads `xla_bridge.local_devices('gpu')` and
+the default backend) and the *local* cuDNN library, with no argument or config option to name
+another device (jax 0.10 to 0.12), so there is no supported way past it. `_answer_for_target`
+below points jax's three checks at the device being compiled for instead (`target_device()`);
+for a GPU that is present, that is the same device and the same answers.
 """
 import functools
 
@@ -22,7 +29,13 @@ import jax.numpy as jnp
 # The packed layout is not exposed by jax.nn.dot_product_attention (jax 0.10 to 0.12).
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
 
+from hrmtext.model.kernels import compute_capability, is_compile_only, target_device
+
 MAX_RUNS = 128  # runs per row in the packed layout; cuDNN keeps softmax statistics per run slot
+# The cuDNN a compile-only GPU target is described with (its GpuTargetConfigProto's
+# dnn_version_info, see targets): the oldest jax-cuda13-plugin accepts (nvidia-cudnn-cu13>=9.12).
+# jax asks for a version only to gate features this kernel does not use (score_mod, MLA, sm_103).
+COMPILE_ONLY_CUDNN_VERSION = (9, 12)
 
 
 def cudnn_attention(q, k, v, mask, max_runs: int = MAX_RUNS):
@@ -33,10 +46,42 @@ def cudnn_attention(q, k, v, mask, max_runs: int = MAX_RUNS):
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f'cudnn attention needs bfloat16 or float16 activations (model.dtype), '
                      f'got {q.dtype}')
-  if jax.default_backend() != 'gpu':
-    raise ValueError(f'cudnn attention needs a CUDA GPU, the JAX backend is '
-                     f'{jax.default_backend()} (use splash or xla)')
+  device = target_device()
+  if device.platform != 'gpu':
+    raise ValueError(f'cudnn attention needs a CUDA GPU, the computation is compiled for '
+                     f'{device.device_kind} ({device.platform}); use splash or xla')
   return _two_passes(q, k, v, mask, max_runs)
+
+
+def _answer_for_target(local_check, answer):
+  """jax's `local_check`, or `answer(device)` where the target is a compile-only GPU."""
+  @functools.wraps(local_check)
+  def check(*args):
+    device = target_device()
+    return answer(device, *args) if is_compile_only(device) else local_check(*args)
+
+  return check
+
+
+def _at_least(device, capability: str) -> bool:
+  have = compute_capability(device)
+  return have is not None and have >= tuple(map(int, capability.split('.')))
+
+
+def _cudnn_version(device) -> int:
+  del device
+  major, minor = COMPILE_ONLY_CUDNN_VERSION
+  return major * 10000 + minor * 100  # jax's encoding: 9.12.0 is 91200
+
+
+# Installed once: each check also runs while differentiating rematerialised layers, after
+# `cudnn_attention` has returned, so a patch scoped to the call would not cover it.
+cudnn_fmha.check_compute_capability = _answer_for_target(
+    cudnn_fmha.check_compute_capability, _at_least)
+cudnn_fmha.is_cuda_compute_capability_equal = _answer_for_target(
+    cudnn_fmha.is_cuda_compute_capability_equal,
+    lambda device, capability: compute_capability(device) == tuple(map(int, capability.split('.'))))
+cudnn_fmha.check_cudnn_version = _answer_for_target(cudnn_fmha.check_cudnn_version, _cudnn_version)
 
 
 def _two_passes(q, k, v, mask, max_runs: int):

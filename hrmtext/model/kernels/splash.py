@@ -3,8 +3,9 @@
 Each row's boolean mask is given to splash as a *dynamic* mask. Splash then skips the blocks with no
 visible key (other examples of the row) and does no masking inside fully visible blocks, so the work
 follows the examples' lengths, not the row's. The mask is exactly `AttentionMask.dense()`, so any
-self-attention mask gives the XLA path's result. Off TPU the kernel runs in the Pallas interpreter
-(slow: for tests).
+self-attention mask gives the XLA path's result. Compiled for TPUs (the mesh's devices, see
+`kernels.target_device`) it is a Mosaic kernel; for anything else it runs in the Pallas
+interpreter (slow: for tests).
 """
 import functools
 import math
@@ -16,6 +17,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
 from hrmtext.model.config import round_up
+from hrmtext.model.kernels import target_device
 
 BLOCK_SIZE = 512  # q and kv tile; rows are padded to a multiple of it (of 128 if shorter)
 MIN_BLOCK = 128  # TPU lane width
@@ -56,7 +58,7 @@ def _splash_rows(q, k, v, row_mask, block: int):
   sizes = splash.BlockSizes(
       block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
       block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-  interpret = jax.default_backend() != 'tpu'
+  interpret = target_device().platform != 'tpu'
 
   def one_row(q, k, v, mask):  # [heads, len, head_dim], [len, len]
     kernel = splash.make_splash_mha(mask[None], block_sizes=sizes, head_shards=1, q_seq_shards=1,
