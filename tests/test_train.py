@@ -328,6 +328,43 @@ def test_help_and_missing_data_dir(tmp_path):
   assert not (tmp_path / 'run' / 'metrics.jsonl').exists()
 
 
+def test_command_line_errors_are_one_line(tmp_path):
+  for args, fragments in [
+      (['--config.train.stepz=3'], ['bad --config', 'stepz', 'steps']),  # a typo in a field
+      (['--config.train.steps=many'], ['many']),
+      (['--bogus'], ['bogus']),
+      (['stray'], ['unexpected arguments: stray'])]:
+    result = run_train(tmp_path / 'run', *args, timeout=120)
+    assert_one_line_error(result, *fragments)
+    assert result.returncode == 2, args
+  assert not (tmp_path / 'run').exists()
+
+
+def test_profile_window_time_split_and_time_based_checkpoints(data_dir, tmp_path):
+  """A jax.profiler trace of steps 2-3 that TensorBoard's profile plugin reads; per-interval
+  data-wait / step / checkpoint times in the metrics; a checkpoint whenever every_minutes passed
+  (here: after every step) though every_steps is far away."""
+  from jax.profiler import ProfileData
+  workdir = tmp_path / 'profiled'
+  result = run_train(workdir, *tiny_overrides(
+      data_dir, '--config.train.steps=4', '--config.profile.start_step=2',
+      '--config.profile.num_steps=2', '--config.checkpoint.every_steps=1000',
+      '--config.checkpoint.every_minutes=1e-6', '--config.checkpoint.keep=10'))
+  assert_ok(result)
+  traces = list((workdir / 'tb' / 'plugins' / 'profile').glob('*/*.xplane.pb'))
+  assert len(traces) == 1, traces
+  assert f'profile of steps 2-3 in {workdir / "tb"}' in result.stdout
+  profile = ProfileData.from_file(str(traces[0]))
+  names = {event.name for plane in profile.planes for line in plane.lines for event in line.events}
+  assert any('train_step' in name for name in names), sorted(names)[:50]
+  rows = read_metrics(workdir)
+  assert sorted(rows) == [1, 2, 3, 4]
+  for step, row in rows.items():
+    assert row['time/step_s'] > 0 and row['time/data_wait_s'] >= 0, row
+  assert all(rows[step]['time/checkpoint_s'] > 0 for step in (2, 3, 4))  # the previous save
+  assert finalized_steps(workdir) == [1, 2, 3, 4]
+
+
 @pytest.mark.slow
 def test_generation_eval_in_the_loop_equals_the_harness(tmp_path):
   """eval.generate_per_task: the loop's greedy exact match per held-out task is the harness's on

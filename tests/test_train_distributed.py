@@ -4,7 +4,12 @@ Every run trains the same tiny HRM for 6 steps on a reference-layout fixture set
 on CPU devices forced by XLA_FLAGS. Against an uninterrupted 1-device run, we compare:
   * 8 devices as data=8 and as fsdp=4 x tensor=2 (per-step losses, token counts, final params);
   * a run checkpointed at step 3 on fsdp=4 x tensor=2 and resumed on data=8;
-  * 2 and 4 processes through launch/local.py (gloo collectives), params sharded across them.
+  * 2 and 4 processes through launch/local.py (gloo collectives), params sharded across them;
+  * step-3 checkpoints resumed on another number of processes (2 -> 1 and 1 -> 2): the data
+    pipeline's global batches do not depend on the process count, so the run continues exactly
+    as if uninterrupted (batch for batch; values to the tolerances below).
+Then preemption: SIGTERM to only one of 2 processes stops both at the same step, each saves it
+together with the other, and both exit 0; the rerun continues bitwise like an uninterrupted run.
 
 Tolerances: the meshes split the same float32 sums differently (per-device partial sums, then
 all-reduce), so results differ in the last bits. Observed on a 2-core x86 CPU: per-step losses
@@ -17,15 +22,17 @@ its labelled-token count, compared exactly), and a few optimizer steps move para
 """
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
-from hrmtext.data import pipeline
 from hrmtext.train.checkpoint import load_weights
 from tests.data_fixtures import write_reference_dataset
 
@@ -56,6 +63,10 @@ MESHES = {
 }
 
 
+def launch_command(processes, command):
+  return [sys.executable, '-m', 'launch.local', f'--num_processes={processes}', '--', *command]
+
+
 def run_env(devices_per_process: int) -> dict:
   env = {k: v for k, v in os.environ.items()
          if k not in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')}
@@ -68,8 +79,7 @@ def train(data_dir, workdir, devices_per_process, *flags, processes=1):
   command = [sys.executable, '-m', 'hrmtext.train', f'--workdir={workdir}',
              f'--config.data.dir={data_dir}', *TRAIN_FLAGS, *flags]
   if processes > 1:
-    command = [sys.executable, '-m', 'launch.local', f'--num_processes={processes}', '--',
-               *command]
+    command = launch_command(processes, command)
   result = subprocess.run(command, cwd=REPO, env=run_env(devices_per_process), capture_output=True,
                           text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
@@ -128,27 +138,37 @@ def assert_same_params(workdir, reference_params, label):
 def data_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('data'))
   write_reference_dataset(path, num_examples=60, seed=1, vocab_size=FIXTURE_VOCAB)
-  # Each process reads its rows round-robin from epoch plans padded to a multiple of the number
-  # of data shards, so 2 processes feed the same global batches as 1 only if no padding row is
-  # added: this seed packs every epoch into a multiple of 4 rows.
-  for shards in (1, 2, 4):
-    source = pipeline.TrainBatches(path, seq_len=SEQ_LEN, rows_per_process=ROWS // shards,
-                                   process_index=0, process_count=shards, seed=0, window_rows=64)
-    assert all(plan.num_rows % 4 == 0 for plan in source.plans), [p.num_rows for p in source.plans]
   return path
+
+
+# Runs by name: (processes, devices per process, mesh flags).
+DATA8 = ('--config.mesh.data=8', '--config.mesh.fsdp=1', '--config.mesh.tensor=1')
+RUNS = {
+    '1dev': (1, 1, ()),
+    'data8': (1, 8, DATA8),
+    'fsdp4_tensor2': (1, 8, ('--config.mesh.data=1', '--config.mesh.fsdp=-1',
+                             '--config.mesh.tensor=2')),
+    # 'tensor' within a process, 'fsdp' across the two: params sharded over both processes.
+    '2x2dev_fsdp2_tensor2': (2, 2, ('--config.mesh.data=1', '--config.mesh.fsdp=2',
+                                    '--config.mesh.tensor=2')),
+    # One row per device, 4 devices per process.
+    '2x4dev_data8': (2, 4, DATA8),
+    # 'fsdp' over 4 processes.
+    '4x2dev_fsdp4_tensor2': (4, 2, ('--config.mesh.data=1', '--config.mesh.fsdp=4',
+                                    '--config.mesh.tensor=2')),
+}
 
 
 @pytest.fixture(scope='module')
 def runs(data_dir, tmp_path_factory):
-  """name -> workdir of a finished single-process run on that mesh ('1dev' or a MESHES key)."""
+  """name -> (workdir, stdout) of a finished run of RUNS[name] (each run once per module)."""
   done = {}
 
   def get(name):
     if name not in done:
       workdir = str(tmp_path_factory.mktemp(name))
-      devices, flags = MESHES.get(name, (1, ()))
-      train(data_dir, workdir, devices, *flags)
-      done[name] = workdir
+      processes, devices, flags = RUNS[name]
+      done[name] = workdir, train(data_dir, workdir, devices, *flags, processes=processes)
     return done[name]
 
   return get
@@ -157,7 +177,7 @@ def runs(data_dir, tmp_path_factory):
 @pytest.fixture(scope='module')
 def baseline(runs):
   """The uninterrupted 1-device run: (workdir, final params)."""
-  workdir = runs('1dev')
+  workdir, _ = runs('1dev')
   steps = [row['step'] for row in metric_rows(workdir)]
   assert steps == list(range(1, STEPS + 1)), steps
   return workdir, final_params(workdir)[1]
@@ -175,55 +195,116 @@ def test_baseline_params_move_far_beyond_the_tolerance(baseline):
   assert max(losses.values()) - min(losses.values()) > 1000 * LOSS_RTOL * losses[1]
 
 
-@pytest.mark.parametrize('mesh', sorted(MESHES))
+@pytest.mark.parametrize('mesh', ['data8', 'fsdp4_tensor2'])
 def test_any_mesh_trains_like_one_device(runs, baseline, mesh):
   baseline_dir, baseline_params = baseline
-  workdir = runs(mesh)
+  workdir, _ = runs(mesh)
   assert_same_losses(workdir, baseline_dir, range(1, STEPS + 1), mesh)
   assert_same_params(workdir, baseline_params, mesh)
 
 
-def test_resume_on_another_mesh(data_dir, runs, baseline, tmp_path):
-  """Step-3 checkpoint of an fsdp=4 x tensor=2 run, resumed on data=8, continues like 1 device.
+@pytest.mark.parametrize('source, target', [
+    ('fsdp4_tensor2', 'data8'),  # another mesh
+    ('2x4dev_data8', 'data8'),  # 2 processes -> 1
+    ('data8', '2x4dev_data8'),  # 1 process -> 2
+])
+def test_resume_on_another_mesh_or_process_count(data_dir, runs, baseline, tmp_path, source,
+                                                 target):
+  """The step-3 checkpoint of `source`, resumed as `target`, continues like 1 device: the same
+  batches (labelled-token counts equal) and values to the tolerances.
 
   A separate `--config.train.steps=3` run would not do: the LR schedule depends on the total
   number of steps, so its first 3 steps differ from those of a 6-step run. The step-3
   checkpoint of the 6-step run is exactly what that run leaves when interrupted after step 3.
   """
   baseline_dir, baseline_params = baseline
-  source = os.path.join(runs('fsdp4_tensor2'), 'checkpoints', str(RESUME_AT))
+  source_dir, _ = runs(source)
   workdir = str(tmp_path / 'resumed')
-  shutil.copytree(source, os.path.join(workdir, 'checkpoints', str(RESUME_AT)))
-  devices, flags = MESHES['data8']
-  train(data_dir, workdir, devices, *flags)
+  shutil.copytree(os.path.join(source_dir, 'checkpoints', str(RESUME_AT)),
+                  os.path.join(workdir, 'checkpoints', str(RESUME_AT)))
+  processes, devices, flags = RUNS[target]
+  train(data_dir, workdir, devices, *flags, processes=processes)
   # Only steps 4-6 ran (a run from scratch would log from step 1), on the restored state and
   # data position.
   assert [row['step'] for row in metric_rows(workdir)] == list(range(RESUME_AT + 1, STEPS + 1))
-  assert_same_losses(workdir, baseline_dir, range(RESUME_AT + 1, STEPS + 1), 'resumed on data8')
-  assert_same_params(workdir, baseline_params, 'resumed on data8')
+  label = f'{source} resumed as {target}'
+  assert_same_losses(workdir, baseline_dir, range(RESUME_AT + 1, STEPS + 1), label)
+  assert_same_params(workdir, baseline_params, label)
 
 
-@pytest.mark.parametrize('processes, devices_per_process, mesh_flags', [
-    # 'tensor' within a process, 'fsdp' across the two: params sharded over both processes.
-    (2, 2, ('--config.mesh.data=1', '--config.mesh.fsdp=2', '--config.mesh.tensor=2')),
-    # One row per device, 4 devices per process.
-    (2, 4, ('--config.mesh.data=8', '--config.mesh.fsdp=1', '--config.mesh.tensor=1')),
-    # 'fsdp' over 4 processes.
-    (4, 2, ('--config.mesh.data=1', '--config.mesh.fsdp=4', '--config.mesh.tensor=2')),
-], ids=['2x2dev_fsdp2_tensor2', '2x4dev_data8', '4x2dev_fsdp4_tensor2'])
-def test_processes_train_like_one(data_dir, baseline, tmp_path, processes, devices_per_process,
-                                  mesh_flags):
+@pytest.mark.parametrize('name', ['2x2dev_fsdp2_tensor2', '2x4dev_data8', '4x2dev_fsdp4_tensor2'])
+def test_processes_train_like_one(runs, baseline, name):
   baseline_dir, baseline_params = baseline
-  workdir = str(tmp_path / 'run')
-  stdout = train(data_dir, workdir, devices_per_process, *mesh_flags, processes=processes)
-  label = f'{processes} processes x {devices_per_process} devices'
+  workdir, stdout = runs(name)
+  processes = RUNS[name][0]
   assert f'[0] step {STEPS}/{STEPS} ' in stdout, stdout[-3000:]
   assert not any(f'[{i}] step ' in stdout for i in range(1, processes)), stdout[-3000:]
   # Only process 0 writes metrics: one row per step, no duplicates.
   assert [row['step'] for row in metric_rows(workdir)] == list(range(1, STEPS + 1))
-  step_dir = os.path.join(workdir, 'checkpoints', str(STEPS))
-  # Each process saved its own data-iterator position.
-  assert {f'process_{i}-of-{processes}.json' for i in range(processes)} <= set(
-      os.listdir(os.path.join(step_dir, 'data')))
-  assert_same_losses(workdir, baseline_dir, range(1, STEPS + 1), label)
-  assert_same_params(workdir, baseline_params, label)  # restored in this single process
+  assert_same_losses(workdir, baseline_dir, range(1, STEPS + 1), name)
+  assert_same_params(workdir, baseline_params, name)  # restored in this single process
+
+
+# --- preemption ---------------------------------------------------------------------------------
+
+PREEMPT_STEPS = 40  # long enough to signal mid-run
+PREEMPT_FLAGS = (*DATA8, f'--config.train.steps={PREEMPT_STEPS}',
+                 '--config.checkpoint.every_steps=1000', '--config.checkpoint.keep=100')
+STOP_BOUND_S = 60  # SIGTERM to both processes' exit
+
+
+def child_pids(pid):
+  with open(f'/proc/{pid}/task/{pid}/children') as f:
+    return [int(child) for child in f.read().split()]
+
+
+def saved_steps(workdir):
+  directory = os.path.join(workdir, 'checkpoints')
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(
+      directory) else []
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bitwise(data_dir, tmp_path):
+  """2 processes x 4 devices. The uninterrupted run also takes time-based checkpoints (every
+  0.6 s on any process's clock): were the processes to disagree on when, one would wait in the
+  collective save while the other went on with the next step, and the run would hang."""
+  reference = str(tmp_path / 'reference')
+  train(data_dir, reference, 4, *PREEMPT_FLAGS, '--config.checkpoint.every_minutes=0.01',
+        processes=2)
+  assert len(saved_steps(reference)) > 1, saved_steps(reference)  # time-based ones, then the last
+
+  workdir = str(tmp_path / 'preempted')
+  command = [sys.executable, '-m', 'hrmtext.train', f'--workdir={workdir}',
+             f'--config.data.dir={data_dir}', *TRAIN_FLAGS, *PREEMPT_FLAGS]
+  with open(f'{workdir}.log', 'w') as log:
+    launcher = subprocess.Popen(launch_command(2, command), cwd=REPO, env=run_env(4), stdout=log,
+                                stderr=subprocess.STDOUT, text=True)
+  deadline = time.monotonic() + 300
+  while not (os.path.exists(os.path.join(workdir, 'metrics.jsonl')) and
+             len(metric_rows(workdir)) >= 3):
+    assert launcher.poll() is None and time.monotonic() < deadline, open(f'{workdir}.log').read()
+    time.sleep(0.05)
+  processes = child_pids(launcher.pid)
+  assert len(processes) == 2, processes
+  os.kill(processes[1], signal.SIGTERM)  # only process 1 (launch.local starts them in order)
+  signalled = time.monotonic()
+  launcher.wait(timeout=STOP_BOUND_S + 60)
+  stopped_in = time.monotonic() - signalled
+  output = open(f'{workdir}.log').read()
+  assert launcher.returncode == 0, output[-5000:]
+  assert stopped_in < STOP_BOUND_S, stopped_in
+  said = {int(i): int(step) for i, step in re.findall(r'\[(\d)\] SIGTERM: saved step (\d+)', output)}
+  assert sorted(said) == [0, 1] and said[0] == said[1], output[-3000:]
+  stopped = said[0]
+  assert 3 <= stopped < PREEMPT_STEPS, stopped
+  assert saved_steps(workdir) == [stopped] and max(per_step(workdir, 'loss')) == stopped
+  print(f'\nSIGTERM to process 1: both saved step {stopped}, exited in {stopped_in:.1f} s')
+
+  train(data_dir, workdir, 4, *PREEMPT_FLAGS, processes=2)
+  assert [row['step'] for row in metric_rows(workdir)] == list(range(1, PREEMPT_STEPS + 1))
+  for name in ('loss', 'tokens', 'grad_norm'):
+    assert per_step(workdir, name) == per_step(reference, name), name
+  _, params = final_params(workdir)
+  _, reference_params = final_params(reference)
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(reference_params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

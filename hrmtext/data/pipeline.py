@@ -1,9 +1,11 @@
 """Grain input pipeline: packed PrefixLM batches from a sampled training set, and held-out data.
 
-Training: each epoch_<k> gets a fixed packing plan; its rows are padded to a multiple of
-process_count, shuffled per (pass, epoch) and dealt round-robin to processes. A process's batches
-walk its rows epoch after epoch and wrap around after the last one. Batch i of a process is a pure
-function of i, so the iterator state that Orbax saves is just the next index (per prefetch worker).
+Training: each epoch_<k> gets a fixed packing plan. One global row stream walks the epochs' rows,
+shuffled per (pass, epoch), epoch after epoch, and wraps around after the last one. Global batch i
+is stream rows [i * G, (i + 1) * G) for G rows per step; of those, data shard p of P loads the
+p-th block of G / P rows. So batch i is a pure function of i, and the global batch order does not
+depend on the number of processes: a run resumed on another process count continues it exactly.
+The iterator's position is the train step (one batch per step): a resumed run starts there.
 """
 
 import functools
@@ -14,6 +16,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from hrmtext.cli import UserError
 from hrmtext.data import packing
 from hrmtext.data.layout import (METADATA_FILE, Index, SampledSet, concatenate_sources, heldout_dir,
                                  load_index, load_tokens, tokenized_sources)
@@ -35,7 +38,7 @@ def _row_permutation(seed, epoch_pass, epoch, num_rows):
 
 
 class TrainBatches:
-  """Random-access source whose element i is batch i of one process (endless)."""
+  """Random-access source whose element i is this data shard's rows of global batch i (endless)."""
 
   def __init__(self, directory: str, *, seq_len: int, rows_per_process: int, process_index: int,
                process_count: int, seed: int, window_rows: int):
@@ -51,12 +54,11 @@ class TrainBatches:
     self.plans, base = [], 0
     for index in epochs:
       plan = packing.pack(self.lengths[base:base + len(index.inst_len)], seq_len, window_rows)
-      self.plans.append(plan._replace(order=plan.order + base).padded(process_count))
+      self.plans.append(plan._replace(order=plan.order + base))
       base += len(index.inst_len)
-    shard_rows = np.array([plan.num_rows // process_count for plan in self.plans])
-    if shard_rows.sum() == 0:
-      raise ValueError(f'{directory}: no trainable examples for seq_len {seq_len}')
-    self.epoch_end = np.cumsum(shard_rows)  # this process's rows up to the end of each epoch
+    self.epoch_end = np.cumsum([plan.num_rows for plan in self.plans])  # in the global stream
+    if self.epoch_end[-1] == 0:
+      raise UserError(f'{directory}: no trainable examples for seq_len {seq_len}')
     self._tokens = None
 
   def __getstate__(self):
@@ -66,16 +68,15 @@ class TrainBatches:
     return sys.maxsize
 
   def batch_rows(self, index: int) -> list[np.ndarray]:
-    """Example ids of the rows of batch `index` of this process."""
-    stream = index * self._rows + np.arange(self._rows)  # positions in this process's row stream
-    epoch_pass, position = np.divmod(stream, self.epoch_end[-1])
+    """Example ids of this data shard's rows of global batch `index`."""
+    first = (index * self._process_count + self._process_index) * self._rows
+    epoch_pass, position = np.divmod(first + np.arange(self._rows), self.epoch_end[-1])
     epochs = np.searchsorted(self.epoch_end, position, side='right')
     rows = []
     for p, k, pos in zip(epoch_pass.tolist(), epochs.tolist(), position.tolist()):
       local = pos - (self.epoch_end[k - 1] if k else 0)
       permutation = _row_permutation(self._seed, p, k, self.plans[k].num_rows)
-      rows.extend(self.plans[k].rows(
-          [permutation[self._process_index + local * self._process_count]]))
+      rows.extend(self.plans[k].rows([permutation[local]]))
     return rows
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
@@ -90,32 +91,20 @@ class TrainBatches:
 
 
 def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, rows_per_process: int, seq_len: int,
-                        process_index: int, process_count: int, seed: int) -> grain.DatasetIterator:
-  """Endless iterator of this process's packed batches, dicts of int32 [rows_per_process, seq_len].
-
-  Save/restore its position with `iterator_save_args` / `iterator_restore_args` in an Orbax
-  Composite next to the train state.
-  """
+                        process_index: int, process_count: int, seed: int,
+                        start: int = 0) -> grain.DatasetIterator:
+  """Endless iterator of this process's packed batches, dicts of int32 [rows_per_process, seq_len],
+  from global batch `start` on (a resumed run passes its step)."""
   source = TrainBatches(sampled_dir(data_cfg), seq_len=seq_len, rows_per_process=rows_per_process,
                         process_index=process_index, process_count=process_count, seed=seed,
                         window_rows=data_cfg.pack_window_rows)
-  dataset = grain.MapDataset.source(source).to_iter_dataset(
+  dataset = grain.MapDataset.source(source)[start:].to_iter_dataset(
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=data_cfg.worker_buffer_size))
   if data_cfg.worker_count > 0:
     dataset = dataset.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=data_cfg.worker_count,
                                      per_worker_buffer_size=data_cfg.worker_buffer_size))
   return iter(dataset)
-
-
-def iterator_save_args(iterator: grain.DatasetIterator):
-  """Orbax args saving the iterator's position (one json file per process)."""
-  return grain.checkpoint.CheckpointSave(iterator)
-
-
-def iterator_restore_args(iterator: grain.DatasetIterator):
-  """Orbax args restoring a saved position into `iterator` (made with the same arguments)."""
-  return grain.checkpoint.CheckpointRestore(iterator)
 
 
 def make_eval_batches(data_cfg: ml_collections.ConfigDict, *, rows: int,

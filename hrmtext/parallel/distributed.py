@@ -10,6 +10,8 @@ import glob
 import os
 
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 GOOGLE_PCI_VENDOR = '0x1ae0'
 
@@ -49,3 +51,14 @@ def initialize() -> None:
 def is_main_process() -> bool:
   """Process 0 writes logs, metrics and non-sharded files."""
   return jax.process_index() == 0
+
+
+def any_process(*flags: bool) -> tuple[bool, ...]:
+  """Each flag OR-ed over all processes: decisions (stop, save now) every process takes together.
+
+  A collective: every process must call it at the same point of its program.
+  """
+  local = np.array(flags, np.int32)
+  if jax.process_count() > 1:
+    local = multihost_utils.process_allgather(local).max(axis=0)
+  return tuple(bool(flag) for flag in local)

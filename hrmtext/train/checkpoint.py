@@ -1,9 +1,11 @@
 """One checkpoint layout for training, conversion and inference.
 
 `<run>/checkpoints/<step>/` holds Orbax items: `params`, `ema` (optional), `opt_state`
-(optional), `data` (the Grain iterator, optional) and `meta` (JSON: step, model config and,
-for imported checkpoints, the original HF config). Weights-only checkpoints (conversion,
-export) carry just `params` and `meta`.
+(optional) and `meta` (JSON: step, model config and, for imported checkpoints, the original HF
+config). Weights-only checkpoints (conversion, export) carry just `params` and `meta`. The input
+pipeline's position is the step itself (hrmtext.data.pipeline), so it needs no item of its own and
+a run resumes on any number of processes. (Checkpoints of older runs may hold a `data` item: the
+per-process Grain state; it is not read.)
 """
 import os
 
@@ -30,9 +32,8 @@ def manager(path: str, *, max_to_keep: int | None = 3, async_save: bool = True,
 
 
 def save(mngr: ocp.CheckpointManager, step: int, *, meta: dict, **items) -> None:
-  """Saves `meta` plus any of params/ema/opt_state (pytrees) and data (grain save args)."""
-  args = {name: item if name == 'data' else ocp.args.StandardSave(item)
-          for name, item in items.items() if item is not None}
+  """Saves `meta` plus any of params/ema/opt_state (pytrees)."""
+  args = {name: ocp.args.StandardSave(item) for name, item in items.items() if item is not None}
   args['meta'] = ocp.args.JsonSave({**meta, 'step': step})
   mngr.save(step, args=ocp.args.Composite(**args), force=True)
 
@@ -47,9 +48,8 @@ def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, **abstract) -> dict:
-  """Restores the named items onto the shardings of their abstract trees (or grain args)."""
-  args = {name: item if name == 'data' else ocp.args.StandardRestore(item)
-          for name, item in abstract.items()}
+  """Restores the named items onto the shardings of their abstract trees."""
+  args = {name: ocp.args.StandardRestore(item) for name, item in abstract.items()}
   return dict(mngr.restore(step, args=ocp.args.Composite(**args)))
 
 

@@ -36,7 +36,13 @@ def base_config() -> ml_collections.ConfigDict:
       seed=0,
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
+  # Saves every `every_steps` steps and, if every_minutes > 0, when that many minutes passed since
+  # the last save (all processes agree on the step), at the end, and on SIGTERM.
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, every_minutes=0.0, keep=3,
+                                                async_save=True))
+  # A jax.profiler trace of num_steps steps (0: none) from step start_step (as logged, from 1), in
+  # <workdir>/tb where TensorBoard's profile plugin reads it.
+  c.profile = ml_collections.ConfigDict(dict(start_step=10, num_steps=0))
   # Held-out eval: teacher-forced loss/accuracies (rows per batch; 0: the train step's rows) and,
   # with generate_per_task > 0 (single-process runs), greedy generation's exact match on that many
   # raw held-out examples per task (the `hrmtext.evaluate` harness).

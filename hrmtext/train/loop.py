@@ -1,4 +1,5 @@
 """The training loop: sharded state, resumable from its workdir, periodic eval and saves."""
+import contextlib
 import json
 import os
 import signal
@@ -11,11 +12,13 @@ import ml_collections
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from hrmtext.cli import UserError
 from hrmtext.data import pipeline
 from hrmtext.data.layout import SampledSet, heldout_dir
 from hrmtext.data.tokenizer import Tokenizer
 from hrmtext.evals import evaluate, heldout_tasks
 from hrmtext.infer import Engine, text
+from hrmtext.files import atomic_open
 from hrmtext.model import ModelConfig, build_model, credit_horizon, summarize, zero_sums
 from hrmtext.model.flops import peak_flops, train_flops_per_token
 from hrmtext.parallel import distributed, sharding
@@ -38,6 +41,56 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
   return ModelConfig.from_dict(fields)
 
 
+class Waits:
+  """Host seconds spent waiting on the input pipeline, eval and checkpoints between log lines;
+  the rest of the interval is the train step (dispatch, and waiting for the devices)."""
+
+  def __init__(self):
+    self.seconds = dict(data=0.0, eval=0.0, checkpoint=0.0)
+
+  @contextlib.contextmanager
+  def timing(self, what: str):
+    start = time.perf_counter()
+    yield
+    self.seconds[what] += time.perf_counter() - start
+
+  def report(self, elapsed: float, steps: int) -> dict:
+    """Per-step data wait and step time, total eval and checkpoint time; restarts the counts."""
+    s = self.seconds
+    step = (elapsed - sum(s.values())) / steps
+    report = {'time/data_wait_s': s['data'] / steps, 'time/step_s': step,
+              'time/eval_s': s['eval'], 'time/checkpoint_s': s['checkpoint']}
+    self.seconds = dict.fromkeys(s, 0.0)
+    return report
+
+
+class ProfileWindow:
+  """A jax.profiler trace of the steps logged as start_step .. start_step + num_steps - 1,
+  written where TensorBoard's profile plugin finds it (<log_dir>/plugins/profile)."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, log_dir: str):
+    self.first, self.last = cfg.start_step, cfg.start_step + cfg.num_steps - 1
+    self.log_dir, self.tracing = log_dir, False
+
+  def before(self, step: int) -> None:
+    """Called before the update that will be logged as `step`."""
+    if step == self.first <= self.last:
+      jax.profiler.start_trace(self.log_dir)
+      self.tracing = True
+
+  def after(self, step: int, state) -> None:
+    if step == self.last:
+      self.close(state)
+
+  def close(self, state) -> None:
+    if self.tracing:
+      jax.block_until_ready(state)  # the traced steps' device work belongs in the trace
+      jax.profiler.stop_trace()
+      self.tracing = False
+      if distributed.is_main_process():
+        tqdm.write(f'profile of steps {self.first}-{self.last} in {self.log_dir}')
+
+
 class Trainer:
   """Everything a run needs, built from the config; `run()` trains to the end."""
 
@@ -53,7 +106,7 @@ class Trainer:
     # The mesh spans all processes' devices: batch_shards already counts every process.
     batch_shards = self.mesh.shape['data'] * self.mesh.shape['fsdp']
     if self.global_rows % (tc.micro_batches * batch_shards):
-      raise ValueError(f'{self.global_rows} rows per step do not split into {tc.micro_batches} '
+      raise UserError(f'{self.global_rows} rows per step do not split into {tc.micro_batches} '
                        f'micro-batches over {batch_shards} batch shards')
     self.total_steps = tc.steps or max(1, tc.epochs * sampled.metadata['total_length']
                                        // tc.global_batch_tokens)
@@ -64,12 +117,15 @@ class Trainer:
     self.row_sharding = sharding.batch_sharding(self.mesh)  # [rows, len]
     self.batch_sharding = jax.sharding.NamedSharding(  # [micro_batches, rows, len]
         self.mesh, jax.sharding.PartitionSpec(None, *self.row_sharding.spec))
+    self.mngr = checkpoint.manager(workdir, max_to_keep=config.checkpoint.keep,
+                                   async_save=config.checkpoint.async_save)
+    # Batch i of the pipeline is global batch i whatever the process count, and a step takes
+    # one: a resumed run (on any number of processes) continues from its step.
     data_index, data_count = sharding.process_data_shard(self.mesh)
     self.data = pipeline.make_train_iterator(
         config.data, rows_per_process=self.global_rows // data_count, seq_len=seq_len,
-        process_index=data_index, process_count=data_count, seed=tc.seed)
-    self.mngr = checkpoint.manager(workdir, max_to_keep=config.checkpoint.keep,
-                                   async_save=config.checkpoint.async_save)
+        process_index=data_index, process_count=data_count, seed=tc.seed,
+        start=self.mngr.latest_step() or 0)
     self._steps = {}  # bp_steps -> compiled train step
     self.loss_chunk_len = loss_chunk_len(tc.loss_chunk_len, self.model_cfg.vocab_size, seq_len)
     self._eval_step = jax.jit(make_eval_step(self.model, self.loss_chunk_len),
@@ -200,8 +256,7 @@ class Trainer:
     meta = {'model': self.model_cfg.to_dict(), 'config': self.config.to_dict(),
             'tokenizer': os.path.abspath(pipeline.sampled_dir(self.config.data))}
     checkpoint.save(self.mngr, step, meta=meta,
-                    params=state.params, ema=state.ema, opt_state=state.opt_state,
-                    data=pipeline.iterator_save_args(self.data))
+                    params=state.params, ema=state.ema, opt_state=state.opt_state)
 
   def run(self) -> dict:
     with sharding.activate(self.mesh):  # logical activation constraints apply while tracing
@@ -210,6 +265,7 @@ class Trainer:
   def _run(self) -> dict:
     config, tc = self.config, self.config.train
     main = distributed.is_main_process()
+    signal.signal(signal.SIGTERM, lambda *_: setattr(self, '_stop', True))
     state, start = self._initial_state()
     writer = SummaryWriter(os.path.join(self.workdir, 'tb')) if main else None
     if main:
@@ -217,48 +273,74 @@ class Trainer:
       with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
         f.write(config.to_json_best_effort(indent=2))
       self._drop_metrics_after(start)
-    signal.signal(signal.SIGTERM, lambda *_: setattr(self, '_stop', True))
     device_peak = peak_flops(jax.devices()[0].device_kind)
     tokens_per_step = self.global_rows * config.data.seq_len
     params_m = sum(x.size for x in jax.tree.leaves(state.params)) / 1e6
     self._say(f'model {self.model_cfg.architecture}: {params_m:.2f}M params; {self.total_steps} '
               f'steps of {tokens_per_step} tokens; mesh {dict(self.mesh.shape)}')
-    last = {}
+    profile = ProfileWindow(config.profile, self._profile_dir())
+    last, waits = {}, Waits()
     t0, logged_step = time.time(), start
+    saved_step, saved_time = start, time.monotonic()
     bar = tqdm(total=self.total_steps, initial=start, unit='step', disable=not main, leave=False)
-    for step in range(start, self.total_steps):
+    step, stop = start, False
+    while step < self.total_steps:
+      # Decided by all processes together: a SIGTERM seen by any of them stops all at this step;
+      # a time-based checkpoint is due when any process's clock says so.
+      minutes = config.checkpoint.every_minutes
+      stop, save_due = distributed.any_process(
+          self._stop, minutes > 0 and time.monotonic() - saved_time >= 60 * minutes)
+      if stop:
+        break
+      profile.before(step + 1)
       bp = schedules.bp_steps(step, self.total_steps, tc.bp_min, tc.bp_max, tc.bp_warmup_ratio)
-      state, metrics = self._train_step(bp)(state, self._global_batch(next(self.data)))
-      done = step + 1
+      with waits.timing('data'):
+        batch = self._global_batch(next(self.data))
+      state, metrics = self._train_step(bp)(state, batch)
+      step += 1
+      profile.after(step, state)
       bar.update()
-      if done % config.log_every_steps == 0 or done == self.total_steps:
+      if step % config.log_every_steps == 0 or step == self.total_steps:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed, t0 = time.time() - t0, time.time()
-        tokens_per_s = tokens_per_step * (done - logged_step) / elapsed
-        logged_step = done
+        tokens_per_s = tokens_per_step * (step - logged_step) / elapsed
         horizon = credit_horizon(self.model_cfg, bp)
         flops = train_flops_per_token(self.model_cfg, horizon, config.data.seq_len)
-        metrics.update(lr=float(self.schedule(step)), bp_steps=bp, tokens_per_s=tokens_per_s)
+        metrics.update(lr=float(self.schedule(step - 1)), bp_steps=bp, tokens_per_s=tokens_per_s,
+                       **waits.report(elapsed, step - logged_step))
+        logged_step = step
         if device_peak:
           metrics['mfu'] = flops * tokens_per_s / (device_peak * jax.device_count())
-        self._log(writer, done, metrics)
+        self._log(writer, step, metrics)
         bar.set_postfix(loss=f'{metrics["loss"]:.3f}', refresh=False)
         last.update(metrics)
-      if done % config.eval.every_steps == 0 or done == self.total_steps:
-        eval_metrics = self.evaluate(state.ema)
-        self._log(writer, done, eval_metrics)
+      if step % config.eval.every_steps == 0 or step == self.total_steps:
+        with waits.timing('eval'):
+          eval_metrics = self.evaluate(state.ema)
+        self._log(writer, step, eval_metrics)
         last.update(eval_metrics)
-      if done % config.checkpoint.every_steps == 0 or done == self.total_steps or self._stop:
-        self.save(state, done)
-      if self._stop:
-        self._say(f'SIGTERM: saved step {done}, exiting')
-        break
+      if step % config.checkpoint.every_steps == 0 or step == self.total_steps or save_due:
+        with waits.timing('checkpoint'):
+          self.save(state, step)
+        saved_step, saved_time = step, time.monotonic()
+    profile.close(state)
+    if stop and saved_step != step:
+      self.save(state, step)
+    if stop:  # every process says so: in a multi-host log, each host's own line
+      tqdm.write(f'SIGTERM: saved step {step}, exiting')
+      sys.stdout.flush()
     bar.close()
     self.mngr.wait_until_finished()
     self.mngr.close()
     if writer:
       writer.close()
     return last
+
+  def _profile_dir(self) -> str:
+    """TensorBoard's log dir (the profile plugin reads <dir>/plugins/profile); one per process
+    when several would write the same <host>.xplane.pb."""
+    tb = os.path.join(self.workdir, 'tb')
+    return tb if jax.process_count() == 1 else os.path.join(tb, f'process_{jax.process_index()}')
 
   def _drop_metrics_after(self, step: int) -> None:
     """A run killed after its last checkpoint logged steps it will now redo: forget them."""
@@ -267,9 +349,8 @@ class Trainer:
       return
     with open(path) as f:
       kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
-    with open(path + '.tmp', 'w') as f:
+    with atomic_open(path) as f:
       f.writelines(kept)
-    os.replace(path + '.tmp', path)
 
   def _log(self, writer, step: int, metrics: dict) -> None:
     if not writer or not metrics:
