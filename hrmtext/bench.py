@@ -4,6 +4,8 @@ r"""Train-step speed, cost and memory of an experiment config, on synthetic pack
   python -m hrmtext.bench --config experiments/hrm.py:L --config.model.architecture=transformer
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m hrmtext.bench \
       --config experiments/hrm.py:XL --config.mesh.fsdp=8 --compile_only --json
+  python -m hrmtext.bench --config experiments/hrm.py:XL --config.model.attention=auto \
+      --compile_only --target v5p:2x2x2
 
 Builds the model, optimizer, shardings and jitted train step as training does (hrmtext.train.step:
 the config's mesh, micro-batches, remat policy and loss chunking, the state donated) and feeds it
@@ -22,6 +24,9 @@ XLA_FLAGS=--xla_force_host_platform_device_count=N) and reports the parameter co
 and the compiled (XLA cost analysis) FLOPs per token and the per-device memory of the compiled
 step (compiled.memory_analysis()). CPU buffer assignment only approximates a GPU's or TPU's:
 treat its bytes as an estimate of what the step needs, not a measurement of another backend.
+With --target the step is compiled by the target's own compiler for devices that are not here
+(hrmtext.parallel.targets: TPU slices through libtpu, H100/H200 GPUs deviceless), so its memory
+is that compiler's buffer assignment; --config.model.attention=auto takes the target's kernel.
 
 On GPU, unless XLA_FLAGS is set, XLA_FLAGS becomes GPU_XLA_FLAGS below (suggested for H100).
 """
@@ -44,7 +49,7 @@ from hrmtext.data.packing import FIELDS
 from hrmtext.data.layout import Index
 from hrmtext.model import build_model, credit_horizon
 from hrmtext.model.flops import peak_flops, train_flops_per_token
-from hrmtext.parallel import distributed, sharding
+from hrmtext.parallel import distributed, sharding, targets
 from hrmtext.parallel.mesh import make_mesh
 from hrmtext.train import optimizer, schedules
 from hrmtext.train.loop import model_config
@@ -83,6 +88,10 @@ _COMPILE_ONLY = flags.DEFINE_bool(
     'compile_only', False, 'Only lower and compile the train step on abstract inputs and report '
     'params, FLOPs per token and per-device memory (CPU buffer assignment approximates a GPU\'s '
     'or TPU\'s; see the module doc).')
+_TARGET = flags.DEFINE_string(
+    'target', '', 'With --compile_only: compile for these devices instead of this machine\'s, a '
+    'libtpu topology (v5p:2x2x2, v6e:2x4, v4:2x2x1) or GPUs (h100:8, h200:16); needs the '
+    'compile_targets extra (hrmtext.parallel.targets).')
 _JSON = flags.DEFINE_bool('json', False, 'Also print the results as one JSON object on the last '
                           'stdout line.')
 
@@ -205,7 +214,8 @@ def run(config) -> dict:
   """Builds, compiles and (unless --compile_only) times the train step; the results (None: not
   measurable here)."""
   tc, seq_len, micro = config.train, config.data.seq_len, config.train.micro_batches
-  mesh = make_mesh(config.mesh)
+  mesh = make_mesh(config.mesh, targets.devices(_TARGET.value) if _TARGET.value else None)
+  device_kind = mesh.devices.flat[0].device_kind
   model_cfg = model_config(config, _VOCAB.value)
   model = build_model(model_cfg)
   rows = _ROWS.value or tc.global_batch_tokens // seq_len
@@ -214,7 +224,7 @@ def run(config) -> dict:
   horizon = credit_horizon(model_cfg, bp)
   flops_per_token = train_flops_per_token(model_cfg, horizon, seq_len)
   tx, shardings, batch_sharding, train_step = jitted_train_step(config, model, mesh, horizon)
-  devices = jax.device_count()
+  devices = mesh.devices.size
   applications = ((1, 1) if model_cfg.architecture == 'transformer' else
                   (sum(horizon.L) + sum(horizon.H), len(horizon.L) + len(horizon.H)))
   init = lambda: init_state(model, tx, jax.random.key(tc.seed))
@@ -224,7 +234,7 @@ def run(config) -> dict:
       'architecture': model_cfg.architecture,
       'attention': model_cfg.attention,
       'devices': devices,
-      'device_kind': jax.devices()[0].device_kind.replace(' ', '_'),
+      'device_kind': device_kind.replace(' ', '_'),
       'mesh': 'x'.join(map(str, mesh.devices.shape)),
       'params': sum(x.size for x in jax.tree.leaves(abstract_state.params)),
       'rows': rows,
@@ -239,7 +249,7 @@ def run(config) -> dict:
   if distributed.is_main_process():
     print(f'compiling the train step ({model_cfg.architecture}, bp_steps {bp}, {rows} rows x '
           f'{seq_len} tokens in {micro} micro-batches, {devices} x '
-          f'{jax.devices()[0].device_kind})', flush=True)
+          f'{device_kind})', flush=True)
   shape = (micro, rows // micro, seq_len)
   with sharding.activate(mesh):  # logical activation constraints apply while tracing
     if _COMPILE_ONLY.value:
@@ -315,6 +325,10 @@ def main(argv):
   quiet_logs()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _TARGET.value:  # before a JAX backend starts: the target's compiler reads its environment
+    if not _COMPILE_ONLY.value:
+      sys.exit('error: --target needs --compile_only (the target\'s devices are not here)')
+    targets.prepare_environment(_TARGET.value)
   if use_gpu_xla_flags():
     print(f'XLA_FLAGS={os.environ["XLA_FLAGS"]}')
   distributed.initialize()
