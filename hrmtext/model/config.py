@@ -48,7 +48,7 @@ class ModelConfig:
   z_L_init: str = 'truncated_normal'  # 'truncated_normal' (reference training) | 'zeros' (HF)
   dtype: str = 'float32'  # compute dtype; parameters stay float32
   remat_policy: str = 'nothing_saveable'  # see layers.REMAT_POLICIES
-  attention: str = 'xla'  # attention kernel, see attention.IMPLEMENTATIONS
+  attention: str = 'xla'  # attention kernel: one of attention.IMPLEMENTATIONS or 'auto'
   # Unroll the layer and L-step loops: more room for XLA scheduling, exact cost analysis.
   unroll_loops: bool = False
 
