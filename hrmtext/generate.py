@@ -4,6 +4,8 @@ Generates responses with the KV-cache engine (EMA weights by default) and prints
 Batch mode: --input prompts.jsonl --output out.jsonl, rows {"instruction", "condition"?} or
 {"instruction_ids": [...]}; each output row is the input row plus "response" (text) and
 "response_ids" (token ids, end-of-answer excluded). Greedy unless --temperature > 0.
+On a checkpoint without a tokenizer (imported from a HF directory that had none) give token-id
+rows; the output then has "response_ids" only.
 """
 import sys
 
@@ -36,7 +38,7 @@ def main(argv):
     if MAX_NEW.value < 0 or TEMPERATURE.value < 0 or not 0 < TOP_P.value <= 1:
       raise ValueError('need --max_new_tokens >= 0, --temperature >= 0, 0 < --top_p <= 1')
     infer_flags.check_output(OUTPUT.value)
-    engine, tok, _ = infer_flags.load()
+    engine, tok, _ = infer_flags.load(need_tokenizer=False)
     if INPUT.value:
       rows, pairs = text.read_requests(INPUT.value, engine, tok, with_response=False)
     else:
@@ -50,9 +52,10 @@ def main(argv):
     outputs = engine.generate([prompt for prompt, _ in pairs], MAX_NEW.value, sampling,
                               SEED.value, progress=bar.update)
   if not INPUT.value:
-    print(tok.decode(outputs[0]))
+    print(tok.decode(outputs[0]))  # a --prompt needed the tokenizer
     return
-  write_jsonl(OUTPUT.value, [dict(row, response=tok.decode(ids), response_ids=ids)
+  decoded = lambda ids: {} if tok is None else {'response': tok.decode(ids)}
+  write_jsonl(OUTPUT.value, [dict(row, **decoded(ids), response_ids=ids)
                              for row, ids in zip(rows, outputs)])
   print(f'wrote {len(rows)} responses to {OUTPUT.value}')
 

@@ -2,9 +2,10 @@
 
 Log-likelihood of given responses (multiple-choice evals, reranking). Rows hold text fields
 {"instruction", "response", "condition"?} (the response is encoded with its end-of-answer token)
-or token ids {"instruction_ids", "response_ids"} (scored as given). Each output row is the input
-row plus "logprob" (summed over the response tokens), "num_tokens" (response tokens scored) and
-"greedy" (whether greedy decoding reproduces the response token for token).
+or token ids {"instruction_ids", "response_ids"} (scored as given; these need no tokenizer).
+Each output row is the input row plus "logprob" (summed over the response tokens), "num_tokens"
+(response tokens scored) and "greedy" (whether greedy decoding reproduces the response token for
+token).
 """
 import sys
 
@@ -30,7 +31,7 @@ def main(argv):
     if BATCH.value < 1:
       raise ValueError('--batch_size must be >= 1')
     infer_flags.check_output(OUTPUT.value)
-    engine, tok, _ = infer_flags.load()
+    engine, tok, _ = infer_flags.load(need_tokenizer=False)
     rows, pairs = text.read_requests(INPUT.value, engine, tok, with_response=True)
   except (ValueError, FileNotFoundError, KeyError) as e:
     sys.exit(f'error: {e}')

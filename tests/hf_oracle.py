@@ -54,3 +54,9 @@ def to_hrmtext(model):
       fused[name] = w
   cfg = config_from_hf(hf)
   return cfg, params_from_hf(fused, cfg)
+
+
+def jax_leaves(tree):
+  """The leaves of a params tree as NumPy arrays, in a fixed order."""
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]

@@ -5,6 +5,7 @@ resumes exactly; the experiments/sft.py configs carry the reference recipe.
 
 Helper for other test files: tiny_config(data_dir, **train) -> an in-process tiny config.
 """
+import os
 import shutil
 
 import jax
@@ -12,11 +13,22 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.test_configs import load_config
-from tests.test_train import make_fixture_data
+from tests.test_train import REPO, make_fixture_data
 
 SEQ_LEN, ROWS = 64, 4
 PRETRAIN_STEPS = 4
+
+
+def load_config(spec: str, *overrides: str):
+  """The experiment config `spec` (`path[:arg]`) after `--config.x=y` overrides, as the training
+  entry point parses it."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ['prog', f'--config={os.path.join(REPO, spec)}', *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=values, sys_argv=argv)  # defines --config.*
+  values(argv)
+  return values.config
 
 
 def tiny_config(data_dir, **train):

@@ -1,7 +1,16 @@
 """python -m hrmtext.convert --src DIR --dst DIR
 
-Converts between a HF transformers `hrm_text` directory (config.json + safetensors) and an
-hrmtext checkpoint (a run directory with `checkpoints/`); the direction follows from `--src`.
+Converts between a HF transformers `hrm_text` directory (config.json + safetensors, as a hub
+release or `save_pretrained` lays it out, or the authors' own export) and an hrmtext checkpoint
+(a run directory with `checkpoints/`); the direction follows from `--src`.
+
+HF -> hrmtext brings the tokenizer: `tokenizer.json` plus a `tokenizer_info.json` with the prompt
+tokens (BOQ, EOQ, EOA and one token per condition tag), by default the released models':
+boq=<|im_start|> eoq=<|im_end|> eoa=<|box_end|> direct=<|object_ref_start|>
+cot=<|object_ref_end|> noisy=<|quad_start|> synth=<|quad_end|>. Change or add some with
+--prompt_tokens. generate / score / evaluate then need no --tokenizer. A directory without a
+tokenizer converts too: token-id rows still work (EOA from the config's eos_token_id).
+hrmtext -> HF writes the tokenizer files and tokenizer_info.json back next to the weights.
 """
 import os
 import shutil
@@ -15,12 +24,16 @@ from hrmtext.convert import hf
 flags.DEFINE_string('src', None, 'HF hrm_text directory or hrmtext run/checkpoint directory.')
 flags.DEFINE_string('dst', None, 'Output directory (must not exist yet).')
 flags.DEFINE_bool('ema', True, 'hrmtext -> HF: export the EMA weights when the checkpoint has them.')
+flags.DEFINE_list('prompt_tokens', [], 'HF -> hrmtext: KEY=TOKEN pairs overriding the released '
+                  'prompt tokens; KEY is boq, eoq, eoa or a condition tag, e.g. '
+                  'eoa=<|im_end|>,math=<|box_start|>.')
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   quiet_logs()
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   src, dst = FLAGS.src, FLAGS.dst
   if not src or not dst:
     raise app.UsageError('both --src and --dst are required')
@@ -31,13 +44,16 @@ def main(argv):
   partial = dst.rstrip('/') + '.partial'  # renamed into place only once complete
   shutil.rmtree(partial, ignore_errors=True)
   try:
+    prompt_tokens = hf.parse_prompt_tokens(FLAGS.prompt_tokens)
     if hf.is_hf_dir(src):
       print(f'HF hrm_text -> hrmtext: {src} -> {dst}')
-      hf.hf_to_hrmtext(src, partial)
+      hf.hf_to_hrmtext(src, partial, prompt_tokens=prompt_tokens)
     else:
+      if prompt_tokens:
+        raise ValueError('--prompt_tokens applies to HF -> hrmtext only')
       print(f'hrmtext -> HF hrm_text: {src} -> {dst}')
       hf.hrmtext_to_hf(src, partial, use_ema=FLAGS.ema)
-  except (ValueError, FileNotFoundError, KeyError) as e:
+  except (ValueError, OSError, KeyError) as e:
     shutil.rmtree(partial, ignore_errors=True)
     sys.exit(f'error: cannot convert {src}: {e}')
   os.rename(partial, dst)

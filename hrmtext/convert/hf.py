@@ -1,12 +1,22 @@
 """HF transformers `hrm_text` checkpoint directory <-> hrmtext checkpoint.
 
+Config: a hub `config.json` is read as transformers reads it (`resolve_hf_config`: HrmTextConfig's
+defaults and `__post_init__` derivations, e.g. a legacy file's `num_hidden_layers` is the blocks
+per stack). The reference's own export (`conversion/convert_to_hf.py` of the authors' code) is
+accepted too: it writes the layer count of both stacks as `num_hidden_layers` and the credit
+horizon as `L_bp_steps`.
 Weights: PyTorch Linear `[out, in]`; fused `gqkv_proj` rows are (gate, q, k, v) and
-`gate_up_proj` rows are (gate, up) -- the same order as our fused kernels.
-Everything of the HF directory we do not model (extra config fields, tokenizer files,
-generation config, tensor dtype) is carried in the checkpoint so the export is identical.
+`gate_up_proj` rows are (gate, up) -- the same order as our fused kernels. Like transformers'
+conversion mapping, the split in-memory names (`self_attn.{gate,q,k,v}_proj`,
+`mlp.{gate,up}_proj`, `self_attn.o_proj`) are accepted as well.
+Tokenizer: `tokenizer.json` comes with a `tokenizer_info.json` (the prompt tokens: the release's
+by default) at the run's root, so inference needs no --tokenizer; without a tokenizer, token-id
+rows still work. Everything of the HF directory we do not model (extra config fields, tokenizer
+files, generation config, tensor dtypes) is carried in the checkpoint so the export is identical.
 """
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -14,11 +24,27 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.flax import load_file, save_file
 
+from hrmtext.data.tokenizer import INFO_FILE, Tokenizer
 from hrmtext.model import ModelConfig
 from hrmtext.train import checkpoint
 
 SIDE_FILES = 'hf_files'  # non-weight files of the HF directory, kept verbatim
 WEIGHTS = 'model.safetensors'
+HF_TOKENIZER = 'tokenizer.json'
+
+# transformers' HrmTextConfig field defaults (configuration_hrm_text.py, transformers 5.x).
+HF_DEFAULTS = dict(
+    vocab_size=151808, hidden_size=1536, intermediate_size=4096, num_hidden_layers=16,
+    num_attention_heads=12, hidden_act='silu', max_position_embeddings=2048,
+    initializer_range=0.02, rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False,
+    mlp_bias=False, head_dim=128, H_cycles=2, L_cycles=3, prefix_lm=True)
+DEFAULT_ROPE_THETA = 10000.0
+
+# The prompt tokens of the released HRM-Text models (the reference tokenizer step's defaults).
+RELEASE_PROMPT_TOKENS = dict(
+    boq='<|im_start|>', eoq='<|im_end|>', eoa='<|box_end|>',
+    condition_mapping=dict(direct='<|object_ref_start|>', cot='<|object_ref_end|>',
+                           noisy='<|quad_start|>', synth='<|quad_end|>'))
 
 
 def is_hf_dir(path: str) -> bool:
@@ -29,35 +55,84 @@ def is_hf_dir(path: str) -> bool:
     return json.load(f).get('model_type') == 'hrm_text'
 
 
-def config_from_hf(hf: dict) -> ModelConfig:
+def resolve_hf_config(hf: dict) -> dict:
+  """The config transformers builds from `hf`: defaults filled in, then HrmTextConfig's
+  __post_init__ (L_bp_cycles [2], embedding_scale 1 / initializer_range, and a file without
+  num_layers_per_stack has the blocks per stack in num_hidden_layers) and RoPE parameters from a
+  legacy top-level `rope_theta`."""
+  r = {**HF_DEFAULTS, **hf}
+  if r.get('L_bp_cycles') is None:
+    r['L_bp_cycles'] = [2]
+  if r.get('embedding_scale') is None:
+    r['embedding_scale'] = 1.0 / r['initializer_range']
+  if r.get('num_layers_per_stack') is None:
+    r['num_layers_per_stack'] = r['num_hidden_layers']
+    r['num_hidden_layers'] = r['num_layers_per_stack'] * r['H_cycles'] * (r['L_cycles'] + 1)
+  rope = dict(r.get('rope_parameters') or {})
+  rope.setdefault('rope_type', rope.pop('type', 'default'))
+  rope.setdefault('rope_theta', r.get('rope_theta', DEFAULT_ROPE_THETA))
+  r['rope_parameters'] = rope
+  return r
+
+
+def is_reference_export(hf: dict) -> bool:
+  """Written by the authors' conversion/convert_to_hf.py (it names the horizon `L_bp_steps`)."""
+  return 'L_bp_steps' in hf and 'L_bp_cycles' not in hf
+
+
+def config_from_hf(hf: dict, layers_in_weights: int | None = None) -> ModelConfig:
+  """ModelConfig of a config.json (as transformers reads it); `layers_in_weights`, the blocks per
+  stack the weights hold, is checked against it."""
+  r = resolve_hf_config(hf)
   unsupported = {'attention_bias': True, 'mlp_bias': True, 'tie_word_embeddings': True,
                  'prefix_lm': False}
   for key, bad in unsupported.items():
-    if hf.get(key) == bad:
+    if r[key] == bad:
       raise ValueError(f'HF config {key}={bad} is not supported by hrmtext')
-  rope = hf.get('rope_parameters') or {}
-  if rope.get('rope_type', 'default') != 'default' or hf.get('hidden_act', 'silu') != 'silu':
+  rope = r['rope_parameters']
+  if rope['rope_type'] != 'default' or r['hidden_act'] != 'silu':
     raise ValueError('only default RoPE and silu MLPs are supported')
+  layers, L_bp_cycles = r['num_layers_per_stack'], r['L_bp_cycles']
+  if is_reference_export(hf):  # n_layers of both stacks; the horizon per H cycle
+    L_bp_cycles = hf['L_bp_steps']
+    if layers_in_weights is not None and layers == 2 * layers_in_weights:
+      layers = layers_in_weights
+  if layers_in_weights is not None and layers != layers_in_weights:
+    raise ValueError(f'config.json gives {layers} blocks per stack (num_layers_per_stack, or '
+                     f'num_hidden_layers in a legacy file) but the weights hold {layers_in_weights}')
   return ModelConfig(
-      architecture='hrm', vocab_size=hf['vocab_size'], hidden_size=hf['hidden_size'],
-      num_heads=hf['num_attention_heads'], head_dim=hf['head_dim'],
-      intermediate_size=hf['intermediate_size'], layers_per_stack=hf['num_layers_per_stack'],
-      H_cycles=hf['H_cycles'], L_cycles=hf['L_cycles'], L_bp_cycles=tuple(hf['L_bp_cycles']),
-      rope_theta=float(rope.get('rope_theta', 10000.0)), rms_norm_eps=hf['rms_norm_eps'],
-      embedding_scale=hf['embedding_scale'], z_L_init='zeros')
+      architecture='hrm', vocab_size=r['vocab_size'], hidden_size=r['hidden_size'],
+      num_heads=r['num_attention_heads'], head_dim=r['head_dim'],
+      intermediate_size=r['intermediate_size'], layers_per_stack=layers, H_cycles=r['H_cycles'],
+      L_cycles=r['L_cycles'], L_bp_cycles=tuple(L_bp_cycles),
+      rope_theta=float(rope['rope_theta']), rms_norm_eps=r['rms_norm_eps'],
+      embedding_scale=float(r['embedding_scale']), z_L_init='zeros')
+
+
+def _hf_shape(cfg: ModelConfig) -> tuple:
+  """What of a ModelConfig a config.json describes."""
+  return (cfg.vocab_size, cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.mlp_size,
+          cfg.layers_per_stack, cfg.H_cycles, cfg.L_cycles, cfg.rope_theta, cfg.rms_norm_eps,
+          cfg.scale)
 
 
 def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
+  """config.json of `cfg`. `base`, the config.json it was imported from, comes back verbatim
+  when it still describes the model (legacy and reference-export files stay as they were);
+  otherwise its other fields are kept."""
   if cfg.architecture != 'hrm':
     raise ValueError('only HRM models have a transformers counterpart')
+  if base is not None and _hf_shape(config_from_hf(base, cfg.layers_per_stack)) == _hf_shape(cfg):
+    return dict(base)
   hf = dict(base or {'architectures': ['HrmTextForCausalLM'], 'model_type': 'hrm_text',
                      'dtype': 'float32', 'hidden_act': 'silu', 'tie_word_embeddings': False,
                      'prefix_lm': True, 'attention_bias': False, 'mlp_bias': False,
                      'initializer_range': cfg.hidden_size**-0.5,
                      'max_position_embeddings': 4096, 'use_cache': True})
+  for legacy in ('L_bp_steps', 'rope_theta'):
+    hf.pop(legacy, None)
   hf.update(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads,
       head_dim=cfg.head_dim, intermediate_size=cfg.mlp_size,
       num_layers_per_stack=cfg.layers_per_stack,
       num_hidden_layers=cfg.layers_per_stack * cfg.H_cycles * (cfg.L_cycles + 1),
@@ -65,35 +140,70 @@ def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
       L_bp_cycles=list(cfg.L_bp_cycles) or [2],  # HF's default; a no-op at inference
       rope_parameters={'rope_theta': cfg.rope_theta, 'rope_type': 'default'},
       rms_norm_eps=cfg.rms_norm_eps, embedding_scale=cfg.scale)
-  if base is None or 'num_key_value_heads' not in base:
-    hf.pop('num_key_value_heads')
+  if 'num_key_value_heads' in hf:
+    hf['num_key_value_heads'] = cfg.num_heads
   return hf
+
+
+def fused_tensors(tensors: dict) -> dict:
+  """The file layout (fused gqkv_proj / gate_up_proj, attn.o_proj) of HF tensors in either the
+  file layout or transformers' split in-memory layout."""
+  out = {}
+  for name, w in tensors.items():
+    if '.self_attn.gate_proj.' in name:
+      base = name.replace('.self_attn.gate_proj.weight', '')
+      out[f'{base}.attn.gqkv_proj.weight'] = jnp.concatenate(
+          [tensors[f'{base}.self_attn.{p}_proj.weight'] for p in ('gate', 'q', 'k', 'v')])
+    elif '.mlp.gate_proj.' in name:
+      base = name.replace('.mlp.gate_proj.weight', '')
+      out[f'{base}.mlp.gate_up_proj.weight'] = jnp.concatenate(
+          [tensors[f'{base}.mlp.{p}_proj.weight'] for p in ('gate', 'up')])
+    elif '.self_attn.o_proj.' in name:
+      out[name.replace('.self_attn.', '.attn.')] = w
+    elif not re.search(r'\.(self_attn\.[qkv]_proj|mlp\.up_proj)\.', name):
+      out[name] = w
+  return out
+
+
+def layers_per_stack(tensors: dict) -> int:
+  found = {int(m.group(1)) for name in tensors
+           if (m := re.match(r'model\.H_module\.layers\.(\d+)\.', name))}
+  return max(found) + 1 if found else 0
 
 
 def params_from_hf(tensors: dict, cfg: ModelConfig) -> dict:
   d, h, k, f = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.mlp_size
-  f32 = lambda name: np.asarray(tensors[name].astype(jnp.float32))
+  tensors = fused_tensors(tensors)
+
+  def f32(name, shape):
+    if name not in tensors:
+      raise ValueError(f'the weights have no {name}')
+    if tuple(tensors[name].shape) != shape:
+      raise ValueError(f'{name} has shape {tuple(tensors[name].shape)}; the config implies {shape}')
+    return np.asarray(tensors[name].astype(jnp.float32))
 
   def stack(name):
-    layer = lambda i, w: f32(f'model.{name}_module.layers.{i}.{w}.weight')
+    layer = lambda i, w, shape: f32(f'model.{name}_module.layers.{i}.{w}.weight', shape)
     layers = range(cfg.layers_per_stack)
     return {'layers': {
         'attn': {
-            'gqkv': np.stack([layer(i, 'attn.gqkv_proj').reshape(4, h, k, d).transpose(3, 0, 1, 2)
-                              for i in layers]),
-            'o': np.stack([layer(i, 'attn.o_proj').reshape(d, h, k).transpose(1, 2, 0)
+            'gqkv': np.stack([layer(i, 'attn.gqkv_proj', (4 * h * k, d)).reshape(4, h, k, d)
+                              .transpose(3, 0, 1, 2) for i in layers]),
+            'o': np.stack([layer(i, 'attn.o_proj', (d, h * k)).reshape(d, h, k).transpose(1, 2, 0)
                            for i in layers])},
         'mlp': {
-            'gate_up': np.stack([layer(i, 'mlp.gate_up_proj').reshape(2, f, d).transpose(2, 0, 1)
-                                 for i in layers]),
-            'down': np.stack([layer(i, 'mlp.down_proj').T for i in layers])}}}
+            'gate_up': np.stack([layer(i, 'mlp.gate_up_proj', (2 * f, d)).reshape(2, f, d)
+                                 .transpose(2, 0, 1) for i in layers]),
+            'down': np.stack([layer(i, 'mlp.down_proj', (d, f)).T for i in layers])}}}
 
-  return {'embed': {'embedding': f32('model.embed_tokens.weight')},
-          'lm_head': {'kernel': f32('lm_head.weight').T},
-          'L': stack('L'), 'H': stack('H'), 'z_L_init': f32('model.z_L_init')}
+  v = cfg.vocab_size
+  return {'embed': {'embedding': f32('model.embed_tokens.weight', (v, d))},
+          'lm_head': {'kernel': f32('lm_head.weight', (v, d)).T},
+          'L': stack('L'), 'H': stack('H'), 'z_L_init': f32('model.z_L_init', (d,))}
 
 
-def params_to_hf(params: dict, cfg: ModelConfig, dtype) -> dict:
+def params_to_hf(params: dict, cfg: ModelConfig, dtypes) -> dict:
+  """File-layout tensors; `dtypes(name)` gives each one's dtype."""
   d = cfg.hidden_size
   p = jax.tree.map(np.asarray, params)
   out = {'model.embed_tokens.weight': p['embed']['embedding'],
@@ -106,7 +216,7 @@ def params_to_hf(params: dict, cfg: ModelConfig, dtype) -> dict:
       out[f'{prefix}.attn.o_proj.weight'] = layers['attn']['o'][i].transpose(2, 0, 1).reshape(d, -1)
       out[f'{prefix}.mlp.gate_up_proj.weight'] = layers['mlp']['gate_up'][i].transpose(1, 2, 0).reshape(-1, d)
       out[f'{prefix}.mlp.down_proj.weight'] = layers['mlp']['down'][i].T
-  return {name: jnp.asarray(np.ascontiguousarray(w)).astype(dtype) for name, w in out.items()}
+  return {name: jnp.asarray(np.ascontiguousarray(w)).astype(dtypes(name)) for name, w in out.items()}
 
 
 def _read_hf_tensors(src: str) -> dict:
@@ -114,38 +224,103 @@ def _read_hf_tensors(src: str) -> dict:
   if os.path.isfile(index):
     with open(index) as f:
       files = sorted(set(json.load(f)['weight_map'].values()))
-  else:
+  elif os.path.isfile(os.path.join(src, WEIGHTS)):
     files = [WEIGHTS]
+  else:
+    raise FileNotFoundError(f'{src} has no {WEIGHTS} (or {WEIGHTS}.index.json)')
   tensors = {}
   for name in files:
     tensors.update(load_file(os.path.join(src, name)))
   return tensors
 
 
-def hf_to_hrmtext(src: str, dst: str) -> None:
+def parse_prompt_tokens(pairs) -> dict:
+  """`['boq=<|im_start|>', 'synth=<|quad_end|>', ...]` -> {key: token}; keys other than boq,
+  eoq, eoa are condition tags."""
+  out = {}
+  for pair in pairs:
+    key, sep, token = pair.partition('=')
+    if not sep or not key or not token:
+      raise ValueError(f'--prompt_tokens entry {pair!r} is not KEY=TOKEN')
+    out[key.strip()] = token
+  return out
+
+
+def release_tokenizer_info(overrides: dict | None = None) -> dict:
+  """The released models' prompt tokens with `overrides` ({boq|eoq|eoa|tag: token}) applied."""
+  info = json.loads(json.dumps(RELEASE_PROMPT_TOKENS))
+  for key, token in (overrides or {}).items():
+    if key in ('boq', 'eoq', 'eoa'):
+      info[key] = token
+    else:
+      info['condition_mapping'][key] = token
+  return info
+
+
+def import_tokenizer(src: str, dst: str, prompt_tokens: dict | None = None) -> Tokenizer | None:
+  """`<dst>/tokenizer_info.json` for the tokenizer of HF directory `src` (its side files are
+  already in `<dst>/hf_files`): the prompt tokens of `src`'s own tokenizer_info.json (an hrmtext
+  export) or else the release's, with `prompt_tokens` applied. None when `src` has no
+  tokenizer.json."""
+  side = os.path.join(dst, SIDE_FILES)
+  if not os.path.isfile(os.path.join(side, HF_TOKENIZER)):
+    if prompt_tokens:
+      raise ValueError(f'--prompt_tokens needs a {HF_TOKENIZER} in {src}')
+    return None
+  own = os.path.join(src, INFO_FILE)
+  if os.path.isfile(own):
+    with open(own) as f:
+      base = {k: v for k, v in json.load(f).items() if k in ('boq', 'eoq', 'eoa', 'condition_mapping')}
+    info = release_tokenizer_info({**base, **base.pop('condition_mapping', {}), **(prompt_tokens or {})})
+  else:
+    info = release_tokenizer_info(prompt_tokens)
+  info['tokenizer_path'] = os.path.join(SIDE_FILES, HF_TOKENIZER)
+  try:
+    tokenizer = Tokenizer(info, dst)
+  except ValueError as e:
+    raise ValueError(f'{e} (set the prompt tokens with --prompt_tokens KEY=TOKEN,...)') from None
+  tokenizer.save_info(dst)
+  return tokenizer
+
+
+def hf_to_hrmtext(src: str, dst: str, *, prompt_tokens: dict | None = None) -> None:
   with open(os.path.join(src, 'config.json')) as f:
     hf = json.load(f)
-  cfg = config_from_hf(hf)
-  params = params_from_hf(_read_hf_tensors(src), cfg)
+  tensors = _read_hf_tensors(src)
+  cfg = config_from_hf(hf, layers_per_stack(fused_tensors(tensors)))
+  params = params_from_hf(tensors, cfg)
+  dtypes = {name: str(w.dtype) for name, w in fused_tensors(tensors).items()}
   os.makedirs(dst, exist_ok=True)
-  mngr = checkpoint.manager(dst, async_save=False)
-  checkpoint.save(mngr, 0, meta={'model': cfg.to_dict(), 'hf_config': hf}, params=params)
-  mngr.wait_until_finished()
-  mngr.close()
-  side = [n for n in os.listdir(src) if n != 'config.json' and not n.startswith('model.safetensors')
-          and os.path.isfile(os.path.join(src, n))]
+  side = [n for n in os.listdir(src) if n not in ('config.json', INFO_FILE)
+          and not n.startswith('model.safetensors') and os.path.isfile(os.path.join(src, n))]
   os.makedirs(os.path.join(dst, SIDE_FILES), exist_ok=True)
   for name in side:
     shutil.copy2(os.path.join(src, name), os.path.join(dst, SIDE_FILES, name))
+  tokenizer = import_tokenizer(src, dst, prompt_tokens)
+  if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+    raise ValueError(f'{HF_TOKENIZER} has {tokenizer.vocab_size} tokens, the model only '
+                     f'{cfg.vocab_size}')
+  mngr = checkpoint.manager(dst, async_save=False)
+  checkpoint.save(mngr, 0, meta={'model': cfg.to_dict(), 'hf_config': hf, 'hf_dtypes': dtypes},
+                  params=params)
+  mngr.wait_until_finished()
+  mngr.close()
 
 
 def hrmtext_to_hf(src: str, dst: str, *, use_ema: bool = True) -> None:
   cfg, params, meta = checkpoint.load_weights(src, use_ema=use_ema)
   base = meta.get('hf_config')
   hf = config_to_hf(cfg, base)
-  dtype = jnp.dtype((base or {}).get('dtype') or 'float32')
+  default_dtype = jnp.dtype((base or {}).get('dtype') or 'float32')
+  saved_dtypes = meta.get('hf_dtypes', {})
+  dtypes = lambda name: jnp.dtype(saved_dtypes.get(name, default_dtype))
+  from hrmtext.infer.text import checkpoint_tokenizer
+  tokenizer_path = checkpoint_tokenizer(src, meta)
+  tokenizer = Tokenizer.load(tokenizer_path) if tokenizer_path else None
+  if tokenizer is not None and base is None:  # as the reference export: BOQ / EOA as bos / eos
+    hf.update(bos_token_id=tokenizer.boq, eos_token_id=tokenizer.eoa)
   os.makedirs(dst, exist_ok=True)
-  save_file(params_to_hf(params, cfg, dtype), os.path.join(dst, WEIGHTS), metadata={'format': 'pt'})
+  save_file(params_to_hf(params, cfg, dtypes), os.path.join(dst, WEIGHTS), metadata={'format': 'pt'})
   with open(os.path.join(dst, 'config.json'), 'w') as f:
     json.dump(hf, f, indent=2, sort_keys=True)
     f.write('\n')
@@ -153,3 +328,8 @@ def hrmtext_to_hf(src: str, dst: str, *, use_ema: bool = True) -> None:
   if os.path.isdir(side_dir):
     for name in os.listdir(side_dir):
       shutil.copy2(os.path.join(side_dir, name), os.path.join(dst, name))
+  if tokenizer is not None:  # the prompt tokens, next to a copy of the tokenizer's model file
+    model_file = os.path.basename(tokenizer.path)
+    if not os.path.exists(os.path.join(dst, model_file)):
+      shutil.copy2(tokenizer.path, os.path.join(dst, model_file))
+    Tokenizer(dict(tokenizer.info, tokenizer_path=model_file), dst).save_info(dst)

@@ -5,21 +5,28 @@ from absl import flags
 
 CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Run directory (or its checkpoints/).')
 TOKENIZER = flags.DEFINE_string('tokenizer', '', 'tokenizer_info.json or a folder holding one '
-                                '(default: the one the checkpoint was trained with).')
+                                '(default: the one the checkpoint was trained with, or for an '
+                                'imported HF checkpoint the one convert wrote next to it).')
+EOA_ID = flags.DEFINE_integer('eoa_id', None, 'End-of-answer token id, where generation stops '
+                              "(default: the tokenizer's EOA; without a tokenizer, the imported "
+                              "HF config's eos_token_id).")
 EMA = flags.DEFINE_bool('ema', True, 'Use the EMA weights when the checkpoint has them.')
 SLOTS = flags.DEFINE_integer('slots', 8, 'Sequences decoded together (continuous batching).')
 MAX_LEN = flags.DEFINE_integer('max_len', 0, 'KV-cache length: prompt + response tokens '
                                '(default: the training row length).')
 
 
-def load():
+def load(need_tokenizer: bool = True):
+  """(engine, tokenizer, meta) of --checkpoint; the tokenizer may be None (token-id rows only)
+  unless `need_tokenizer`."""
   from hrmtext.infer import text
   if not CHECKPOINT.value:
     raise ValueError('--checkpoint is required')
   if SLOTS.value < 1 or MAX_LEN.value < 0:
     raise ValueError('--slots must be >= 1 and --max_len >= 0')
   return text.load(CHECKPOINT.value, tokenizer=TOKENIZER.value, use_ema=EMA.value,
-                   slots=SLOTS.value, max_len=MAX_LEN.value)
+                   slots=SLOTS.value, max_len=MAX_LEN.value, eoa_id=EOA_ID.value,
+                   need_tokenizer=need_tokenizer)
 
 
 def check_output(path: str | None) -> None:

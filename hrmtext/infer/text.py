@@ -1,5 +1,7 @@
 """Text-level inference: load a checkpoint with its tokenizer; generate / log-likelihood fns."""
-from hrmtext.data.tokenizer import Tokenizer
+import os
+
+from hrmtext.data.tokenizer import INFO_FILE, Tokenizer
 from hrmtext.infer.engine import Engine
 from hrmtext.infer.sampling import Sampling
 from hrmtext.model import build_model
@@ -7,27 +9,52 @@ from hrmtext.train import checkpoint
 
 
 def load(path: str, *, tokenizer: str = '', use_ema: bool = True, slots: int = 8,
-         max_len: int = 0) -> tuple[Engine, Tokenizer, dict]:
-  """Engine on the checkpoint's (EMA) weights, the tokenizer it was trained with, its meta."""
+         max_len: int = 0, eoa_id: int | None = None, need_tokenizer: bool = True
+         ) -> tuple[Engine, Tokenizer | None, dict]:
+  """Engine on the checkpoint's (EMA) weights, its tokenizer (`tokenizer` if given) and its meta.
+
+  The tokenizer is the one the run trained with, or for an imported HF checkpoint the
+  tokenizer_info.json `convert` wrote next to it. Without one (a HF directory that had no
+  tokenizer.json) the tokenizer is None, which only token-id rows can use, unless
+  `need_tokenizer`. The end-of-answer id is `eoa_id`, else the tokenizer's EOA, else the HF
+  config's eos_token_id; with none, generation stops at its token budget.
+  """
   cfg, params, meta = checkpoint.load_weights(path, use_ema=use_ema)
-  tokenizer_path = tokenizer or meta.get('tokenizer')
-  if not tokenizer_path:
-    raise ValueError(f'{path} names no tokenizer; pass --tokenizer')
-  tok = Tokenizer.load(tokenizer_path)
-  max_len = max_len or meta.get('config', {}).get('data', {}).get('seq_len', 2048)
-  if tok.vocab_size > cfg.vocab_size:
+  tokenizer_path = tokenizer or checkpoint_tokenizer(path, meta)
+  tok = Tokenizer.load(tokenizer_path) if tokenizer_path else None
+  if tok is None and need_tokenizer:
+    raise ValueError(f'{path} has no tokenizer (it was imported without a tokenizer.json); '
+                     f'pass --tokenizer')
+  if tok is not None and tok.vocab_size > cfg.vocab_size:
     raise ValueError(f'tokenizer {tokenizer_path} has {tok.vocab_size} tokens, the model '
                      f'only {cfg.vocab_size}')
-  engine = Engine(build_model(cfg), params, eoa=tok.eoa, slots=slots, max_len=max_len,
-                  vocab_size=tok.vocab_size)  # never generate the padded vocabulary rows
+  if eoa_id is None:
+    eos = meta.get('hf_config', {}).get('eos_token_id')
+    eoa_id = tok.eoa if tok is not None else (eos[0] if isinstance(eos, list) and eos else eos)
+  max_len = max_len or meta.get('config', {}).get('data', {}).get('seq_len', 2048)
+  engine = Engine(build_model(cfg), params, eoa=-1 if eoa_id is None else eoa_id, slots=slots,
+                  max_len=max_len,  # never generate the padded vocabulary rows:
+                  vocab_size=tok.vocab_size if tok is not None else None)
   return engine, tok, meta
 
 
-def encode_ids(tok: Tokenizer, row: dict) -> tuple[list[int], list[int] | None]:
+def checkpoint_tokenizer(path: str, meta: dict) -> str | None:
+  """The tokenizer of checkpoint `path`: the sampled set its run trained on, else the
+  tokenizer_info.json next to its checkpoints/ (an imported HF checkpoint); None without one."""
+  if meta.get('tokenizer'):
+    return meta['tokenizer']
+  info = os.path.normpath(os.path.join(checkpoint.checkpoint_dir(path), os.pardir, INFO_FILE))
+  return info if os.path.isfile(info) else None
+
+
+def encode_ids(tok: Tokenizer | None, row: dict) -> tuple[list[int], list[int] | None]:
   """(instruction ids, response ids or None) of a text row or a token-id row."""
   if 'instruction_ids' in row:
     response = row.get('response_ids')
     return list(row['instruction_ids']), None if response is None else list(response)
+  if tok is None:
+    raise ValueError('the checkpoint has no tokenizer: give token-id rows '
+                     '{"instruction_ids", "response_ids"} or pass --tokenizer')
   instruction = tok.encode_instruction(row['instruction'], row.get('condition') or 'direct')
   response = row.get('response')
   return instruction, None if response is None else tok.encode_response(response)
