@@ -281,24 +281,21 @@ class Trainer:
     profile = ProfileWindow(config.profile, self._profile_dir())
     last, waits = {}, Waits()
     t0, logged_step = time.time(), start
-    saved_step, saved_time = start, time.monotonic()
+    saved_time, minutes = time.monotonic(), config.checkpoint.every_minutes
     bar = tqdm(total=self.total_steps, initial=start, unit='step', disable=not main, leave=False)
-    step, stop = start, False
-    while step < self.total_steps:
-      # Decided by all processes together: a SIGTERM seen by any of them stops all at this step;
-      # a time-based checkpoint is due when any process's clock says so.
-      minutes = config.checkpoint.every_minutes
-      stop, save_due = distributed.any_process(
-          self._stop, minutes > 0 and time.monotonic() - saved_time >= 60 * minutes)
-      if stop:
-        break
-      profile.before(step + 1)
-      bp = schedules.bp_steps(step, self.total_steps, tc.bp_min, tc.bp_max, tc.bp_warmup_ratio)
+    stop = False
+    for step in range(start + 1, self.total_steps + 1):  # the step each update is logged as
+      profile.before(step)
+      bp = schedules.bp_steps(step - 1, self.total_steps, tc.bp_min, tc.bp_max,
+                              tc.bp_warmup_ratio)
       with waits.timing('data'):
         batch = self._global_batch(next(self.data))
       state, metrics = self._train_step(bp)(state, batch)
-      step += 1
       profile.after(step, state)
+      # Decided by all processes together: a SIGTERM seen by any of them stops all after this
+      # step; a time-based checkpoint is due when any process's clock says so.
+      stop, save_due = distributed.any_process(
+          self._stop, minutes > 0 and time.monotonic() - saved_time >= 60 * minutes)
       bar.update()
       if step % config.log_every_steps == 0 or step == self.total_steps:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -319,16 +316,16 @@ class Trainer:
           eval_metrics = self.evaluate(state.ema)
         self._log(writer, step, eval_metrics)
         last.update(eval_metrics)
-      if step % config.checkpoint.every_steps == 0 or step == self.total_steps or save_due:
+      if (step % config.checkpoint.every_steps == 0 or step == self.total_steps or save_due or
+          stop):
         with waits.timing('checkpoint'):
           self.save(state, step)
-        saved_step, saved_time = step, time.monotonic()
+        saved_time = time.monotonic()
+      if stop:  # every process says so: in a multi-host log, each host's own line
+        tqdm.write(f'SIGTERM: saved step {step}, exiting')
+        sys.stdout.flush()
+        break
     profile.close(state)
-    if stop and saved_step != step:
-      self.save(state, step)
-    if stop:  # every process says so: in a multi-host log, each host's own line
-      tqdm.write(f'SIGTERM: saved step {step}, exiting')
-      sys.stdout.flush()
     bar.close()
     self.mngr.wait_until_finished()
     self.mngr.close()
