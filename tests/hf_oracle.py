@@ -34,26 +34,10 @@ def make_hf_model(seed=0, vocab=300, hidden=64, heads=2, head_dim=32, intermedia
 
 
 def to_hrmtext(model):
-  """(ModelConfig, params) holding the same weights."""
-  hf = model.config.to_dict()
+  """(ModelConfig, params) holding the same weights (transformers' split in-memory layout)."""
   tensors = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-  fused = {}
-  for name, w in tensors.items():  # transformers splits the fused file tensors in memory
-    if '.self_attn.gate_proj' in name:
-      base = name.replace('.self_attn.gate_proj.weight', '')
-      fused[f'{base}.attn.gqkv_proj.weight'] = np.concatenate(
-          [tensors[f'{base}.self_attn.{p}_proj.weight'] for p in ('gate', 'q', 'k', 'v')])
-    elif '.mlp.gate_proj' in name:
-      base = name.replace('.mlp.gate_proj.weight', '')
-      fused[f'{base}.mlp.gate_up_proj.weight'] = np.concatenate(
-          [tensors[f'{base}.mlp.{p}_proj.weight'] for p in ('gate', 'up')])
-      fused[f'{base}.mlp.down_proj.weight'] = tensors[f'{base}.mlp.down_proj.weight']
-    elif 'self_attn.o_proj' in name:
-      fused[name.replace('self_attn', 'attn')] = w
-    elif 'self_attn' not in name and 'mlp.' not in name:
-      fused[name] = w
-  cfg = config_from_hf(hf)
-  return cfg, params_from_hf(fused, cfg)
+  cfg = config_from_hf(model.config.to_dict())
+  return cfg, params_from_hf(tensors, cfg)
 
 
 def jax_leaves(tree):

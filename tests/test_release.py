@@ -145,6 +145,13 @@ def test_round_trip_gives_the_release_files_back(release, tmp_path):
   # The exported tokenizer_info.json carries the prompt tokens into a re-import.
   info = json.loads((back / 'tokenizer_info.json').read_text())
   assert info['tokenizer_path'] == 'tokenizer.json' and info['eoa'] == RELEASE['eoa']
+  from hrmtext.convert import hf
+  from hrmtext.data.tokenizer import Tokenizer
+  custom = dict(info, eoa='<|im_end|>', condition_mapping={'math': '<|box_start|>'})
+  (back / 'tokenizer_info.json').write_text(json.dumps(custom))
+  hf.hf_to_hrmtext(str(back), str(tmp_path / 'again'))
+  tok = Tokenizer.load(str(tmp_path / 'again'))
+  assert tok.info['eoa'] == '<|im_end|>' and tok.info['condition_mapping'] == custom['condition_mapping']
 
 
 @needs_hf

@@ -246,9 +246,10 @@ def parse_prompt_tokens(pairs) -> dict:
   return out
 
 
-def release_tokenizer_info(overrides: dict | None = None) -> dict:
-  """The released models' prompt tokens with `overrides` ({boq|eoq|eoa|tag: token}) applied."""
-  info = json.loads(json.dumps(RELEASE_PROMPT_TOKENS))
+def with_prompt_tokens(info: dict, overrides: dict | None) -> dict:
+  """The prompt tokens of tokenizer_info `info` with `overrides` ({boq|eoq|eoa|tag: token})."""
+  info = {k: info[k] for k in ('boq', 'eoq', 'eoa')} | {
+      'condition_mapping': dict(info['condition_mapping'])}
   for key, token in (overrides or {}).items():
     if key in ('boq', 'eoq', 'eoa'):
       info[key] = token
@@ -262,19 +263,16 @@ def import_tokenizer(src: str, dst: str, prompt_tokens: dict | None = None) -> T
   already in `<dst>/hf_files`): the prompt tokens of `src`'s own tokenizer_info.json (an hrmtext
   export) or else the release's, with `prompt_tokens` applied. None when `src` has no
   tokenizer.json."""
-  side = os.path.join(dst, SIDE_FILES)
-  if not os.path.isfile(os.path.join(side, HF_TOKENIZER)):
+  if not os.path.isfile(os.path.join(dst, SIDE_FILES, HF_TOKENIZER)):
     if prompt_tokens:
       raise ValueError(f'--prompt_tokens needs a {HF_TOKENIZER} in {src}')
     return None
-  own = os.path.join(src, INFO_FILE)
-  if os.path.isfile(own):
-    with open(own) as f:
-      base = {k: v for k, v in json.load(f).items() if k in ('boq', 'eoq', 'eoa', 'condition_mapping')}
-    info = release_tokenizer_info({**base, **base.pop('condition_mapping', {}), **(prompt_tokens or {})})
-  else:
-    info = release_tokenizer_info(prompt_tokens)
-  info['tokenizer_path'] = os.path.join(SIDE_FILES, HF_TOKENIZER)
+  base = RELEASE_PROMPT_TOKENS
+  if os.path.isfile(os.path.join(src, INFO_FILE)):
+    with open(os.path.join(src, INFO_FILE)) as f:
+      base = json.load(f)
+  info = dict(with_prompt_tokens(base, prompt_tokens),
+              tokenizer_path=os.path.join(SIDE_FILES, HF_TOKENIZER))
   try:
     tokenizer = Tokenizer(info, dst)
   except ValueError as e:
@@ -286,10 +284,10 @@ def import_tokenizer(src: str, dst: str, prompt_tokens: dict | None = None) -> T
 def hf_to_hrmtext(src: str, dst: str, *, prompt_tokens: dict | None = None) -> None:
   with open(os.path.join(src, 'config.json')) as f:
     hf = json.load(f)
-  tensors = _read_hf_tensors(src)
-  cfg = config_from_hf(hf, layers_per_stack(fused_tensors(tensors)))
+  tensors = fused_tensors(_read_hf_tensors(src))
+  cfg = config_from_hf(hf, layers_per_stack(tensors))
   params = params_from_hf(tensors, cfg)
-  dtypes = {name: str(w.dtype) for name, w in fused_tensors(tensors).items()}
+  dtypes = {name: str(w.dtype) for name, w in tensors.items()}
   os.makedirs(dst, exist_ok=True)
   side = [n for n in os.listdir(src) if n not in ('config.json', INFO_FILE)
           and not n.startswith('model.safetensors') and os.path.isfile(os.path.join(src, n))]
