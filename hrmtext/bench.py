@@ -325,12 +325,12 @@ def main(argv):
   quiet_logs()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if use_gpu_xla_flags():
+    print(f'XLA_FLAGS={os.environ["XLA_FLAGS"]}')
   if _TARGET.value:  # before a JAX backend starts: the target's compiler reads its environment
     if not _COMPILE_ONLY.value:
       sys.exit('error: --target needs --compile_only (the target\'s devices are not here)')
     targets.prepare_environment(_TARGET.value)
-  if use_gpu_xla_flags():
-    print(f'XLA_FLAGS={os.environ["XLA_FLAGS"]}')
   distributed.initialize()
   try:
     results = run(_CONFIG.value)

@@ -121,12 +121,16 @@ def prepare_environment(name: str) -> None:
   """Sets (unless set) what target `name`'s compiler plugin reads when it starts; call it before
   a JAX backend starts.
 
-  TPU: libtpu otherwise probes the GCE metadata server for the accelerator type and the worker
-  hostnames (and warns at length), and takes /tmp/libtpu_lockfile, which would refuse a second
-  process on this machine. GPU: jax's CUDA plugin otherwise refuses to start without the CUDA
-  libraries it would run with, which compiling does not need.
+  The host's own backends: CPU only (JAX_PLATFORMS), as compiling for a target runs nothing here
+  and the other plugins then do not start (and warn) at all. TPU: libtpu otherwise probes the
+  GCE metadata server for the accelerator type and the worker hostnames (and warns at length),
+  and takes /tmp/libtpu_lockfile, which would refuse a second process on this machine. GPU:
+  jax's CUDA plugin otherwise refuses to start without the CUDA libraries it would run with,
+  which compiling does not need.
   """
   kind = name.lower().partition(':')[0]
+  if kind in TPU_GENERATIONS or kind in GPU_TARGET_CONFIGS:
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   if kind in TPU_GENERATIONS:
     os.environ.setdefault('TPU_ACCELERATOR_TYPE', TPU_GENERATIONS[kind].accelerator_type)
     os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
