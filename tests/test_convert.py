@@ -14,8 +14,9 @@ from tests import hf_oracle
 
 
 def convert(src, dst):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}  # no accelerator plugin start-up noise
   return subprocess.run([sys.executable, '-m', 'hrmtext.convert', f'--src={src}', f'--dst={dst}'],
-                        capture_output=True, text=True)
+                        capture_output=True, text=True, env=env)
 
 
 @hf_oracle.needs_hf
