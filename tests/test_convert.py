@@ -165,3 +165,33 @@ def test_split_layout_and_inconsistent_directories(tmp_path):
   result = convert(split, tmp_path / 'bad')
   assert result.returncode != 0 and 'the weights have no lm_head.weight' in result.stderr
   assert not (tmp_path / 'bad').exists()
+
+
+def test_trained_run_exports_its_tokenizer_and_reimports_it(tmp_path):
+  """A run trained with an hrmtext sentencepiece tokenizer: the export carries the model file,
+  tokenizer_info.json and BOQ / EOA as bos / eos; importing that directory gives them back."""
+  import jax
+  from hrmtext.convert import hf
+  from hrmtext.data.tokenizer import Tokenizer, train_tokenizer
+  from hrmtext.model import ModelConfig
+  from hrmtext.train import checkpoint
+  texts = ['What is 3 + 4? It is 7.', 'The capital of France is Paris.'] * 50
+  tok = train_tokenizer(texts, str(tmp_path / 'data' / 'tokenizer'), 320, ['direct', 'cot'])
+  cfg = ModelConfig(vocab_size=384, hidden_size=32, num_heads=2, head_dim=16, layers_per_stack=1)
+  params = jax.tree.map(lambda s: np.random.default_rng(0).normal(size=s.shape).astype(np.float32),
+                        checkpoint.abstract_params(cfg))
+  mngr = checkpoint.manager(str(tmp_path / 'run'), async_save=False)
+  checkpoint.save(mngr, 1, meta={'model': cfg.to_dict(), 'tokenizer': str(tmp_path / 'data' / 'tokenizer')},
+                  params=params)
+  mngr.close()
+  hf.hrmtext_to_hf(str(tmp_path / 'run'), str(tmp_path / 'hf'))
+  config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  assert (config['bos_token_id'], config['eos_token_id']) == (tok.boq, tok.eoa)
+  assert hf._hf_shape(hf.config_from_hf(config, cfg.layers_per_stack)) == hf._hf_shape(cfg)
+  hf.hf_to_hrmtext(str(tmp_path / 'hf'), str(tmp_path / 'again'))
+  again = Tokenizer.load(str(tmp_path / 'again'))
+  assert again.info['condition_mapping'] == tok.info['condition_mapping']
+  assert again.encode_instruction('What is 3 + 4?', 'cot') == tok.encode_instruction('What is 3 + 4?', 'cot')
+  _, back, _ = checkpoint.load_weights(str(tmp_path / 'again'))
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(a, b)

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -260,19 +261,20 @@ def with_prompt_tokens(info: dict, overrides: dict | None) -> dict:
 
 def import_tokenizer(src: str, dst: str, prompt_tokens: dict | None = None) -> Tokenizer | None:
   """`<dst>/tokenizer_info.json` for the tokenizer of HF directory `src` (its side files are
-  already in `<dst>/hf_files`): the prompt tokens of `src`'s own tokenizer_info.json (an hrmtext
-  export) or else the release's, with `prompt_tokens` applied. None when `src` has no
-  tokenizer.json."""
-  if not os.path.isfile(os.path.join(dst, SIDE_FILES, HF_TOKENIZER)):
-    if prompt_tokens:
-      raise ValueError(f'--prompt_tokens needs a {HF_TOKENIZER} in {src}')
-    return None
-  base = RELEASE_PROMPT_TOKENS
+  already in `<dst>/hf_files`): its tokenizer.json with the release's prompt tokens, or, for an
+  hrmtext export, the model file and prompt tokens its own tokenizer_info.json names; then
+  `prompt_tokens` applied. None when `src` has no tokenizer."""
+  base, model_file = RELEASE_PROMPT_TOKENS, HF_TOKENIZER
   if os.path.isfile(os.path.join(src, INFO_FILE)):
     with open(os.path.join(src, INFO_FILE)) as f:
       base = json.load(f)
+    model_file = os.path.basename(base['tokenizer_path'])
+  if not os.path.isfile(os.path.join(dst, SIDE_FILES, model_file)):
+    if prompt_tokens:
+      raise ValueError(f'--prompt_tokens needs a {model_file} in {src}')
+    return None
   info = dict(with_prompt_tokens(base, prompt_tokens),
-              tokenizer_path=os.path.join(SIDE_FILES, HF_TOKENIZER))
+              tokenizer_path=os.path.join(SIDE_FILES, model_file))
   try:
     tokenizer = Tokenizer(info, dst)
   except ValueError as e:
@@ -313,8 +315,11 @@ def hrmtext_to_hf(src: str, dst: str, *, use_ema: bool = True) -> None:
   saved_dtypes = meta.get('hf_dtypes', {})
   dtypes = lambda name: jnp.dtype(saved_dtypes.get(name, default_dtype))
   from hrmtext.infer.text import checkpoint_tokenizer
-  tokenizer_path = checkpoint_tokenizer(src, meta)
-  tokenizer = Tokenizer.load(tokenizer_path) if tokenizer_path else None
+  tokenizer_path, tokenizer = checkpoint_tokenizer(src, meta), None
+  try:
+    tokenizer = Tokenizer.load(tokenizer_path) if tokenizer_path else None
+  except (OSError, ValueError) as e:  # e.g. a run trained on data whose tokenizer is elsewhere
+    print(f'note: exporting without a tokenizer: {e}', file=sys.stderr)
   if tokenizer is not None and base is None:  # as the reference export: BOQ / EOA as bos / eos
     hf.update(bos_token_id=tokenizer.boq, eos_token_id=tokenizer.eoa)
   os.makedirs(dst, exist_ok=True)
