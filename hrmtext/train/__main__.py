@@ -3,6 +3,10 @@
 Trains (or resumes, if the workdir holds a checkpoint) the model of an experiment config.
 Every config field can be overridden, e.g. --config.train.steps=100. Logs go to stdout,
 <workdir>/metrics.jsonl and TensorBoard (<workdir>/tb); checkpoints to <workdir>/checkpoints.
+
+Fine-tuning (experiments/sft.py[:SIZE]): --config.init_from=RUN starts a new run from RUN's latest
+checkpoint; --config.init_mode=continue (default, as the reference: its params, EMA, optimizer
+moments and counts, step and schedules from 0) | ema | params (those weights, fresh optimizer).
 """
 import os
 
