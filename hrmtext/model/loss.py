@@ -2,7 +2,7 @@
 import jax
 import jax.numpy as jnp
 
-IGNORE_LABEL = -100
+from hrmtext.data.packing import IGNORE_LABEL  # the packed rows' "no label" (DESIGN §2)
 
 
 def token_stats(logits, labels):
