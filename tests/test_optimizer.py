@@ -1,6 +1,5 @@
 """AdamATan2 + EMA against an fp32 PyTorch oracle of the reference formula; lr and bp_steps
-schedules. `torch_oracle` is reused by other tests (a tiny training run's first steps)."""
-import functools
+schedules. `torch_oracle` is reused by test_sft.py (a tiny training run's first 3 steps)."""
 import math
 
 import jax
@@ -151,76 +150,3 @@ def test_bp_steps():
   assert schedules.bp_steps(0, total, bp_warmup_ratio=0.0) == 5
   assert schedules.bp_steps(3, 0) == 5
 
-
-def test_a_tiny_training_run_follows_the_oracle_for_its_first_3_steps(tmp_path):
-  """The training loop's first 3 updates (the embedding skipped at bp_steps 2, trained at 3;
-  z_L_init never) change params, EMA and moments as the oracle says, on the gradients of the
-  same batches."""
-  torch = pytest.importorskip('torch', reason='the oracle is written in PyTorch (not installed)')
-  from hrmtext.data import pipeline
-  from hrmtext.model import build_model, credit_horizon, loss_and_metrics
-  from hrmtext.train import checkpoint
-  from hrmtext.train.loop import Trainer
-  from hrmtext.train.step import grad_mask, init_state
-  from tests.test_sft import restore_all, tiny_config
-  from tests.test_train import make_fixture_data
-
-  make_fixture_data(tmp_path / 'data')
-  lr, warmup, total, ratio = 1e-2, 2, 3, 0.5
-  c = tiny_config(tmp_path / 'data', steps=total, lr=lr, warmup_steps=warmup, lr_min_ratio=ratio,
-                  ema_decay=0.7, bp_min=2, bp_max=3, bp_warmup_ratio=1 / 3)
-  run = tmp_path / 'run'
-  Trainer(c, str(run)).run()
-
-  def lr_of_step(step):  # the reference's update_lr at its 1-based step
-    t = step + 1
-    if t < warmup:
-      return lr * t / warmup
-    progress = (t - warmup) / (total - warmup)
-    return lr * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-  cfg, _, _ = checkpoint.load_weights(str(run), use_ema=False, step=1)
-  model = build_model(cfg)
-  params = jax.jit(lambda key: init_state(model, optax.identity(), key).params)(
-      jax.random.key(c.train.seed))  # the run's initial params
-  paths, treedef = jax.tree_util.tree_flatten_with_path(params)
-  names = [jax.tree_util.keystr(path) for path, _ in paths]
-  flat = lambda tree: dict(zip(names, (np.asarray(x) for x in jax.tree.leaves(tree))))
-  batches = pipeline.make_train_iterator(c.data, rows_per_process=4, seq_len=c.data.seq_len,
-                                         process_index=0, process_count=1, seed=c.train.seed)
-
-  @functools.partial(jax.jit, static_argnums=2)
-  def gradients(p, batch, bp):  # as the train step: the grad of the summed loss / tokens
-    def loss_sum(p):
-      sums = loss_and_metrics(model.logits(p, batch, credit_horizon(cfg, bp)), batch['labels'],
-                              batch['segment_ids'])
-      return sums['loss_sum'], sums['tokens']
-    grads, tokens = jax.grad(loss_sum, has_aux=True)(p)
-    return jax.tree.map(lambda g: g / tokens, grads)
-
-  # Each update starts from the run's own params and EMA before it (errors do not compound) and
-  # the oracle's moments and counts, which must equal the run's after it.
-  before = dict(params=flat(params), ema=flat(params), count=None, mu=None, nu=None)
-  skipped = []
-  for step, bp in enumerate([2, 3, 3]):
-    current = jax.tree.unflatten(treedef, [jnp.asarray(v) for v in before['params'].values()])
-    grads = flat(gradients(current, {k: jnp.asarray(v) for k, v in next(batches).items()}, bp))
-    mask = flat(grad_mask(model, credit_horizon(cfg, bp), current))
-    skipped.append(sorted(k for k, keep in mask.items() if not keep))
-    oracle = dict(zip(('params', 'ema', 'count', 'mu', 'nu'), torch_oracle(
-        torch, before['params'], [grads], [mask], lambda _, s=step: lr_of_step(s), b1=c.train.b1,
-        b2=c.train.b2, wd=c.train.weight_decay, ema_decay=c.train.ema_decay,
-        count=before['count'], mu=before['mu'], nu=before['nu'], ema=before['ema'])))
-    saved = restore_all(run, step + 1)
-    opt = saved.pop('opt_state')
-    saved = dict(params=flat(saved['params']), ema=flat(saved['ema']), mu=flat(opt['mu']),
-                 nu=flat(opt['nu']), count={k: int(v) for k, v in flat(opt['count']).items()})
-    assert saved['count'] == oracle['count'], step + 1
-    for item in ('params', 'ema', 'mu', 'nu'):
-      for name, value in saved[item].items():
-        np.testing.assert_allclose(value, oracle[item][name], rtol=1e-6, atol=1e-7,
-                                   err_msg=f'step {step + 1} {item} {name}')
-    before = saved
-  assert any('embed' in k for k in skipped[0]) and not any('embed' in k for k in skipped[1])
-  assert all(any('z_L_init' in k for k in s) for s in skipped)
-  assert before['count'][[k for k in names if 'embed' in k][0]] == 2

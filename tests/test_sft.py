@@ -1,4 +1,5 @@
-"""Fine-tuning from a tiny pretrain run (in process): init_mode continue restores the source's
+"""A tiny pretrain run (in process) follows the optimizer oracle for its first 3 steps; fine-tuning
+from it: init_mode continue restores the source's
 params, EMA, moments and per-leaf counts bit for bit and then applies the new run's schedule and
 hyper-parameters; init_mode ema starts from the EMA weights with a fresh optimizer; the SFT run
 resumes exactly; the experiments/sft.py configs carry the reference recipe.
@@ -78,11 +79,86 @@ def pretrain(tmp_path_factory):
   from hrmtext.train.loop import Trainer
   root = tmp_path_factory.mktemp('sft')
   make_fixture_data(root / 'data')
-  c = tiny_config(root / 'data', steps=PRETRAIN_STEPS, lr=1e-2, warmup_steps=2, ema_decay=0.5,
-                  bp_min=2, bp_max=3, bp_warmup_ratio=0.5)
-  c.checkpoint.every_steps = PRETRAIN_STEPS
-  Trainer(c, str(root / 'pretrain')).run()
+  Trainer(pretrain_config(root / 'data'), str(root / 'pretrain')).run()
   return root / 'data', root / 'pretrain'
+
+
+def pretrain_config(data_dir):
+  """bp_steps 2, 2, 3, 3; lr warms up over 2 steps, then cosine to half; saved every step."""
+  return tiny_config(data_dir, steps=PRETRAIN_STEPS, lr=1e-2, warmup_steps=2, lr_min_ratio=0.5,
+                     ema_decay=0.5, bp_min=2, bp_max=3, bp_warmup_ratio=0.5)
+
+
+def test_pretrain_run_follows_the_oracle_for_its_first_3_steps(pretrain):
+  """The training loop's first 3 updates (the embedding skipped at bp_steps 2, trained at 3;
+  z_L_init never) change params, EMA and moments as the PyTorch oracle of the reference
+  optimizer says, on the gradients of the same batches."""
+  torch = pytest.importorskip('torch', reason='the oracle is written in PyTorch (not installed)')
+  import functools
+  import math
+  import jax.numpy as jnp
+  import optax
+  from hrmtext.data import pipeline
+  from hrmtext.model import build_model, credit_horizon, loss_and_metrics
+  from hrmtext.train import checkpoint
+  from hrmtext.train.step import grad_mask, init_state
+  from tests.test_optimizer import torch_oracle
+  data_dir, run = pretrain
+  c = pretrain_config(data_dir)
+  t = c.train
+
+  def lr_of_step(step):  # the reference's update_lr at its 1-based step
+    n = step + 1
+    if n < t.warmup_steps:
+      return t.lr * n / t.warmup_steps
+    progress = (n - t.warmup_steps) / (t.steps - t.warmup_steps)
+    return t.lr * (t.lr_min_ratio + (1 - t.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+  cfg, _, _ = checkpoint.load_weights(str(run), use_ema=False, step=1)
+  model = build_model(cfg)
+  params = jax.jit(lambda key: init_state(model, optax.identity(), key).params)(
+      jax.random.key(t.seed))  # the run's initial params
+  paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+  names = [jax.tree_util.keystr(path) for path, _ in paths]
+  flat = lambda tree: dict(zip(names, (np.asarray(x) for x in jax.tree.leaves(tree))))
+  batches = pipeline.make_train_iterator(c.data, rows_per_process=ROWS, seq_len=SEQ_LEN,
+                                         process_index=0, process_count=1, seed=t.seed)
+
+  @functools.partial(jax.jit, static_argnums=2)
+  def gradients(p, batch, bp):  # as the train step: the grad of the summed loss / tokens
+    def loss_sum(p):
+      sums = loss_and_metrics(model.logits(p, batch, credit_horizon(cfg, bp)), batch['labels'],
+                              batch['segment_ids'])
+      return sums['loss_sum'], sums['tokens']
+    grads, tokens = jax.grad(loss_sum, has_aux=True)(p)
+    return jax.tree.map(lambda g: g / tokens, grads)
+
+  # Each update starts from the run's own params and EMA before it (errors do not compound) and
+  # the oracle's moments and counts, which must equal the run's after it.
+  before = dict(params=flat(params), ema=flat(params), count=None, mu=None, nu=None)
+  skipped = []
+  for step, bp in enumerate([2, 2, 3]):
+    current = jax.tree.unflatten(treedef, [jnp.asarray(v) for v in before['params'].values()])
+    grads = flat(gradients(current, {k: jnp.asarray(v) for k, v in next(batches).items()}, bp))
+    mask = flat(grad_mask(model, credit_horizon(cfg, bp), current))
+    skipped.append(sorted(k for k, keep in mask.items() if not keep))
+    oracle = dict(zip(('params', 'ema', 'count', 'mu', 'nu'), torch_oracle(
+        torch, before['params'], [grads], [mask], lambda _, s=step: lr_of_step(s), b1=t.b1,
+        b2=t.b2, wd=t.weight_decay, ema_decay=t.ema_decay, count=before['count'],
+        mu=before['mu'], nu=before['nu'], ema=before['ema'])))
+    saved = restore_all(run, step + 1)
+    opt = saved.pop('opt_state')
+    saved = dict(params=flat(saved['params']), ema=flat(saved['ema']), mu=flat(opt['mu']),
+                 nu=flat(opt['nu']), count={k: int(v) for k, v in flat(opt['count']).items()})
+    assert saved['count'] == oracle['count'], step + 1
+    for item in ('params', 'ema', 'mu', 'nu'):
+      for name, value in saved[item].items():
+        np.testing.assert_allclose(value, oracle[item][name], rtol=1e-6, atol=1e-7,
+                                   err_msg=f'step {step + 1} {item} {name}')
+    before = saved
+  assert any('embed' in k for k in skipped[1]) and not any('embed' in k for k in skipped[2])
+  assert all(any('z_L_init' in k for k in s) for s in skipped)
+  assert before['count'][[k for k in names if 'embed' in k][0]] == 1
 
 
 # The fine-tuning run's hyper-parameters, all different from the pretrain run's.
