@@ -21,8 +21,9 @@ Config fields are overridable as in training, e.g. --config.train.micro_batches=
 --compile_only lowers and compiles the train step on abstract inputs (nothing is allocated, so
 a 1B model compiles on a laptop, for N fake CPU devices with
 XLA_FLAGS=--xla_force_host_platform_device_count=N) and reports the parameter count, the analytic
-and the compiled (XLA cost analysis) FLOPs per token and the per-device memory of the compiled
-step (compiled.memory_analysis()). CPU buffer assignment only approximates a GPU's or TPU's:
+and the compiled FLOPs per token (the matmuls of the optimised HLO, loop bodies times their trip
+counts: hrmtext.model.flops.compiled_matmul_flops) and the per-device memory of the compiled step
+(compiled.memory_analysis()). CPU buffer assignment only approximates a GPU's or TPU's:
 treat its bytes as an estimate of what the step needs, not a measurement of another backend.
 With --target the step is compiled by the target's own compiler for devices that are not here
 (hrmtext.parallel.targets: TPU slices through libtpu, H100/H200 GPUs deviceless), so its memory
@@ -48,7 +49,7 @@ from hrmtext.data import packing
 from hrmtext.data.packing import FIELDS
 from hrmtext.data.layout import Index
 from hrmtext.model import build_model, credit_horizon
-from hrmtext.model.flops import peak_flops, train_flops_per_token
+from hrmtext.model.flops import compiled_matmul_flops, peak_flops, train_flops_per_token
 from hrmtext.parallel import distributed, sharding, targets
 from hrmtext.parallel.mesh import make_mesh
 from hrmtext.train import optimizer, schedules
@@ -88,6 +89,11 @@ _COMPILE_ONLY = flags.DEFINE_bool(
     'compile_only', False, 'Only lower and compile the train step on abstract inputs and report '
     'params, FLOPs per token and per-device memory (CPU buffer assignment approximates a GPU\'s '
     'or TPU\'s; see the module doc).')
+_COMPARE_HF = flags.DEFINE_bool(
+    'compare_hf', False, 'Also time transformers\' HrmTextForCausalLM train step on the same '
+    'shape in this process (float32, sdpa, AdamW, the instruction share of each row marked by '
+    'token_type_ids, the credit horizon as L_bp_cycles, torch on all cores) and print both '
+    'and the ratio. Needs torch and transformers.')
 _TARGET = flags.DEFINE_string(
     'target', '', 'With --compile_only: compile for these devices instead of this machine\'s, a '
     'libtpu topology (v5p:2x2x2, v6e:2x4, v4:2x2x1) or GPUs (h100:8, h200:16); needs the '
@@ -172,10 +178,8 @@ def compile_report(train_step, abstract_state, abstract_batch, flops_per_token: 
   start = time.perf_counter()
   compiled = train_step.lower(abstract_state, abstract_batch).compile()
   compile_s = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list in older jax
   tokens = abstract_batch['inputs'].size
-  compiled_flops = (cost or {}).get('flops')
+  compiled_flops = compiled_matmul_flops(compiled.as_text())
   memory = compiled.memory_analysis()
   per_device = None
   if memory is not None:
@@ -187,9 +191,8 @@ def compile_report(train_step, abstract_state, abstract_batch, flops_per_token: 
                            + per_device['temp'])
   return {
       'compile_s': compile_s,
-      'compiled_flops_per_token': compiled_flops / tokens if compiled_flops else None,
-      'compiled_to_analytic_flops': (compiled_flops / tokens / flops_per_token
-                                     if compiled_flops else None),
+      'compiled_flops_per_token': compiled_flops / tokens,
+      'compiled_to_analytic_flops': compiled_flops / tokens / flops_per_token,
       'per_device_memory_bytes': per_device,
   }
 
@@ -208,6 +211,48 @@ def time_train_step(train_step, state, batch) -> tuple[float, float, dict]:
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
   return compile_s, (time.perf_counter() - start) / _STEPS.value, metrics
+
+
+def time_hf_train_step(cfg, horizon, rows: int, seq_len: int) -> float:
+  """Mean seconds of transformers' train step (forward, backward, AdamW) at this shape."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ValueError(f'--compare_hf needs torch and transformers ({e})') from e
+  if cfg.architecture != 'hrm' or not all(horizon.H):
+    raise ValueError('--compare_hf needs an HRM whose H applications are all differentiable '
+                     '(bp_steps >= H_cycles + 1): transformers\' L_bp_cycles cannot say otherwise')
+  torch.set_num_threads(os.cpu_count() or 1)
+  torch.manual_seed(_SEED.value)
+  hf_config = transformers.HrmTextConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.mlp_size,
+      num_hidden_layers=cfg.layers_per_stack, num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_heads, head_dim=cfg.head_dim, H_cycles=cfg.H_cycles,
+      L_cycles=cfg.L_cycles, rope_parameters={'rope_theta': cfg.rope_theta, 'rope_type': 'default'},
+      L_bp_cycles=[sum(horizon.L[h * cfg.L_cycles:(h + 1) * cfg.L_cycles])
+                   for h in range(cfg.H_cycles)],
+      attn_implementation='sdpa')
+  model = transformers.HrmTextForCausalLM(hf_config).train()
+  adamw = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+  ids = torch.randint(1, cfg.vocab_size, (rows, seq_len))
+  is_instruction = torch.arange(seq_len)[None].expand(rows, -1) < int(
+      _INSTRUCTION.value * seq_len)
+  labels = torch.where(is_instruction, -100, ids)
+
+  def step():
+    loss = model(input_ids=ids, token_type_ids=is_instruction.long(), labels=labels).loss
+    loss.backward()
+    adamw.step()
+    adamw.zero_grad()
+
+  for _ in range(_WARMUP.value):
+    step()
+  start = time.perf_counter()
+  for _ in tqdm(range(_STEPS.value), desc='timed transformers steps',
+                disable=not distributed.is_main_process()):
+    step()
+  return (time.perf_counter() - start) / _STEPS.value
 
 
 def run(config) -> dict:
@@ -269,6 +314,10 @@ def run(config) -> dict:
   tokens_per_s = rows * seq_len / step_s
   flops_per_s = flops_per_token * tokens_per_s
   device_peak = peak_flops(jax.devices()[0].device_kind)
+  if _COMPARE_HF.value:
+    hf_step_s = time_hf_train_step(model_cfg, horizon, rows, seq_len)
+    results.update(hf_step_s=hf_step_s, hf_tokens_per_s=rows * seq_len / hf_step_s,
+                   speedup_vs_hf=hf_step_s / step_s)
   return {
       **results,
       'params_m': results['params'] / 1e6,
@@ -295,10 +344,8 @@ def report(results: dict) -> None:
         f'on mesh {r["mesh"]}, loss chunk {r["loss_chunk_len"] or "none"}')
   print(f'compile: {r["compile_s"]:.1f} s')
   if _COMPILE_ONLY.value:
-    ratio = r['compiled_to_analytic_flops']
-    ratio = ratio if isinstance(ratio, str) else f'{ratio:.3f}'
-    print(f'FLOPs per token: analytic {r["flops_per_token"]:.4g}, compiled (XLA cost analysis) '
-          f'{r["compiled_flops_per_token"]}, ratio {ratio}')
+    print(f'FLOPs per token: analytic {r["flops_per_token"]:.4g}, compiled '
+          f'{r["compiled_flops_per_token"]:.4g} (matmuls, loops by trip count), ratio {r["compiled_to_analytic_flops"]:.3f}')
     memory = results['per_device_memory_bytes'] or {}
     print('per-device memory: ' + (', '.join(f'{k} {v / 2**30:.2f} GiB' for k, v in
                                               memory.items()) or 'n/a'))
@@ -314,6 +361,9 @@ def report(results: dict) -> None:
           f'device ({r["devices"]} x {r["device_kind"]})')
     print(f'model TFLOP/s per device: {r["tflops_per_device"]:.2f}, MFU {mfu}')
     print(f'peak device memory: {memory}')
+    if 'hf_step_s' in r:
+      print(f'transformers: {r["hf_step_s"]:.4f} s/step, {r["hf_tokens_per_s"]:,.0f} tokens/s; '
+            f'hrmtext/transformers: {r["speedup_vs_hf"]:.2f}x')
     flat = r
   fields = ' '.join(f'{k}={v:.6g}' if isinstance(v, float) else f'{k}={v}' for k, v in flat.items())
   print(f'bench: {fields}', flush=True)

@@ -36,8 +36,38 @@ class AttentionMask:
     return (same_segment & (causal | prefix))[:, None]
 
 
+# XLA attention over rows longer than this runs this many queries at a time (see xla_attention).
+QUERY_BLOCK = 512
+
+
 def xla_attention(q, k, v, mask: AttentionMask):
-  """q [batch, q_len, heads, head_dim], k/v [batch, kv_len, heads, head_dim]."""
+  """q [batch, q_len, heads, head_dim], k/v [batch, kv_len, heads, head_dim].
+
+  Rows of more than QUERY_BLOCK queries (a multiple of it) are computed QUERY_BLOCK queries at a
+  time, each block recomputed in the backward pass: only one block's float32 scores [batch,
+  heads, QUERY_BLOCK, kv_len] are ever live, not the whole row's (a 4096-token row's are 8x
+  larger), for the same values.
+  """
+  q_len = q.shape[1]
+  if q_len <= QUERY_BLOCK or q_len % QUERY_BLOCK:
+    return dense_attention(q, k, v, mask)
+  blocks = q_len // QUERY_BLOCK
+  # [blocks, batch, QUERY_BLOCK, ...]: lax.map runs over blocks, rows stay sharded as they are.
+  split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], blocks, QUERY_BLOCK, *x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def query_block(q_block, segment_ids, index, is_instruction):
+    block_mask = mask.replace(q_segment_ids=segment_ids, q_index=index,
+                              q_is_instruction=is_instruction)
+    return dense_attention(q_block, k, v, block_mask)
+
+  out = jax.lax.map(lambda xs: query_block(*xs), tuple(map(split, (
+      q, mask.q_segment_ids, mask.q_index, mask.q_is_instruction))))
+  return jnp.moveaxis(out, 0, 1).reshape(q.shape[:3] + v.shape[3:])
+
+
+def dense_attention(q, k, v, mask: AttentionMask):
+  """xla_attention with the whole [batch, heads, q_len, kv_len] score matrix at once."""
   scale = q.shape[-1]**-0.5
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
   # Padding queries see at least themselves (same segment 0, causal), so no row is empty.

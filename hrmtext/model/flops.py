@@ -3,6 +3,9 @@
 Attention is counted as causal over the whole row (half of the full score matrix), the usual
 convention; packing makes the work actually needed smaller. Rematerialisation is not counted.
 """
+import math
+import re
+
 from hrmtext.model.config import ModelConfig
 from hrmtext.model.horizon import Horizon
 
@@ -36,3 +39,54 @@ def train_flops_per_token(cfg: ModelConfig, horizon: Horizon | None, seq_len: in
     applications = len(horizon.L) + len(horizon.H)
     differentiable = sum(horizon.L) + sum(horizon.H)
   return stack * (applications + 2 * differentiable) + 3 * head
+
+
+_COMPUTATION = re.compile(r'^(?:ENTRY )?%(\S+) \((.*)\) -> .*\{$')
+_PARAM = re.compile(r'([\w.\-]+): \w+\[([\d,]*)\]')
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (?:\w+\[([\d,]*)\]\S*|\(.*?\)) ([\w\-]+)\((.*)$')
+_CALLED = re.compile(r'(?:calls|body)=%([\w.\-]+)')
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def compiled_matmul_flops(hlo_text: str) -> float:
+  """Matmul FLOPs (2 per multiply-add, as above) of a compiled module's optimised HLO text
+  (`compiled.as_text()`), each while-loop body counted as often as it runs (XLA's own cost
+  analysis counts it once, so the scanned layers and recurrence make it far too small).
+
+  Ops whose work XLA does not show (custom calls such as cuDNN or Pallas kernels) count zero.
+  """
+  shapes, body, entry, name = {}, {}, None, None
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      name = header.group(1)
+      entry = name if line.startswith('ENTRY') else entry
+      body[name] = []
+      shapes.update({(name, p): dims for p, dims in _PARAM.findall(header.group(2))})
+    elif name and (instruction := _INSTRUCTION.match(line)):
+      body[name].append(instruction.groups())
+      shapes[(name, instruction.group(1))] = instruction.group(2)
+
+  def dims(computation, operand):
+    text = shapes.get((computation, operand.strip().lstrip('%')))
+    return [int(d) for d in text.split(',') if d] if text else []
+
+  memo = {}
+
+  def flops(computation):
+    if computation not in memo:
+      total = 0.0
+      for _, out_dims, opcode, rest in body.get(computation, []):
+        if opcode == 'dot':
+          lhs = rest.split(',')[0]
+          contracting = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', rest).group(1)
+          lhs_dims = dims(computation, lhs)
+          k = math.prod(lhs_dims[int(i)] for i in contracting.split(',') if i)
+          total += 2 * math.prod(int(d) for d in out_dims.split(',') if d) * k
+        for called in _CALLED.findall(rest):
+          trips = _TRIP_COUNT.search(rest) if opcode == 'while' else None
+          total += flops(called) * (int(trips.group(1)) if trips else 1)
+      memo[computation] = total
+    return memo[computation]
+
+  return flops(entry)
