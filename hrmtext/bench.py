@@ -34,17 +34,17 @@ On GPU, unless XLA_FLAGS is set, XLA_FLAGS becomes GPU_XLA_FLAGS below (suggeste
 import importlib.util
 import json
 import os
-import sys
 import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from hrmtext.cli import quiet_logs
+from hrmtext import cli
+from hrmtext.cli import UserError
 from hrmtext.data import packing
 from hrmtext.data.packing import FIELDS
 from hrmtext.data.layout import Index
@@ -140,13 +140,13 @@ def synthetic_rows(rows: int, seq_len: int, vocab_size: int, min_len: int, max_l
 def check_flags(config, rows: int, batch_shards: int) -> None:
   tc = config.train
   if _STEPS.value < 1 or _WARMUP.value < 0:
-    raise ValueError('--steps must be >= 1 and --warmup >= 0')
+    raise UserError('--steps must be >= 1 and --warmup >= 0')
   if not 2 <= _MIN_LEN.value <= _MAX_LEN.value:
-    raise ValueError('need 2 <= --min_example_len <= --max_example_len')
+    raise UserError('need 2 <= --min_example_len <= --max_example_len')
   if not 0 < _INSTRUCTION.value < 1:
-    raise ValueError('--instruction_fraction must be in (0, 1)')
+    raise UserError('--instruction_fraction must be in (0, 1)')
   if rows < 1 or rows % (tc.micro_batches * batch_shards):
-    raise ValueError(f'{rows} rows per step do not split into {tc.micro_batches} micro-batches '
+    raise UserError(f'{rows} rows per step do not split into {tc.micro_batches} micro-batches '
                      f'over {batch_shards} batch shards')
 
 
@@ -219,9 +219,9 @@ def time_hf_train_step(cfg, horizon, rows: int, seq_len: int) -> float:
     import torch  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ValueError(f'--compare_hf needs torch and transformers ({e})') from e
+    raise UserError(f'--compare_hf needs torch and transformers ({e})') from e
   if cfg.architecture != 'hrm' or not all(horizon.H):
-    raise ValueError('--compare_hf needs an HRM whose H applications are all differentiable '
+    raise UserError('--compare_hf needs an HRM whose H applications are all differentiable '
                      '(bp_steps >= H_cycles + 1): transformers\' L_bp_cycles cannot say otherwise')
   torch.set_num_threads(os.cpu_count() or 1)
   torch.manual_seed(_SEED.value)
@@ -372,25 +372,21 @@ def report(results: dict) -> None:
 
 
 def main(argv):
-  quiet_logs()
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv  # cli.run refuses stray arguments
   if use_gpu_xla_flags():
     print(f'XLA_FLAGS={os.environ["XLA_FLAGS"]}')
   if _TARGET.value:  # before a JAX backend starts: the target's compiler reads its environment
     if not _COMPILE_ONLY.value:
-      sys.exit('error: --target needs --compile_only (the target\'s devices are not here)')
+      raise UserError('--target needs --compile_only (the target\'s devices are not here)')
     targets.prepare_environment(_TARGET.value)
   distributed.initialize()
   try:
     results = run(_CONFIG.value)
-  except ValueError as e:
-    sys.exit(f'error: {e}')
   except jax.errors.JaxRuntimeError as e:  # e.g. out of device memory
-    sys.exit(f'error: {str(e).splitlines()[0]}')
+    raise UserError(str(e).splitlines()[0]) from e
   if distributed.is_main_process():
     report(results)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -1,6 +1,8 @@
 """Model hyper-parameters: one frozen dataclass shared by every model and tool."""
 import dataclasses
 
+from hrmtext.cli import UserError
+
 # DESIGN §1 sizes: n_layers is split evenly between the H and L stacks.
 SIZES = {
     'B': dict(n_layers=12, hidden_size=1024, num_heads=8),
@@ -20,7 +22,7 @@ def size_preset(size: str, architecture: str) -> dict:
   if not size:
     return {}
   if size not in SIZES:
-    raise ValueError(f'unknown model size {size!r}; have {sorted(SIZES)}')
+    raise UserError(f'unknown model size {size!r}; have {sorted(SIZES)}')
   preset = dict(SIZES[size])
   n_layers = preset.pop('n_layers')
   layers = n_layers if architecture == 'transformer' else n_layers // 2
@@ -54,18 +56,18 @@ class ModelConfig:
 
   def __post_init__(self):
     if self.architecture not in ('hrm', 'transformer'):
-      raise ValueError(f'unknown architecture {self.architecture!r}')
+      raise UserError(f'unknown architecture {self.architecture!r}')
     if self.z_L_init not in ('truncated_normal', 'zeros'):
-      raise ValueError(f'unknown z_L_init {self.z_L_init!r}')
+      raise UserError(f'unknown z_L_init {self.z_L_init!r}')
     if self.dtype not in ('float32', 'bfloat16', 'float16'):
-      raise ValueError(f'unknown dtype {self.dtype!r}')
+      raise UserError(f'unknown dtype {self.dtype!r}')
     sizes = ('vocab_size', 'hidden_size', 'num_heads', 'head_dim', 'layers_per_stack',
              'H_cycles', 'L_cycles')
     for name in sizes:
       if getattr(self, name) < 1:
-        raise ValueError(f'model.{name} must be >= 1, not {getattr(self, name)}')
+        raise UserError(f'model.{name} must be >= 1, not {getattr(self, name)}')
     if self.expansion <= 0 or self.intermediate_size < 0:
-      raise ValueError('model.expansion must be > 0 and model.intermediate_size >= 0')
+      raise UserError('model.expansion must be > 0 and model.intermediate_size >= 0')
     object.__setattr__(self, 'L_bp_cycles', tuple(self.L_bp_cycles))
 
   @property

@@ -1,6 +1,7 @@
 """Credit horizon (truncated backprop): which stack applications are differentiable."""
 import dataclasses
 
+from hrmtext.cli import UserError
 from hrmtext.model.config import ModelConfig
 
 
@@ -34,6 +35,6 @@ def credit_horizon(cfg: ModelConfig, bp_steps: int | None = None) -> Horizon:
   H_bp = min(n_H, bp_steps - 1)
   L_bp = bp_steps - H_bp
   if H_bp < 1 or not 1 <= L_bp <= n_L:
-    raise ValueError(f'bp_steps={bp_steps} outside [2, {n_H + n_L}]')
+    raise UserError(f'bp_steps={bp_steps} outside [2, {n_H + n_L}]')
   return Horizon(L=tuple(k >= n_L - L_bp for k in range(n_L)),
                  H=tuple(i >= n_H - H_bp for i in range(n_H)))
