@@ -179,7 +179,9 @@ def compile_report(train_step, abstract_state, abstract_batch, flops_per_token: 
   compiled = train_step.lower(abstract_state, abstract_batch).compile()
   compile_s = time.perf_counter() - start
   tokens = abstract_batch['inputs'].size
-  compiled_flops = compiled_matmul_flops(compiled.as_text())
+  # The compiled module is one device's program (SPMD): all devices together do this times N.
+  compiled_flops = (compiled_matmul_flops(compiled.as_text())
+                    * abstract_batch['inputs'].sharding.mesh.size)
   memory = compiled.memory_analysis()
   per_device = None
   if memory is not None:

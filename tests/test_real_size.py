@@ -153,7 +153,9 @@ def test_compile_only_reports_the_configured_step_on_fake_devices():
   assert memory['total'] == memory['argument'] + memory['output'] - memory['alias'] + memory['temp']
   # fp32 params, EMA and two moments, half of them on each device (the state is fsdp-sharded).
   assert 4 * 4 * report['params'] / 2 <= memory['argument'] < 4 * 4 * report['params'] * 0.6
-  assert report['compiled_flops_per_token'] > 0 and report['compile_s'] > 0
+  # Both devices' work: the analytic count, plus the forward of the 5 differentiable applications
+  # recomputed in the backward pass (remat), plus dense attention: 18 -> ~23 stack passes.
+  assert 1.1 < report['compiled_to_analytic_flops'] < 1.6, report
 
 
 def test_compiled_flops_match_the_analytic_count():
