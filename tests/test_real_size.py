@@ -229,3 +229,16 @@ def test_query_blocked_attention_equals_dense():
   np.testing.assert_allclose(blocked, dense, rtol=1e-6)
   for got, want in zip(blocked_grads, dense_grads):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_differences_ignore_how_a_model_runs():
+  imported = ModelConfig(hidden_size=64, num_heads=2, head_dim=32, embedding_scale=8.0,
+                         intermediate_size=256, z_L_init='zeros', L_bp_cycles=(2,))
+  trained_here = ModelConfig(hidden_size=64, num_heads=2, head_dim=32, dtype='bfloat16',
+                             remat_policy='none', attention='auto', unroll_loops=True)
+  assert imported.weight_differences(trained_here) == {}  # the same weights, spelled otherwise
+  wider = dataclasses.replace(trained_here, hidden_size=128, embedding_scale=8.0)
+  assert trained_here.weight_differences(wider) == {'hidden_size': (64, 128),
+                                                    'intermediate_size': (256, 512)}
+  assert imported.weight_differences(dataclasses.replace(imported, embedding_scale=1.0)) == {
+      'embedding_scale': (8.0, 1.0)}

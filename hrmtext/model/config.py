@@ -70,6 +70,18 @@ class ModelConfig:
       raise UserError('model.expansion must be > 0 and model.intermediate_size >= 0')
     object.__setattr__(self, 'L_bp_cycles', tuple(self.L_bp_cycles))
 
+  # Fields that choose how a model is run or trained, not its weights or what they compute: a
+  # checkpoint can start (init_from) a run that differs from it in these alone.
+  RUN_FIELDS = ('dtype', 'remat_policy', 'attention', 'unroll_loops', 'L_bp_cycles', 'z_L_init')
+
+  def weight_differences(self, other: 'ModelConfig') -> dict:
+    """{field: (self's, other's)} of the fields where the two models' weights differ in shape or
+    meaning (the embedding scale compared as the value it resolves to)."""
+    mine, theirs = (dict(dataclasses.asdict(c), embedding_scale=c.scale, intermediate_size=c.mlp_size)
+                    for c in (self, other))
+    return {name: (mine[name], theirs[name]) for name in mine
+            if name not in self.RUN_FIELDS and mine[name] != theirs[name]}
+
   @property
   def mlp_size(self) -> int:
     if self.intermediate_size:

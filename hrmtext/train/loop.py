@@ -153,8 +153,11 @@ class Trainer:
     cfg = ModelConfig(**checkpoint.read_meta(mngr, step)['model'])
     missing = {'opt_state', 'ema'} - checkpoint.saved_items(mngr, step)
     mngr.close()
-    if cfg != self.model_cfg:
-      raise ValueError(f'init_from model {cfg} differs from this run\'s {self.model_cfg}')
+    differences = cfg.weight_differences(self.model_cfg)
+    if differences:
+      described = ', '.join(f'{name} {theirs} (this run {ours})'
+                            for name, (theirs, ours) in differences.items())
+      raise ValueError(f'init_from {source} is another model: {described}')
     if mode == 'continue' and missing:
       raise ValueError(f'init_mode continue needs the optimizer state and EMA of a training run; '
                        f'{source} step {step} has no {" or ".join(sorted(missing))} '
