@@ -1,24 +1,47 @@
-"""python -m hrmtext.evaluate --checkpoint runs/tiny [--benchmarks gsm8k=PATH,mmlu=PATH]
+"""python -m hrmtext.evaluate --checkpoint runs/tiny [--benchmarks mmlu=test.parquet,...]
+    [--shots mmlu=dev.parquet,...] [--output_dir results/]
 
 Evaluates a checkpoint (EMA weights by default) on the built-in held-out tasks of the data it
-was trained on (exact match per task) and on public benchmarks from local files (see
-hrmtext.evals.loaders for the formats). Prints a per-task table; --output writes JSON.
+was trained on (exact match per task) and on public benchmarks from local files, with the HRM-Text
+reference protocol (hrmtext.evals.loaders): GSM8K, MATH, DROP, MMLU, ARC (-Challenge), HellaSwag,
+Winogrande, BoolQ greedy; AIME sampled (--samples at --temperature, maj_pass@k and pass@k).
+Few-shot benchmarks take their shots from the reference's split via --shots (MMLU dev, ARC
+validation, HellaSwag/Winogrande/BoolQ train, DROP its 3 fixed passages); without a shots file
+the first rows of the evaluated file become the shots and are not scored.
+
+Prints a per-task table with every metric and the paper's table (headline metrics in percent,
+the paper's column order); --output_dir writes both to results.json and each task's per-example
+outputs to outputs/<task>.jsonl.
 """
 import json
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from hrmtext.cli import quiet_logs
-from hrmtext.evals import evaluate, format_table, heldout_tasks, load_benchmark
-from hrmtext.infer import flags as infer_flags, text
+from hrmtext import cli
+from hrmtext.evals import (BENCHMARKS, FEW_SHOT, PAPER_TABLE, evaluate, format_paper_table,
+                           format_table, heldout_tasks, load_benchmark, paper_table)
+from hrmtext.evals.engine import model_fns
+from hrmtext.files import atomic_open
+from hrmtext.infer import flags as infer_flags
+from hrmtext.infer.engine import Engine
 
-HELDOUT = flags.DEFINE_string('heldout', '', 'Prepared data root with raw/heldout/ (default: '
-                              'the checkpoint\'s training data); "none" to skip.')
-BENCHMARKS = flags.DEFINE_list('benchmarks', [], 'name=path pairs, e.g. gsm8k=gsm8k_test.jsonl.')
+HELDOUT = flags.DEFINE_string('heldout', '', 'Prepared data root with raw/heldout/ to evaluate '
+                              '(default without --benchmarks: the checkpoint\'s training data); '
+                              '"none" to skip.')
+BENCHMARK_FILES = flags.DEFINE_list(
+    'benchmarks', [], f'name=path pairs (a file or a folder of them); names: {", ".join(BENCHMARKS)}.')
+SHOTS = flags.DEFINE_list('shots', [], f'name=path pairs: the few-shot split of a benchmark '
+                          f'({", ".join(FEW_SHOT)}), e.g. mmlu=mmlu_dev.parquet.')
 LIMIT = flags.DEFINE_integer('limit', None, 'Examples per task at most.')
-OUTPUT = flags.DEFINE_string('output', None, 'Write the results as JSON here.')
+LOGLIK_CHOICES = flags.DEFINE_bool('loglik_choices', True, 'Multiple choice: also rank the '
+                                   'choices by log-likelihood (ll_acc, ll_acc_norm columns).')
+SAMPLES = flags.DEFINE_integer('samples', 256, 'AIME: samples per problem.')
+TEMPERATURE = flags.DEFINE_float('temperature', 0.6, 'AIME: sampling temperature.')
+SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed (each request draws its own stream).')
+OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Write results.json and outputs/<task>.jsonl '
+                                 'here (created if missing).')
 
 
 def heldout_root(meta: dict) -> str:
@@ -27,36 +50,100 @@ def heldout_root(meta: dict) -> str:
   return os.path.dirname(sampled) if os.path.basename(sampled) == 'sampled' else sampled
 
 
-def main(argv):
-  quiet_logs()
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+def name_path_pairs(specs: list[str], flag: str) -> dict[str, str]:
+  pairs = {}
+  for spec in specs:
+    name, _, path = spec.partition('=')
+    if not name or not path:
+      raise ValueError(f'--{flag} entry {spec!r} is not name=path')
+    if name in pairs:
+      raise ValueError(f'--{flag} names {name!r} twice')
+    pairs[name] = path
+  return pairs
+
+
+def benchmark_tasks() -> list:
+  files, shots = name_path_pairs(BENCHMARK_FILES.value, 'benchmarks'), name_path_pairs(SHOTS.value,
+                                                                                      'shots')
+  for name in shots:
+    if name not in FEW_SHOT:
+      raise ValueError(f'--shots {name}: only few-shot benchmarks take shots ({", ".join(FEW_SHOT)})')
+    if name not in files:
+      raise ValueError(f'--shots {name}: not in --benchmarks')
+  tasks = []
+  for name, path in files.items():
+    kwargs = {}
+    if name in shots:
+      kwargs['shots_path'] = shots[name]
+    if name in FEW_SHOT and name != 'drop':
+      kwargs['loglik'] = LOGLIK_CHOICES.value
+    if name == 'aime':
+      kwargs.update(samples=SAMPLES.value, temperature=TEMPERATURE.value)
+    tasks.append(load_benchmark(name, path, **kwargs))
+  return tasks
+
+
+def fitting_engine(engine: Engine, tasks) -> Engine:
+  """The engine with room for the longest max_context the tasks ask for (unless --max_len)."""
+  contexts = [task.max_context for task in tasks if task.max_context]
+  if infer_flags.MAX_LEN.value or not contexts or max(contexts) <= engine.max_len:
+    return engine
+  return Engine(engine.model, engine.params, eoa=engine.eoa, slots=engine.slots,
+                max_len=max(contexts), vocab_size=engine.vocab_size,
+                cache_dtype=engine.cache_dtype)
+
+
+def check_output_dir(path: str | None) -> None:
+  """Fails early (before any work) when `path` could not be created or written into."""
+  if path is None:
+    return
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f'cannot write into {path}: it is a file')
+  if not os.path.isdir(parent):
+    raise ValueError(f'cannot write into {path}: no folder {parent}')
+
+
+def write_json(path: str, obj, lines: bool = False) -> None:
+  with atomic_open(path) as f:
+    if lines:
+      f.writelines(json.dumps(row) + '\n' for row in obj)
+    else:
+      json.dump(obj, f, indent=2)
+
+
+def main(_):
   try:
     if LIMIT.value is not None and LIMIT.value < 1:
       raise ValueError('--limit must be >= 1')
-    infer_flags.check_output(OUTPUT.value)
+    check_output_dir(OUTPUT_DIR.value)
+    tasks = benchmark_tasks()
     engine, tok, meta = infer_flags.load()
-    tasks = []
-    if HELDOUT.value != 'none':
-      tasks += heldout_tasks(HELDOUT.value or heldout_root(meta))
-    for spec in BENCHMARKS.value:
-      name, _, path = spec.partition('=')
-      if not path:
-        raise ValueError(f'--benchmarks entry {spec!r} is not name=path')
-      tasks.append(load_benchmark(name, path))
+    if HELDOUT.value != 'none' and (HELDOUT.value or not tasks):
+      tasks = heldout_tasks(HELDOUT.value or heldout_root(meta)) + tasks
     if not tasks:
       raise ValueError('no tasks: no held-out data found and no --benchmarks given')
-    generate_fn, loglik_fn = text.model_fns(engine, tok)
-    results = evaluate(tasks, generate_fn, loglik_fn, limit=LIMIT.value)
-  except (ValueError, FileNotFoundError, KeyError) as e:
+    for condition in {example.condition for task in tasks for example in task.examples}:
+      tok.condition_tag_ids(condition)  # an unknown tag fails now, not after hours of work
+    engine = fitting_engine(engine, tasks)
+    records = {}
+    results = evaluate(tasks, *model_fns(engine, tok), limit=LIMIT.value, seed=SEED.value,
+                       records=records)
+  except ValueError as e:
     sys.exit(f'error: {e}')
+  table = paper_table(results, {task.name: task.headline for task in tasks}, PAPER_TABLE)
   print(format_table(results))
-  if OUTPUT.value:
-    with open(OUTPUT.value + '.tmp', 'w') as f:
-      json.dump(results, f, indent=2)
-    os.replace(OUTPUT.value + '.tmp', OUTPUT.value)
-    print(f'wrote {OUTPUT.value}')
+  print()
+  print(format_paper_table(table))
+  if OUTPUT_DIR.value:
+    os.makedirs(os.path.join(OUTPUT_DIR.value, 'outputs'), exist_ok=True)
+    for name, rows in records.items():
+      write_json(os.path.join(OUTPUT_DIR.value, 'outputs', f'{name}.jsonl'), rows, lines=True)
+    write_json(os.path.join(OUTPUT_DIR.value, 'results.json'),
+               {'paper_table': table, 'headline': {t.name: t.headline for t in tasks},
+                'results': results})
+    print(f'wrote {os.path.join(OUTPUT_DIR.value, "results.json")}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -88,3 +88,36 @@ def test_generation_and_scores_match_transformers():
     assert count == len(out) + 1
     assert abs(logprob - want_logprob) <= 1e-4 * max(1.0, abs(want_logprob))
     assert greedy == want_greedy
+
+
+def test_sampled_streams_belong_to_requests():
+  """With request seeds, a request's sampled tokens depend only on its seed and prompt: not on
+  the other requests, their order, or the number of slots (continuous refill)."""
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, num_heads=2, head_dim=16,
+                    intermediate_size=64, layers_per_stack=1)
+  model = build_model(cfg)
+  params = nn.unbox(model.init(jax.random.key(0)))
+  p = prompts(64, [4, 6, 3, 5])
+  hot = Sampling(temperature=1.0)
+  together = Engine(model, params, eoa=3, slots=3, max_len=32).generate(
+      p, 8, hot, seed=7, request_seeds=[10, 11, 12, 13])
+  alone = Engine(model, params, eoa=3, slots=1, max_len=32)
+  assert [alone.generate([q], 8, hot, seed=7, request_seeds=[s])[0]
+          for q, s in zip(p[::-1], [13, 12, 11, 10])] == together[::-1]
+  # The same prompt with other seeds draws other samples.
+  repeated = alone.generate([p[0]] * 4, 8, hot, seed=7, request_seeds=[0, 1, 2, 3])
+  assert len({tuple(r) for r in repeated}) > 1
+
+
+def test_cache_dtype_follows_the_model():
+  for dtype in ('float32', 'bfloat16'):
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_heads=2, head_dim=16,
+                      intermediate_size=64, layers_per_stack=1, dtype=dtype)
+    model = build_model(cfg)
+    params = nn.unbox(model.init(jax.random.key(0)))
+    engine = Engine(model, params, eoa=-1, slots=2, max_len=32)  # no end of answer: full length
+    assert {c.dtype for c in jax.tree.leaves(engine._init_state()['cache'])} == {np.dtype(dtype)}
+    assert [len(o) for o in engine.generate(prompts(64, [4, 6]), [5, 7])] == [5, 7]
+  # An explicit override: a bfloat16 cache for a float32 model.
+  bf16 = Engine(model, params, eoa=3, slots=2, max_len=32, cache_dtype='bfloat16')
+  assert {c.dtype for c in jax.tree.leaves(bf16._init_state()['cache'])} == {np.dtype('bfloat16')}

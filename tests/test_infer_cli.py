@@ -10,7 +10,9 @@ import jax
 import pytest
 
 from hrmtext.data.tokenizer import train_tokenizer
+from hrmtext import evals
 from hrmtext.evals import evaluate, heldout_tasks
+from hrmtext.evals.engine import model_fns
 from hrmtext.infer import text
 from hrmtext.model import ModelConfig, build_model
 from hrmtext.train import checkpoint
@@ -28,7 +30,7 @@ def run_dir(tmp_path_factory):
   the checkpoint generates greedily, so its exact match is 0.5, not 0."""
   root = tmp_path_factory.mktemp('cli')
   tok = train_tokenizer(CORPUS * 3, str(root / 'data' / 'sampled'), vocab_size=300,
-                        conditions=('direct', 'cot'))
+                        conditions=('direct', 'cot', 'synth'))
   cfg = ModelConfig(vocab_size=512, hidden_size=32, num_heads=2, head_dim=16,
                     intermediate_size=64, layers_per_stack=1)
   model = build_model(cfg)
@@ -40,7 +42,7 @@ def run_dir(tmp_path_factory):
   mngr.wait_until_finished()
   mngr.close()
   engine, tok, _ = text.load(str(root / 'run'))
-  generate_fn, _ = text.model_fns(engine, tok)
+  generate_fn, _ = model_fns(engine, tok)
   echo = generate_fn([{'instruction': 'What is 7 + 8?', 'condition': 'direct'}])[0]
   heldout = root / 'data' / 'raw' / 'heldout'
   heldout.mkdir(parents=True)
@@ -135,17 +137,51 @@ def test_score_text_and_id_rows(run_dir, engine, tmp_path):
 
 
 def test_evaluate_heldout(run_dir, engine, tmp_path):
-  result = cli('evaluate', '--checkpoint', run_dir / 'run', '--limit', 2, '--output',
-               tmp_path / 'results.json')
+  result = cli('evaluate', '--checkpoint', run_dir / 'run', '--limit', 2, '--output_dir',
+               tmp_path / 'out')
   assert result.returncode == 0, result.stderr
-  with open(tmp_path / 'results.json') as f:
-    got = json.load(f)
+  with open(tmp_path / 'out' / 'results.json') as f:
+    got = json.load(f)['results']
   assert sorted(got) == ['add', 'echo'] and got['add']['n'] == got['echo']['n'] == 2
   assert got['echo']['exact_match'] == 0.5, got
   eng, tok = engine
-  assert got == evaluate(heldout_tasks(str(run_dir / 'data')), *text.model_fns(eng, tok),
+  assert got == evaluate(heldout_tasks(str(run_dir / 'data')), *model_fns(eng, tok),
                          limit=2, progress=False)
   assert 'echo' in result.stdout and 'exact_match' in result.stdout
+  assert len(read_rows(tmp_path / 'out' / 'outputs' / 'echo.jsonl')) == 2
+
+
+def test_evaluate_benchmarks_with_shots_files(run_dir, tmp_path):
+  """The paper's table from MMLU (dev shots file) and GSM8K on the tiny checkpoint: printed,
+  written as JSON beside the per-example outputs, equal to the harness called in-process."""
+  mmlu_row = lambda q, subject, answer: {'question': q, 'subject': subject, 'answer': answer,
+                                         'choices': ['apple', 'tiger', 'kiwi', '7']}
+  write_rows(tmp_path / 'mmlu_dev.jsonl', [mmlu_row(f'Spell "w{i}"?', s, i % 4)
+                                           for i in range(3) for s in ('algebra', 'virology')])
+  write_rows(tmp_path / 'mmlu_test.jsonl', [mmlu_row('What is 7 + 8?', 'algebra', 3),
+                                            mmlu_row('Spell "kiwi"', 'virology', 2)])
+  write_rows(tmp_path / 'gsm8k.jsonl', [{'question': 'What is 7 + 8?', 'answer': 'so\n#### 15'}])
+  out = tmp_path / 'out'
+  result = cli('evaluate', '--checkpoint', run_dir / 'run', '--max_len', 256, '--benchmarks',
+               f'mmlu={tmp_path / "mmlu_test.jsonl"},gsm8k={tmp_path / "gsm8k.jsonl"}',
+               '--shots', f'mmlu={tmp_path / "mmlu_dev.jsonl"}', '--output_dir', out)
+  assert result.returncode == 0, result.stderr
+  with open(out / 'results.json') as f:
+    written = json.load(f)
+  table = written['paper_table']
+  assert list(table) == ['GSM8K', 'MATH', 'DROP', 'MMLU', 'ARC-C', 'HellaSwag', 'Winogrande',
+                         'BoolQ']
+  assert table['MATH'] is None and table['MMLU'] == 100 * written['results']['mmlu']['acc']
+  assert table['GSM8K'] == 100 * written['results']['gsm8k']['acc']
+  assert sorted(written['results']['mmlu']['subsets']) == ['algebra', 'virology']
+  assert 'GSM8K  MATH  DROP  MMLU' in result.stdout
+  mmlu_outputs = read_rows(out / 'outputs' / 'mmlu.jsonl')
+  assert len(mmlu_outputs) == 2 and mmlu_outputs[0]['instruction'].count('Answer: ') == 3
+  assert len(mmlu_outputs[0]['outputs']) == 5  # the generated letter + 4 choice log-likelihoods
+  eng, tok, _ = text.load(str(run_dir / 'run'), max_len=256)
+  tasks = [evals.load_mmlu(tmp_path / 'mmlu_test.jsonl', shots_path=tmp_path / 'mmlu_dev.jsonl'),
+           evals.load_gsm8k(tmp_path / 'gsm8k.jsonl')]
+  assert written['results'] == evaluate(tasks, *model_fns(eng, tok), progress=False)
 
 
 def test_bad_input_is_one_line_and_writes_nothing(run_dir, tmp_path):
@@ -163,8 +199,10 @@ def test_bad_input_is_one_line_and_writes_nothing(run_dir, tmp_path):
                             '--output', out), 'ids.jsonl:1', 'token ids')
   assert_one_line_error(cli('generate', *checkpoint_flag, '--prompt', 'x ' * 200), '--max_len')
   assert_one_line_error(cli('evaluate', '--checkpoint', tmp_path / 'nowhere'), 'no checkpoint')
-  assert_one_line_error(cli('evaluate', *checkpoint_flag, '--output', tmp_path / 'no' / 'r.json'),
+  assert_one_line_error(cli('evaluate', *checkpoint_flag, '--output_dir', tmp_path / 'no' / 'out'),
                         'cannot write')
+  assert_one_line_error(cli('evaluate', *checkpoint_flag, '--benchmarks', 'gsm8k=g.jsonl',
+                            '--shots', 'gsm8k=s.jsonl'), 'only few-shot')
   assert not out.exists() and not os.path.exists(str(out) + '.tmp')
 
 

@@ -1,9 +1,11 @@
 """Tasks from local files: the data pipeline's held-out sets and public benchmarks in their
 public formats (HF parquet/jsonl exports and the original releases).
 
-Prompting follows the HRM-Text reference: math (GSM8K, MATH) zero-shot under 'synth,cot' with the
-final answer extracted from the worked solution; everything else few-shot under 'direct', shots
-concatenated into the instruction. Bad input raises ValueError naming the file and row.
+Prompts, shots, budgets and scoring follow the HRM-Text reference evaluation
+(evaluation/benchmarks.py and config/hrm_benchmarking.yaml): math (GSM8K, MATH, AIME) zero-shot
+under 'synth,cot'; everything else few-shot under 'direct', shots (from the reference's split,
+given as a shots file) concatenated into the instruction; multiple choice as lettered options
+answered by one generated letter. Bad input raises ValueError naming the file and row.
 """
 
 import ast
@@ -15,23 +17,25 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import pyarrow.parquet as pq
-
+from hrmtext.data.sources import read_objects
 from hrmtext.evals import scoring
-from hrmtext.evals.tasks import (LETTERS, Example, GenerationTask, Item, MultipleChoiceTask,
+from hrmtext.evals.scoring import LETTERS
+from hrmtext.evals.tasks import (Example, GenerationTask, Item, MultipleChoiceTask, SampledTask,
                                  choice_example, few_shot_instruction, split_shots)
 
 FILE_SUFFIXES = ('.jsonl', '.json', '.parquet', '.csv')
 MMLU_CSV_FIELDS = ('question', 'A', 'B', 'C', 'D', 'answer')  # the original release: no header
 # The reference drops to 3 shots where 5 do not fit its 4096-token context.
 MMLU_SHOTS_PER_SUBJECT = types.MappingProxyType({'high_school_european_history': 3})
+# The reference's max_context (prompt + response tokens) per kind of benchmark.
+GENERATION_CONTEXT, CHOICE_CONTEXT, SAMPLED_CONTEXT = 3072, 4096, 4096
 
 
 def data_files(path) -> list[pathlib.Path]:
-  """`path` itself, or the data files of a folder in name order."""
+  """`path` itself, or the data files in a folder and its subfolders, in path order."""
   path = pathlib.Path(path)
   if path.is_dir():
-    files = sorted(p for p in path.iterdir() if p.suffix in FILE_SUFFIXES)
+    files = sorted(p for p in path.rglob('*') if p.suffix in FILE_SUFFIXES and p.is_file())
     if not files:
       raise ValueError(f'{path}: no {"/".join(FILE_SUFFIXES)} files')
     return files
@@ -43,18 +47,18 @@ def data_files(path) -> list[pathlib.Path]:
 
 
 def read_rows(file: pathlib.Path, headerless_fields: Sequence[str] | None = None) -> list[dict]:
-  """Rows of one .jsonl/.json (a list of objects)/.parquet/.csv file. A CSV has a header row
+  """Rows of one .jsonl/.json (a list of objects, or one)/.parquet/.csv file. A CSV has a header row
   naming a 'question' column, or else is read with `headerless_fields`."""
+  if file.suffix in ('.jsonl', '.parquet'):  # the data pipeline's reader, its error format
+    return read_objects(str(file))
   try:
-    if file.suffix == '.parquet':
-      return pq.read_table(file).to_pylist()
     with open(file, encoding='utf-8', newline='') as f:
-      if file.suffix == '.jsonl':
-        return [json.loads(line) for line in f if line.strip()]
       if file.suffix == '.json':
         rows = json.load(f)
+        if isinstance(rows, dict):  # one row per file (the original MATH release)
+          return [rows]
         if not isinstance(rows, list):
-          raise ValueError('expected a JSON list of rows')
+          raise ValueError('expected a JSON list of rows or one row object')
         return rows
       lines = list(csv.reader(f))
   except (OSError, ValueError) as e:
@@ -136,26 +140,30 @@ def heldout_tasks(prepared_root, *, names: Sequence[str] | None = None,
     normalized = scoring.normalize_whitespace
     if any(normalized(response) != normalized(answer) for *_, response, answer in rows):
       examples = [Example(i, c, (response, answer)) for i, c, response, answer in rows]
-      tasks.append(GenerationTask(name, examples, scoring.worked_solution_match, max_new_tokens))
+      tasks.append(GenerationTask(name, examples, scoring.worked_solution_match, max_new_tokens,
+                                  headline='answer_acc'))
     else:
       examples = [Example(i, c, response) for i, c, response, _ in rows]
-      tasks.append(GenerationTask(name, examples, scoring.exact_match, max_new_tokens))
+      tasks.append(GenerationTask(name, examples, scoring.exact_match, max_new_tokens,
+                                  headline='exact_match'))
   return tasks
 
 
-# Math: zero-shot worked solutions, final answer compared.
+# Math: zero-shot worked solutions under 'synth,cot', final answer compared.
 
 def _gsm8k_item(row, _):
   if '####' not in row['answer']:
     raise ValueError("answer has no '#### <number>'")
-  return Item(row['question'].strip(), row['answer'].rsplit('####', 1)[1].strip())
+  return Item(row['question'].strip(), int(row['answer'].split('####')[-1].strip().replace(',', '')))
 
 
-def load_gsm8k(path, *, name='gsm8k', condition='synth,cot', max_new_tokens=2048) -> GenerationTask:
-  """GSM8K .jsonl/.parquet rows {"question", "answer": "...#### 42"}."""
-  items = _parse_rows(path, _gsm8k_item, 'GSM8K rows {"question", "answer": "... #### <number>"}')
+def load_gsm8k(path, *, name='gsm8k', condition='synth,cot', max_new_tokens=None,
+               max_context=GENERATION_CONTEXT) -> GenerationTask:
+  """GSM8K .jsonl/.parquet rows {"question", "answer": "...#### 42"}; `acc` and `invalid`
+  (no integer in the last \\boxed{}, else in the whole text)."""
+  items = _parse_rows(path, _gsm8k_item, 'GSM8K rows {"question", "answer": "... #### <integer>"}')
   examples = [Example(item.question, condition, item.answer) for item in items]
-  return GenerationTask(name, examples, scoring.final_answer_match, max_new_tokens)
+  return GenerationTask(name, examples, scoring.gsm8k_match, max_new_tokens, max_context)
 
 
 def _math_item(row, _):
@@ -166,25 +174,47 @@ def _math_item(row, _):
   return Item(row['problem'].strip(), str(answer), subset=subject)
 
 
-def load_math(path, *, name='math', condition='synth,cot', max_new_tokens=2048) -> GenerationTask:
-  """MATH .jsonl/.parquet rows {"problem", "solution" with \\boxed{answer}} (or an "answer"
-  field, as in MATH-500); optional "type"/"subject" gives per-subject scores."""
+def load_math(path, *, name='math', condition='synth,cot', max_new_tokens=None,
+              max_context=GENERATION_CONTEXT) -> GenerationTask:
+  """MATH rows {"problem", "solution" with \\boxed{answer}, "type"}: the HF parquet files of the
+  7 subsets (a folder of them), the original release's one-problem .json files in subject folders,
+  or MATH-500 .jsonl (an "answer" field wins over the solution). `acc` is the micro mean over all
+  problems (math-verify equivalence), with per-subject scores under 'subsets'."""
   items = _parse_rows(path, _math_item, 'MATH rows {"problem", "solution" with \\boxed{}, "type"}')
   examples = [Example(item.question, condition, item.answer, subset=item.subset) for item in items]
-  return GenerationTask(name, examples, scoring.final_answer_match, max_new_tokens)
+  return GenerationTask(name, examples, scoring.math_match, max_new_tokens, max_context)
 
 
-# Multiple choice: few-shot, each choice scored by log-likelihood.
+def _aime_item(row, _):
+  answer = row.get('answer')
+  if answer is None or answer == '':
+    answer = scoring.last_boxed(row.get('solution') or '')
+  return Item(row['problem'].strip(), int(str(answer).strip()))
 
-def _choice_task(name, path, shots_path, parse_row, expected, *, num_shots, choice_style, condition,
-                 headerless_fields=None, shots_per_subset=None) -> MultipleChoiceTask:
+
+def load_aime(path, *, name='aime', condition='synth,cot', samples=256, temperature=0.6,
+              ks=(1, 10, 100), max_new_tokens=None, max_context=SAMPLED_CONTEXT) -> SampledTask:
+  """AIME rows {"problem", "answer"} (or a "solution" with \\boxed{}), e.g. math-ai/aime25:
+  `samples` generations per problem at `temperature`; `maj_pass@k` and unbiased `pass@k`."""
+  items = _parse_rows(path, _aime_item, 'AIME rows {"problem", "answer": integer}')
+  examples = [Example(item.question, condition, item.answer) for item in items]
+  ks = tuple(k for k in ks if k <= samples)
+  return SampledTask(name, examples, scoring.aime_match, samples, temperature, ks,
+                     max_new_tokens, max_context)
+
+
+# Multiple choice: few-shot lettered options, one generated letter (and choice log-likelihoods).
+
+def _choice_task(name, path, shots_path, parse_row, expected, *, num_shots, condition, loglik,
+                 max_context, headerless_fields=None, shots_per_subset=None,
+                 macro=False) -> MultipleChoiceTask:
   items = _parse_rows(path, parse_row, expected, headerless_fields)
   shot_items = None
   if shots_path:
     shot_items = _parse_rows(shots_path, parse_row, expected, headerless_fields)
   items, shots = split_shots(items, num_shots, shot_items, shots_per_subset=shots_per_subset)
-  examples = [choice_example(item, shots[item.subset], choice_style, condition) for item in items]
-  return MultipleChoiceTask(name, examples)
+  examples = [choice_example(item, shots[item.subset], condition) for item in items]
+  return MultipleChoiceTask(name, examples, max_context, loglik, macro)
 
 
 def _mmlu_item(row, file):
@@ -201,15 +231,18 @@ def _mmlu_item(row, file):
 
 
 def load_mmlu(path, *, shots_path=None, num_shots=5, shots_per_subject=MMLU_SHOTS_PER_SUBJECT,
-              choice_style='letter', condition='direct', name='mmlu') -> MultipleChoiceTask:
+              condition='direct', loglik=True, max_context=CHOICE_CONTEXT,
+              name='mmlu') -> MultipleChoiceTask:
   """MMLU as HF rows {"question", "subject", "choices": [...], "answer": index} (.parquet/.jsonl,
   or .csv with a header; "choices" may be a list literal, or columns A-D instead), or the original
   header-less <subject>_<split>.csv files (question, A, B, C, D, answer letter). `path` and
-  `shots_path` (the dev split) may be folders. Shots are per subject."""
+  `shots_path` (the dev split) may be folders. Shots are per subject; the scores are macro means
+  over subjects (the reference's headline), the micro means are '<metric>_micro'."""
   return _choice_task(name, path, shots_path, _mmlu_item,
                       'MMLU rows {"question", "subject", "choices", "answer"} or header-less CSV',
-                      num_shots=num_shots, choice_style=choice_style, condition=condition,
-                      headerless_fields=MMLU_CSV_FIELDS, shots_per_subset=shots_per_subject)
+                      num_shots=num_shots, condition=condition, loglik=loglik,
+                      max_context=max_context, headerless_fields=MMLU_CSV_FIELDS,
+                      shots_per_subset=shots_per_subject, macro=True)
 
 
 def _arc_item(row, _):
@@ -222,31 +255,35 @@ def _arc_item(row, _):
   return Item(stem, _choice_index(row['answerKey'], labels, len(texts)), tuple(texts))
 
 
-def load_arc(path, *, shots_path=None, num_shots=25, choice_style='letter', condition='direct',
-             name='arc') -> MultipleChoiceTask:
+def load_arc(path, *, shots_path=None, num_shots=25, condition='direct', loglik=True,
+             max_context=CHOICE_CONTEXT, name='arc') -> MultipleChoiceTask:
   """ARC as the original .jsonl {"question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}
-  or HF rows {"question", "choices": {"text": [...], "label": [...]}, "answerKey"}."""
+  or HF rows {"question", "choices": {"text": [...], "label": [...]}, "answerKey"}. The reference:
+  ARC-Challenge test, 25 shots from validation."""
   return _choice_task(name, path, shots_path, _arc_item,
                       'ARC rows {"question": {"stem", "choices"}, "answerKey"} or HF form',
-                      num_shots=num_shots, choice_style=choice_style, condition=condition)
+                      num_shots=num_shots, condition=condition, loglik=loglik,
+                      max_context=max_context)
 
 
 def _boolq_item(row, _):
-  return Item(f"{row['passage'].strip()}\nQuestion: {row['question'].strip().capitalize()}?",
+  return Item(f"{row['passage']}\nQuestion: {row['question'].capitalize()}?",
               0 if _as_bool(row['answer']) else 1, ('Yes', 'No'))
 
 
-def load_boolq(path, *, shots_path=None, num_shots=5, choice_style='letter', condition='direct',
-               name='boolq') -> MultipleChoiceTask:
-  """BoolQ rows {"question", "passage", "answer": bool}; choices Yes / No."""
+def load_boolq(path, *, shots_path=None, num_shots=5, condition='direct', loglik=True,
+               max_context=CHOICE_CONTEXT, name='boolq') -> MultipleChoiceTask:
+  """BoolQ rows {"question", "passage", "answer": bool}; choices Yes / No. The reference:
+  validation, 5 shots from train."""
   return _choice_task(name, path, shots_path, _boolq_item,
                       'BoolQ rows {"question", "passage", "answer"}',
-                      num_shots=num_shots, choice_style=choice_style, condition=condition)
+                      num_shots=num_shots, condition=condition, loglik=loglik,
+                      max_context=max_context)
 
 
 def _hellaswag_item(row, _):
   if row.get('ctx_a') is not None and row.get('ctx_b') is not None:
-    context = f"{row['ctx_a']} {row['ctx_b'].capitalize()}".strip()  # capitalize() as the reference
+    context = f"{row['ctx_a']} {row['ctx_b'].capitalize()}"  # capitalize() as the reference
   else:
     context = row['ctx']
   endings = tuple(row['endings'])
@@ -254,12 +291,14 @@ def _hellaswag_item(row, _):
               _choice_index(row['label'], (), len(endings)), endings)
 
 
-def load_hellaswag(path, *, shots_path=None, num_shots=10, choice_style='letter',
-                   condition='direct', name='hellaswag') -> MultipleChoiceTask:
-  """HellaSwag rows {"ctx" (or "ctx_a" + "ctx_b"), "endings": [...], "label": index}."""
+def load_hellaswag(path, *, shots_path=None, num_shots=10, condition='direct', loglik=True,
+                   max_context=CHOICE_CONTEXT, name='hellaswag') -> MultipleChoiceTask:
+  """HellaSwag rows {"ctx" (or "ctx_a" + "ctx_b"), "endings": [...], "label": index}. The
+  reference: validation, 10 shots from train."""
   return _choice_task(name, path, shots_path, _hellaswag_item,
                       'HellaSwag rows {"ctx", "endings", "label"}',
-                      num_shots=num_shots, choice_style=choice_style, condition=condition)
+                      num_shots=num_shots, condition=condition, loglik=loglik,
+                      max_context=max_context)
 
 
 def _winogrande_item(row, _):
@@ -267,61 +306,72 @@ def _winogrande_item(row, _):
               (row['option1'], row['option2']))
 
 
-def load_winogrande(path, *, shots_path=None, num_shots=5, choice_style='letter',
-                    condition='direct', name='winogrande') -> MultipleChoiceTask:
-  """Winogrande rows {"sentence" with "_", "option1", "option2", "answer": "1" | "2"}."""
+def load_winogrande(path, *, shots_path=None, num_shots=5, condition='direct', loglik=True,
+                    max_context=CHOICE_CONTEXT, name='winogrande') -> MultipleChoiceTask:
+  """Winogrande rows {"sentence" with "_", "option1", "option2", "answer": "1" | "2"}. The
+  reference: winogrande_debiased validation, 5 shots from train."""
   return _choice_task(name, path, shots_path, _winogrande_item,
                       'Winogrande rows {"sentence", "option1", "option2", "answer"}',
-                      num_shots=num_shots, choice_style=choice_style, condition=condition)
+                      num_shots=num_shots, condition=condition, loglik=loglik,
+                      max_context=max_context)
 
 
 # DROP: few-shot short answers, EM / F1 against the best gold answer.
 
 def _drop_answer_spans(answer: dict) -> tuple[str, ...]:
-  """One answer of the original release: {"number", "date": {day, month, year}, "spans"}."""
+  """One answer of the original release, as lm-eval parses it: {"number", "date", "spans"}."""
   if answer.get('number'):
     return (str(answer['number']),)
   if answer.get('spans'):
     return tuple(answer['spans'])
   date = answer.get('date') or {}
-  return (' '.join(str(date[k]) for k in ('day', 'month', 'year') if date.get(k)),)
+  return (' '.join(str(date.get(k) or '') for k in ('day', 'month', 'year')).strip(),)
 
 
 def _drop_item(row, _):
-  if 'answers_spans' in row:  # HF: alternative answers flattened into one list of spans
+  if 'answers_spans' in row:  # HF ucinlp/drop: alternative answers flattened into one list
     golds = [(span,) for span in row['answers_spans']['spans']]
-  else:  # original release / lm-eval: the answer plus crowd-validated ones
+  else:  # original release / EleutherAI/drop: the answer plus crowd-validated ones
     validated = row.get('validated_answers') or []
     if isinstance(validated, dict):  # columnar (HF sequence of dicts)
       validated = [dict(zip(validated, values)) for values in zip(*validated.values())]
     golds = [_drop_answer_spans(a) for a in [row['answer'], *validated]]
-  golds = tuple(dict.fromkeys(g for g in golds if any(s.strip() for s in g)))
-  if not golds:
+  golds = tuple(dict.fromkeys(golds))
+  if not any(g[0].strip() for g in golds):
     raise ValueError('no gold answer')
-  return Item(f"{row['passage'].strip()}\nQ: {row['question'].strip()}", golds)
+  return Item(f"{row['passage']}\nQ: {row['question']}", golds)
 
 
-def load_drop(path, *, shots_path=None, num_shots=3, condition='direct', max_new_tokens=64,
-              name='drop') -> GenerationTask:
-  """DROP rows {"passage", "question", "answers_spans": {"spans": [...]}} (HF; each span an
-  alternative answer) or {"passage", "question", "answer": {"number", "date", "spans"},
-  "validated_answers"} (original / lm-eval). Shots come from distinct passages."""
-  expected = 'DROP rows {"passage", "question", "answers_spans"} or {"answer", "validated_answers"}'
+def load_drop(path, *, shots_path=None, num_shots=3, condition='direct', max_new_tokens=None,
+              max_context=GENERATION_CONTEXT, name='drop') -> GenerationTask:
+  """DROP rows {"passage", "question", "answer": {"number", "date", "spans"}, "validated_answers"}
+  (original / EleutherAI/drop, the reference's) or {"passage", "question", "answers_spans":
+  {"spans"}} (ucinlp/drop). Shots: the first `num_shots` rows of `shots_path` (the reference uses 3
+  fixed train passages), else rows with distinct passages taken from `path`."""
+  expected = 'DROP rows {"passage", "question", "answer", "validated_answers"} or "answers_spans"'
   items = _parse_rows(path, _drop_item, expected)
   shot_items = _parse_rows(shots_path, _drop_item, expected) if shots_path else None
   passage = lambda item: item.question.rsplit('\nQ: ', 1)[0]  # the text before the question
-  items, shots = split_shots(items, num_shots, shot_items, distinct=passage)
+  items, shots = split_shots(items, num_shots, shot_items,
+                             distinct=None if shot_items else passage)
   shot_blocks = [f"{s.question}\nA: {', '.join(s.answer[0])}" for s in shots['']]
   examples = [
       Example(few_shot_instruction(shot_blocks, f'{item.question}\nA:'), condition, item.answer)
       for item in items]
-  return GenerationTask(name, examples, scoring.drop_match, max_new_tokens)
+  return GenerationTask(name, examples, scoring.drop_match, max_new_tokens, max_context, 'f1')
 
 
 BENCHMARKS = types.MappingProxyType({
-    'gsm8k': load_gsm8k, 'math': load_math, 'mmlu': load_mmlu, 'arc': load_arc, 'boolq': load_boolq,
-    'hellaswag': load_hellaswag, 'winogrande': load_winogrande, 'drop': load_drop,
+    'gsm8k': load_gsm8k, 'math': load_math, 'drop': load_drop, 'mmlu': load_mmlu, 'arc': load_arc,
+    'hellaswag': load_hellaswag, 'winogrande': load_winogrande, 'boolq': load_boolq,
+    'aime': load_aime,
 })
+# Benchmarks that take a --shots file.
+FEW_SHOT = ('drop', 'mmlu', 'arc', 'hellaswag', 'winogrande', 'boolq')
+# The paper's table: column, benchmark and its headline metric, in the paper's order.
+PAPER_TABLE = (('GSM8K', 'gsm8k'), ('MATH', 'math'), ('DROP', 'drop'), ('MMLU', 'mmlu'),
+               ('ARC-C', 'arc'), ('HellaSwag', 'hellaswag'), ('Winogrande', 'winogrande'),
+               ('BoolQ', 'boolq'))
 
 
 def load_benchmark(name: str, path, **kwargs):

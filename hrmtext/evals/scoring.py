@@ -4,6 +4,7 @@ A scorer maps (generated text, an example's target) to a dict of per-example met
 the harness averages them over a task.
 """
 
+import collections
 import math
 import re
 import string
@@ -11,6 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import optimize
+
+LETTERS = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ'
+_ARTICLES = re.compile(r'\b(a|an|the)\b', re.UNICODE)
 
 # A decimal number, with thousands separators allowed ("1,234.5").
 _NUMBER = re.compile(r'-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+')
@@ -23,21 +27,21 @@ def normalize_whitespace(text: str) -> str:
 
 
 def last_boxed(text: str) -> str | None:
-  r"""Content of the last `\boxed{...}` (or `\fbox{...}`, `\boxed 5`); None if absent/unclosed."""
-  start, command = max((text.rfind(c), c) for c in ('\\boxed', '\\fbox'))
+  r"""The reference's rule: the stripped text inside the braces after the last `\boxed` (or, with
+  no `\boxed` at all, the last `\fbox`); None if absent or cut off before the closing brace."""
+  start = text.rfind('\\boxed')
+  if start < 0:
+    start = text.rfind('\\fbox')
   if start < 0:
     return None
-  rest = text[start + len(command):]
-  if rest.startswith(' '):
-    return rest.split('$')[0].strip() or None
-  if not rest.startswith('{'):
+  open_at, depth = text.find('{', start), 0
+  if open_at < 0:
     return None
-  depth = 0
-  for i, char in enumerate(rest):
-    depth += (char == '{') - (char == '}')
+  for i in range(open_at, len(text)):
+    depth += (text[i] == '{') - (text[i] == '}')
     if depth == 0:
-      return rest[1:i]
-  return None  # cut off before the closing brace
+      return text[open_at + 1:i].strip()
+  return None
 
 
 def extract_final_answer(text: str) -> str | None:
@@ -117,13 +121,85 @@ def worked_solution_match(prediction: str, target: tuple[str, str]) -> dict[str,
   return exact_match(prediction, solution) | {'answer_acc': float(right)}
 
 
-def final_answer_match(prediction: str, target: str) -> dict[str, float]:
-  """`target` is the gold final answer; `invalid` counts generations with no answer to extract."""
-  answer = extract_final_answer(prediction)
-  return {'acc': float(answers_match(answer, target)), 'invalid': float(answer is None)}
+# The reference's benchmark rules (evaluation/benchmarks.py of HRM-Text).
+
+def gsm8k_answer(text: str) -> int | None:
+  """The last \\boxed{} (else the whole text), without ',' and '$', as int(float(...))."""
+  text = last_boxed(text) or text
+  try:
+    return int(float(text.replace(',', '').replace('$', '').strip()))
+  except (ValueError, OverflowError):
+    return None
 
 
-# DROP: answers are bags of spans; F1 aligns predicted and gold spans one-to-one.
+def gsm8k_match(prediction: str, target: int) -> dict[str, float]:
+  answer = gsm8k_answer(prediction)
+  return {'acc': float(answer == target), 'invalid': float(answer is None)}
+
+
+def math_verify_equal(gold: str, answer: str) -> bool:
+  """`math_verify.verify(parse(gold), parse(answer))`, as the reference calls it."""
+  try:
+    from math_verify import parse, verify
+  except ImportError:
+    raise ValueError('MATH and AIME scoring needs math-verify: pip install math-verify') from None
+  return bool(verify(parse(gold), parse(answer)))
+
+
+def math_match(prediction: str, target: str) -> dict[str, float]:
+  r"""Symbolic equivalence of the last \boxed{} (else the whole text) with the gold answer;
+  `invalid`: no \boxed{} in the generation."""
+  answer = last_boxed(prediction)
+  right = math_verify_equal(target, prediction if answer is None else answer)
+  return {'acc': float(right), 'invalid': float(answer is None)}
+
+
+def choice_letter_match(prediction: str, gold_index: int, num_choices: int) -> dict[str, float]:
+  """One generated token, `.strip().upper()`, against the gold letter; an answer that is no
+  option letter is invalid and earns 1/num_choices (chance)."""
+  letters = LETTERS[:num_choices]
+  answer = prediction.strip().upper()
+  if answer not in set(letters):
+    return {'acc': 1 / num_choices, 'invalid': 1.0}
+  return {'acc': float(answer == letters[gold_index]), 'invalid': 0.0}
+
+
+def aime_answer(text: str) -> int | None:
+  """A valid AIME answer: the last \\boxed{} (else the whole text) as an integer in 1..999."""
+  text = last_boxed(text) or text
+  try:
+    answer = int(text)
+  except ValueError:
+    return None
+  return answer if 1 <= answer <= 999 else None
+
+
+def pass_at_k(n: int, correct: int, k: int) -> float:
+  """Unbiased pass@k from n samples of which `correct` are right: 1 - C(n-c, k) / C(n, k)."""
+  if k > n:
+    raise ValueError(f'pass@{k} needs at least {k} samples, got {n}')
+  return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
+
+
+def aime_match(predictions: Sequence[str], target: int, ks: Sequence[int]) -> dict[str, float]:
+  """The reference's AIME metrics over n samples of one problem: `maj_pass@k` (the gold answer is
+  among the k most voted valid answers), unbiased `pass@k` (a sample is right when math-verify
+  finds it equal to the gold), `valid` (fraction of samples with a valid answer)."""
+  correct, votes = 0, []
+  for text in predictions:
+    correct += math_verify_equal(str(target), last_boxed(text) or text)
+    answer = aime_answer(text)
+    if answer is not None:
+      votes.append(answer)
+  ranked = [answer for answer, _ in collections.Counter(votes).most_common()]
+  scores = {f'maj_pass@{k}': float(target in ranked[:k]) for k in ks}
+  scores |= {f'pass@{k}': pass_at_k(len(predictions), correct, k) for k in ks}
+  return scores | {'valid': len(votes) / len(predictions)}
+
+
+# DROP, as lm-evaluation-harness's drop task scores it (process_results): a prediction and each
+# gold answer are bags of spans; EM compares the normalised span sets, F1 aligns spans one to one
+# (only spans whose numbers agree score) and is rounded to 2 decimals; the best gold answer counts.
 
 def _is_number(token: str) -> bool:
   try:
@@ -134,45 +210,52 @@ def _is_number(token: str) -> bool:
 
 
 def _normalize_drop_span(span: str) -> str:
-  """Lowercase, no punctuation (except inside numbers), no articles, numbers as floats."""
+  """Per ' '/'-' token: lowercase, punctuation out (unless a number), numbers as floats,
+  articles out; empty tokens dropped."""
   tokens = []
-  for token in re.split(r'[ \-]', span.lower()):
+  for token in re.split(' |-', span):
+    token = token.lower()
     if not _is_number(token):
       token = ''.join(c for c in token if c not in string.punctuation)
     if _is_number(token):
       token = str(float(token))
-    token = ' '.join(re.sub(r'\b(a|an|the)\b', ' ', token).split())
-    if token:
+    token = ' '.join(_ARTICLES.sub(' ', token).split())
+    if token.strip():
       tokens.append(token)
-  return ' '.join(tokens)
+  return ' '.join(tokens).strip()
 
 
-def _span_f1(predicted: set[str], gold: set[str]) -> float:
-  """Word-set F1; 0 when the gold span holds numbers and none of them was predicted."""
+def _bag_f1(predicted: set[str], gold: set[str]) -> float:
+  precision = len(predicted & gold) / len(predicted) if predicted else 1.0
+  recall = len(predicted & gold) / len(gold) if gold else 1.0
+  return 0.0 if precision == recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def _numbers_agree(gold: set[str], predicted: set[str]) -> bool:
   gold_numbers = {w for w in gold if _is_number(w)}
-  if gold_numbers and not gold_numbers & predicted:
-    return 0.0
-  if not predicted or not gold:
-    return float(predicted == gold)
-  common = len(predicted & gold)
-  if not common:
-    return 0.0
-  precision, recall = common / len(predicted), common / len(gold)
-  return 2 * precision * recall / (precision + recall)
+  return not gold_numbers or bool(gold_numbers & {w for w in predicted if _is_number(w)})
 
 
 def drop_em_f1(predicted_spans: Sequence[str], gold_spans: Sequence[str]) -> tuple[float, float]:
   """DROP exact match and F1 of one predicted answer against one gold answer (bags of spans)."""
   predicted = [_normalize_drop_span(s) for s in predicted_spans]
   gold = [_normalize_drop_span(s) for s in gold_spans]
-  em = float(sorted(predicted) == sorted(gold))
-  scores = np.array([[_span_f1(set(p.split()), set(g.split())) for p in predicted] for g in gold])
-  rows, cols = optimize.linear_sum_assignment(scores, maximize=True)
-  f1 = scores[rows, cols].sum() / max(len(predicted), len(gold))
-  return em, float(f1)
+  em = float(set(predicted) == set(gold) and len(predicted) == len(gold))
+  predicted_bags, gold_bags = [set(s.split()) for s in predicted], [set(s.split()) for s in gold]
+  scores = np.array([[_bag_f1(p, g) if _numbers_agree(g, p) else 0.0 for p in predicted_bags]
+                     for g in gold_bags])
+  best = np.zeros(max(len(gold), len(predicted)))
+  for row, col in zip(*optimize.linear_sum_assignment(-scores)):
+    best[row] = max(best[row], scores[row, col])
+  return em, round(float(np.mean(best)), 2)
 
 
 def drop_match(prediction: str, target: Sequence[Sequence[str]]) -> dict[str, float]:
-  """`target` holds the alternative gold answers, each a bag of spans; the best one counts."""
-  scores = [drop_em_f1([prediction.strip()], gold) for gold in target]
-  return {'em': max(em for em, _ in scores), 'f1': max(f1 for _, f1 in scores)}
+  """`target` holds the alternative gold answers, each a bag of spans; the best one counts
+  (answers whose first span is blank never count)."""
+  em = f1 = 0.0
+  for gold in target:
+    if gold[0].strip():
+      gold_em, gold_f1 = drop_em_f1([prediction.strip()], gold)
+      em, f1 = max(em, gold_em), max(f1, gold_f1)
+  return {'em': em, 'f1': f1}

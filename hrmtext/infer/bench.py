@@ -15,7 +15,9 @@ i.e. prefill excluded. One line per engine and batch size:
 `bench: engine=hrmtext batch=32 ... decode_tokens_per_s=...`. HF is skipped (and says so)
 without torch/transformers or with --nohf.
 """
+import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -23,10 +25,11 @@ import time
 import flax.linen as nn
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from hrmtext.cli import quiet_logs
+from hrmtext import cli
 from hrmtext.infer.engine import Engine, bucket
+from hrmtext.infer.sampling import Sampling
 from hrmtext.model import ModelConfig, build_model
 
 CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Run directory; default: random weights.')
@@ -38,6 +41,9 @@ HF = flags.DEFINE_bool('hf', True, 'Also time HF transformers HrmTextForCausalLM
 VOCAB = flags.DEFINE_integer('vocab_size', 1280, 'Random model: vocabulary (tiny_cpu: 1024 '
                              'tokenizer pieces + specials, padded to 256).')
 SEED = flags.DEFINE_integer('seed', 0, 'Weights (random model) and prompts.')
+HLO = flags.DEFINE_bool('hlo', False, 'Also print, per batch size, the MiB that copy-like ops '
+                        '(copies, slices, transposes, scatters, concatenations: any op of '
+                        '>= 512 KiB but dots) write per decode step in the compiled decode chunk.')
 
 NO_EOA = -1  # never sampled: every sequence runs to --new_tokens
 
@@ -91,6 +97,38 @@ def bench_hrmtext(cfg, params, prompts, new_tokens):
   return rate, first, outputs
 
 
+def decode_step_copies(engine: Engine, window: int) -> float:
+  """MiB written per decode step by the compiled chunk's copy-like ops (the profile behind the
+  README's decode note): what is not matmul work grows with batch x window when it copies the
+  cache."""
+  compiled = Engine._decode.lower(engine, engine.params, engine._init_state(), Sampling(),
+                                  window, False).compile()
+  hlo = compiled.as_text()
+  computations = {}
+  for block in hlo.split('\n\n'):
+    name = re.match(r'\s*(?:ENTRY )?(%[\w.\-]+) ', block)
+    if name:
+      computations[name[1]] = block
+
+  def written(computation) -> int:
+    total = 0
+    for line in computations[computation].splitlines():
+      op = re.search(r'= \w+\[([\d,]*)\]\S* ([\w\-]+)\(', line)
+      if not op or op[2] in ('get-tuple-element', 'parameter', 'tuple', 'bitcast', 'constant',
+                             'dot', 'custom-call'):
+        continue
+      if op[2] == 'while':  # a nested loop: its body times its trip count
+        trips = re.search(r'"n":"(\d+)"', line)
+        total += (int(trips[1]) if trips else 1) * written(re.search(r'body=(%[\w.\-]+)', line)[1])
+        continue
+      size = 4 * math.prod(int(d) for d in op[1].split(',') if d)
+      total += size if size >= 1 << 19 else 0
+    return total
+
+  outermost = re.findall(r'while\(.*?body=(%[\w.\-]+)', hlo)[-1]
+  return written(outermost) / 2**20
+
+
 def bench_hf(model, prompts, new_tokens):
   import torch
   ids = torch.tensor(prompts)
@@ -123,10 +161,7 @@ def load_hf(hf_dir):
   return model_class.from_pretrained(hf_dir, dtype=torch.float32).eval()
 
 
-def main(argv):
-  quiet_logs()
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+def main(_):
   try:
     batches = [int(b) for b in BATCH.value]
     if min(batches) < 1 or NEW_TOKENS.value < 2 or PROMPT_LEN.value < 1:
@@ -136,7 +171,7 @@ def main(argv):
       cfg, params, _ = checkpoint.load_weights(CHECKPOINT.value, use_ema=EMA.value)
     else:
       cfg, params = random_model(VOCAB.value, SEED.value)
-  except (ValueError, FileNotFoundError, KeyError) as e:
+  except ValueError as e:
     sys.exit(f'error: {e}')
   rng = np.random.default_rng(SEED.value)
   print(f'bench: model hidden={cfg.hidden_size} heads={cfg.num_heads}x{cfg.head_dim} '
@@ -153,15 +188,22 @@ def main(argv):
     for batch in batches:
       prompts = rng.integers(1, cfg.vocab_size, (batch, PROMPT_LEN.value)).tolist()
       common = f'batch={batch} prompt_len={PROMPT_LEN.value} new_tokens={NEW_TOKENS.value}'
-      rate, first, ours = bench_hrmtext(cfg, params, prompts, NEW_TOKENS.value)
-      print(f'bench: engine=hrmtext {common} decode_tokens_per_s={rate:.1f} '
-            f'first_run_s={first:.1f}', flush=True)
+      our_rate, first, ours = bench_hrmtext(cfg, params, prompts, NEW_TOKENS.value)
+      copies = ''
+      if HLO.value:
+        engine = Engine(build_model(cfg), params, eoa=NO_EOA, slots=batch,
+                        max_len=bucket(PROMPT_LEN.value + NEW_TOKENS.value + 1))
+        window = bucket(PROMPT_LEN.value + NEW_TOKENS.value, engine.min_window)
+        copies = f' decode_step_copies_mib={decode_step_copies(engine, window):.1f}'
+      print(f'bench: engine=hrmtext {common} decode_tokens_per_s={our_rate:.1f} '
+            f'first_run_s={first:.1f}{copies}', flush=True)
       if hf_model is not None:
         rate, first, theirs = bench_hf(hf_model, prompts, NEW_TOKENS.value)
         same = np.mean(np.array(ours) == np.array(theirs))
         print(f'bench: engine=hf {common} decode_tokens_per_s={rate:.1f} '
-              f'first_run_s={first:.1f} same_tokens_as_hrmtext={same:.3f}', flush=True)
+              f'first_run_s={first:.1f} same_tokens_as_hrmtext={same:.3f} '
+              f'hrmtext_over_hf={our_rate / rate:.2f}', flush=True)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -1,15 +1,16 @@
 """Generation with a KV cache (continuous batching) and log-likelihood scoring.
 
-The cache holds one slot per stack application and layer: `slots` rows of `max_len` positions.
-Requests waiting for a row are prefilled together (a prompt is an instruction: one bidirectional
+The cache (hrmtext.model.cache) holds one entry per stack application and layer: `slots` rows of
+`max_len` positions, in `cache_dtype` (default: the model's compute dtype). Requests waiting for a row are prefilled together (a prompt is an instruction: one bidirectional
 block), which also samples their first tokens. Then all rows decode together, one token per step,
 in a loop that stays on the device for up to `chunk` steps and ends early when a row finishes
-while requests wait. The host reads the new tokens once per chunk, frees finished rows and
+while requests wait; within the loop the cache is only read (the chunk's own keys/values go to a
+small buffer, stored into the cache after the chunk). The host reads the new tokens once per chunk, frees finished rows and
 refills them from the queue.
 
 Few shapes get compiled: prompts are padded to a power of two, prefill groups to a
-power-of-two number of rows, and decoding attends to the smallest power-of-two window of cache
-positions that holds every row (a chunk also ends when a row outgrows it).
+power-of-two number of rows, and a decode chunk attends to the smallest power-of-two window of
+cache positions that holds every row's past, plus the chunk's own tokens.
 """
 import functools
 
@@ -21,6 +22,7 @@ from hrmtext.data.layout import Index
 from hrmtext.data.packing import pack_rows
 from hrmtext.infer.sampling import Sampling, sample
 from hrmtext.model import AttentionMask, LanguageModel
+from hrmtext.model import cache as kv_cache
 
 NO_TOKEN = -1  # an empty place in the token buffers
 
@@ -31,20 +33,23 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 class Engine:
-  """`vocab_size` (default: the model's) masks padded vocabulary rows out of token choices."""
+  """`max_len`: prompt + response tokens per row. `vocab_size` (default: the model's) masks padded
+  vocabulary rows out of token choices. `cache_dtype` (default: the model's compute dtype) is
+  the KV cache's."""
 
   def __init__(self, model: LanguageModel, params, *, eoa: int, slots: int = 8,
                max_len: int = 1024, chunk: int = 32, min_window: int = 64,
-               vocab_size: int | None = None):
+               vocab_size: int | None = None, cache_dtype=None):
     self.model, self.params, self.eoa = model, params, eoa
     self.slots, self.max_len, self.chunk, self.min_window = slots, max_len, chunk, min_window
     self.vocab_size = vocab_size or model.cfg.vocab_size
+    self.cache_dtype = jnp.dtype(cache_dtype or model.cfg.dtype)
 
   # ---- device functions -------------------------------------------------------------------
 
   def _logits(self, params, hidden):
     """float32 logits with the padded vocabulary rows (if any) at -inf."""
-    return self._without_padding(self.model.head.apply({'params': params['lm_head']}, hidden))
+    return self._without_padding(self.model.head_logits(params, hidden))
 
   def _without_padding(self, logits):
     """`logits` with the padded vocabulary rows (if any) at -inf: never chosen."""
@@ -54,15 +59,23 @@ class Engine:
 
   def _accept(self, rows, tokens, lengths, budget):
     """Which sampled tokens (placed at index `lengths`) join the response, and which rows stay
-    active (budget: response tokens still allowed before this one)."""
-    kept = (tokens != self.eoa) & (lengths + 1 < self.max_len) & (budget > 0) & rows
-    return kept, kept & (budget > 1)
+    active (budget: response tokens still allowed before this one). A row holds at most
+    `max_len` tokens; its last token is never fed back, so it needs no cache position."""
+    kept = (tokens != self.eoa) & (lengths < self.max_len) & (budget > 0) & rows
+    return kept, kept & (budget > 1) & (lengths + 1 < self.max_len)
+
+  def _sample(self, params, hidden, keys, lengths, sampling):
+    """The token at index `lengths` of each row (hidden [rows, 1, hidden]), drawn with that row's
+    key folded with the index."""
+    keys = jax.vmap(jax.random.fold_in)(keys, lengths)
+    return sample(self._logits(params, hidden)[:, 0], keys, sampling)
 
   @functools.partial(jax.jit, static_argnums=(0,))
   def _init_state(self):
     s, n = self.slots, self.max_len
     zeros = lambda dtype: jnp.zeros((s,), dtype)
-    return {'cache': self.model.init_cache(s, n),
+    return {'cache': self.model.init_cache(s, n, self.cache_dtype),
+            'keys': jax.random.split(jax.random.key(0), s),  # each row's random stream
             'segment_ids': jnp.zeros((s, n), jnp.int32),  # 1 where a row holds a token
             'is_instruction': jnp.zeros((s, n), bool),
             'last': zeros(jnp.int32),  # token to feed next, at index `lengths`
@@ -71,79 +84,103 @@ class Engine:
             'active': zeros(bool)}
 
   @functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(2,))
-  def _prefill(self, params, state, tokens, prompt_lens, rows, limits, sampling, rng):
+  def _prefill(self, params, state, tokens, prompt_lens, rows, limits, sampling, rng, seeds):
     """Prompts [group, P] into batch rows `rows` (out-of-range rows are padding); samples the
-    first token of each. Returns the state and the first tokens (NO_TOKEN where not kept)."""
+    first token of each from its request's stream (`rng` folded with `seeds`). Returns the state
+    and the first tokens (NO_TOKEN where not kept)."""
     group, prompt_len = tokens.shape
     in_prompt = jnp.arange(prompt_len)[None] < prompt_lens[:, None]
     batch = {'inputs': tokens, 'positions': jnp.broadcast_to(jnp.arange(prompt_len), tokens.shape),
              'mask': AttentionMask.packed(in_prompt.astype(jnp.int32), in_prompt)}
-    hidden, row_cache = self.model.hidden_states(params, batch,
-                                                 cache=self.model.init_cache(group, prompt_len))
+    hidden, new = self.model.hidden_states(  # no past: the prompt attends to itself
+        params, batch, cache=kv_cache.no_past(self.model.cache_slots()))
     last_hidden = jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)
-    first = sample(self._logits(params, last_hidden)[:, 0], rng, sampling)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, seeds)
+    first = self._sample(params, last_hidden, keys, prompt_lens, sampling)
     kept, active = self._accept(rows < self.slots, first, prompt_lens, limits)
     prompt_mask = jnp.arange(self.max_len)[None] < prompt_lens[:, None]
     put = lambda big, new: big.at[rows].set(new, mode='drop')
     state = dict(
         state,
-        cache=jax.tree.map(lambda big, new: big.at[:, :, rows, :prompt_len].set(new, mode='drop'),
-                           state['cache'], row_cache),
+        cache=kv_cache.write(state['cache'], new, rows, batch['positions']),
         segment_ids=put(state['segment_ids'], prompt_mask.astype(jnp.int32)),
         is_instruction=put(state['is_instruction'], prompt_mask),
+        keys=put(state['keys'], keys),
         last=put(state['last'], first), lengths=put(state['lengths'], prompt_lens),
         budget=put(state['budget'], limits - kept), active=put(state['active'], active))
     return state, jnp.where(kept, first, NO_TOKEN)
 
-  @functools.partial(jax.jit, static_argnums=(0, 3, 5), donate_argnums=(2,))
-  def _decode(self, params, state, sampling, rng, window, stop_when_free):
-    """Up to `chunk` steps of all active rows, attending to the first `window` cache positions
-    only; stops after a step that leaves a row free if `stop_when_free`, or before a row outgrows
-    the window. Returns the state and the tokens [chunk, slots] (NO_TOKEN: none)."""
+  @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5), donate_argnums=(2,))
+  def _decode(self, params, state, sampling, window, stop_when_free):
+    """Up to `chunk` steps of all active rows; stops after a step that leaves a row free if
+    `stop_when_free`. Returns the state and the tokens [chunk, slots] (NO_TOKEN: none).
+
+    Keys: the first `window` cache positions (the past at the chunk's start: read-only during
+    the chunk, so nothing copies it per step), then this chunk's tokens so far (a [chunk]-long
+    buffer, step i in column i), then the step's own token. The buffer is stored into the cache
+    once, after the chunk."""
     rows = jnp.arange(self.slots)
     in_window = lambda x: jax.lax.slice_in_dim(x, 0, window, axis=1)
-    cache = jax.tree.map(lambda c: jax.lax.slice_in_dim(c, 0, window, axis=3), state['cache'])
-    is_instruction = in_window(state['is_instruction'])
+    past = jax.tree.map(lambda c: jax.lax.slice_in_dim(c, 0, window, axis=3), state['cache'])
+    past_segment_ids, past_is_instruction = (in_window(state[k])
+                                             for k in ('segment_ids', 'is_instruction'))
+    past_index = jnp.broadcast_to(jnp.arange(window), past_segment_ids.shape)
+    column = lambda x: x[:, None]
+    no = jnp.zeros((self.slots, self.chunk + 1), bool)  # chunk tokens are response tokens
 
     def step(carry):
-      i, cache, segment_ids, slot, out = carry
+      i, recent, recent_segment_ids, recent_index, slot, out = carry
       active, lengths = slot['active'], slot['lengths']
-      segment_ids = segment_ids.at[rows, lengths].set(active.astype(jnp.int32), mode='drop')
+      segment = active.astype(jnp.int32)  # an inactive row (segment 0) sees only its own token
       mask = AttentionMask(
-          q_segment_ids=active[:, None].astype(jnp.int32), kv_segment_ids=segment_ids,
-          q_index=lengths[:, None],
-          kv_index=jnp.broadcast_to(jnp.arange(window), segment_ids.shape),
-          q_is_instruction=jnp.zeros_like(active)[:, None], kv_is_instruction=is_instruction)
-      batch = {'inputs': slot['last'][:, None], 'positions': lengths[:, None], 'mask': mask}
-      hidden, cache = self.model.hidden_states(params, batch, cache=cache)
-      tokens = sample(self._logits(params, hidden)[:, 0], jax.random.fold_in(rng, i), sampling)
+          q_segment_ids=column(segment),
+          kv_segment_ids=jnp.concatenate([past_segment_ids, recent_segment_ids, column(segment)],
+                                         axis=1),
+          q_index=column(lengths),
+          kv_index=jnp.concatenate([past_index, recent_index, column(lengths)], axis=1),
+          q_is_instruction=column(jnp.zeros_like(active)),
+          kv_is_instruction=jnp.concatenate([past_is_instruction, no], axis=1))
+      batch = {'inputs': column(slot['last']), 'positions': column(lengths), 'mask': mask}
+      cache = {name: [(p, r) for p, r in zip(past[name], recent[name])] for name in past}
+      hidden, new = self.model.hidden_states(params, batch, cache=cache)
+      recent = jax.tree.map(lambda r, n: jax.lax.dynamic_update_slice_in_dim(r, n, i, axis=3),
+                            recent, new)
+      recent_segment_ids = recent_segment_ids.at[:, i].set(segment)
+      recent_index = recent_index.at[:, i].set(lengths)
       lengths = lengths + active
+      tokens = self._sample(params, hidden, state['keys'], lengths, sampling)
       kept, still_active = self._accept(active, tokens, lengths, slot['budget'])
       slot = dict(last=jnp.where(kept, tokens, slot['last']), lengths=lengths,
                   budget=slot['budget'] - kept, active=still_active)
-      return i + 1, cache, segment_ids, slot, out.at[i].set(jnp.where(kept, tokens, NO_TOKEN))
+      out = out.at[i].set(jnp.where(kept, tokens, NO_TOKEN))
+      return i + 1, recent, recent_segment_ids, recent_index, slot, out
 
     def go_on(carry):
-      i, _, _, slot, _ = carry
+      i, *_, slot, _ = carry
       active = slot['active']
-      fits = jnp.where(active, slot['lengths'], 0).max() < window
-      return (i < self.chunk) & active.any() & fits & ~(stop_when_free & ~active.all())
+      return (i < self.chunk) & active.any() & ~(stop_when_free & ~active.all())
 
+    recent = jax.tree.map(
+        lambda c: jnp.zeros(c.shape[:3] + (self.chunk,) + c.shape[4:], c.dtype), past)
+    chunk_ids = jnp.zeros((self.slots, self.chunk), jnp.int32)
     slot = {key: state[key] for key in ('last', 'lengths', 'budget', 'active')}
     out = jnp.full((self.chunk, self.slots), NO_TOKEN, jnp.int32)
-    _, cache, segment_ids, slot, out = jax.lax.while_loop(
-        go_on, step, (jnp.int32(0), cache, in_window(state['segment_ids']), slot, out))
-    put_back = lambda big, new, axis: jax.lax.dynamic_update_slice_in_dim(big, new, 0, axis)
-    state = dict(state, **slot,
-                 cache=jax.tree.map(lambda c, w: put_back(c, w, 3), state['cache'], cache),
-                 segment_ids=put_back(state['segment_ids'], segment_ids, 1))
+    _, recent, recent_segment_ids, recent_index, slot, out = jax.lax.while_loop(
+        go_on, step, (jnp.int32(0), recent, chunk_ids, chunk_ids, slot, out))
+    # The chunk's tokens into the cache at their positions (columns no row filled are dropped).
+    positions = jnp.where(recent_segment_ids > 0, recent_index, self.max_len)
+    state = dict(state, **slot, cache=kv_cache.write(state['cache'], recent, rows, positions),
+                 segment_ids=state['segment_ids'].at[rows[:, None], positions].set(1, mode='drop'))
     return state, out
 
   # ---- host loop --------------------------------------------------------------------------
 
   def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int] = 256,
-               sampling: Sampling = Sampling(), seed: int = 0, progress=None) -> list[list[int]]:
-    """Response token ids (EOA excluded) for each prompt (instruction ids)."""
+               sampling: Sampling = Sampling(), seed: int = 0, progress=None,
+               request_seeds: list[int] | None = None) -> list[list[int]]:
+    """Response token ids (EOA excluded) for each prompt (instruction ids). Request r samples
+    from its own stream, `seed` folded with `request_seeds[r]` (default r): its tokens do not
+    depend on the other requests, the slots or the refill order."""
     limits = ([max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int)
               else list(max_new_tokens))
     for p in prompts:
@@ -155,7 +192,10 @@ class Engine:
       progress(len(prompts) - len(queue))
     owner = [None] * self.slots  # request index per row
     lengths = np.zeros(self.slots, np.int32)  # the host's copy of state['lengths']
-    state, rng, calls = self._init_state(), jax.random.key(seed), 0
+    request_seeds = list(range(len(prompts))) if request_seeds is None else list(request_seeds)
+    if len(request_seeds) != len(prompts):
+      raise ValueError(f'{len(request_seeds)} request seeds for {len(prompts)} prompts')
+    state, rng = self._init_state(), jax.random.key(seed)
 
     while queue or any(o is not None for o in owner):
       free = [slot for slot in range(self.slots) if owner[slot] is None]
@@ -167,20 +207,17 @@ class Engine:
         tokens = np.zeros((size, length), np.int32)
         prompt_lens = np.ones(size, np.int32)
         rows = np.full(size, self.slots, np.int32)  # padding rows are dropped
-        group_limits = np.zeros(size, np.int32)
+        group_limits, group_seeds = np.zeros(size, np.int32), np.zeros(size, np.uint32)
         for i, (slot, request) in enumerate(group):
           prompt = prompts[request]
           tokens[i, :len(prompt)], prompt_lens[i], rows[i] = prompt, len(prompt), slot
-          group_limits[i] = limits[request]
+          group_limits[i], group_seeds[i] = limits[request], request_seeds[request]
           owner[slot], lengths[slot] = request, len(prompt)
         state, first = self._prefill(self.params, state, tokens, prompt_lens, rows, group_limits,
-                                     sampling, jax.random.fold_in(rng, calls))
-        calls += 1
+                                     sampling, rng, group_seeds)
       longest = max(int(lengths[slot]) for slot in range(self.slots) if owner[slot] is not None)
-      window = min(bucket(longest + 1, self.min_window), self.max_len)
-      state, out = self._decode(self.params, state, sampling, jax.random.fold_in(rng, calls),
-                                window, bool(queue))
-      calls += 1
+      window = min(bucket(longest, self.min_window), self.max_len)
+      state, out = self._decode(self.params, state, sampling, window, bool(queue))
       first, out, active, lengths = jax.device_get(
           (first, out, state['active'], state['lengths']))
       lengths = np.array(lengths)

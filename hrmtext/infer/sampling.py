@@ -11,8 +11,8 @@ class Sampling:
   top_p: float = 1.0
 
 
-def sample(logits, rng, sampling: Sampling):
-  """logits [batch, vocab] -> token ids [batch]."""
+def sample(logits, keys, sampling: Sampling):
+  """logits [batch, vocab], one random key per row [batch] -> token ids [batch]."""
   if sampling.temperature <= 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits.astype(jnp.float32) / sampling.temperature
@@ -23,4 +23,4 @@ def sample(logits, rng, sampling: Sampling):
     cutoff_index = jnp.sum(cumulative < sampling.top_p, axis=-1, keepdims=True)
     cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)

@@ -3,7 +3,6 @@ import os
 
 from hrmtext.data.tokenizer import INFO_FILE, Tokenizer
 from hrmtext.infer.engine import Engine
-from hrmtext.infer.sampling import Sampling
 from hrmtext.model import build_model
 from hrmtext.train import checkpoint
 
@@ -60,22 +59,10 @@ def encode_ids(tok: Tokenizer | None, row: dict) -> tuple[list[int], list[int] |
   return instruction, None if response is None else tok.encode_response(response)
 
 
-def model_fns(engine: Engine, tok: Tokenizer, sampling: Sampling = Sampling(), progress=None):
-  """(generate_fn, loglik_fn) in the form `hrmtext.evals.evaluate` expects."""
-
-  def generate_fn(requests):
-    prompts = [encode_ids(tok, r)[0] for r in requests]
-    for prompt in prompts:
-      check_prompt(engine, prompt)
-    limits = [r.get('max_new_tokens', 256) for r in requests]
-    return [tok.decode(ids) for ids in engine.generate(prompts, limits, sampling,
-                                                       progress=progress)]
-
-  def loglik_fn(requests):
-    scored = engine.score([encode_ids(tok, r) for r in requests])
-    return [(logprob, greedy) for logprob, _, greedy in scored]
-
-  return generate_fn, loglik_fn
+def model_fns(engine: Engine, tok: Tokenizer, **kwargs):
+  """(generate_fn, loglik_fn) for `hrmtext.evals.evaluate`: see hrmtext.evals.engine.model_fns."""
+  from hrmtext.evals.engine import model_fns as engine_model_fns
+  return engine_model_fns(engine, tok, **kwargs)
 
 
 def check_prompt(engine: Engine, prompt: list[int]) -> None:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from hrmtext.model import attention as attention_lib
+from hrmtext.model import cache as kv_cache
 from hrmtext.model.config import ModelConfig
 
 TRUNCATION = 3.0  # init samples are cut at +-3 sigma
@@ -75,14 +76,12 @@ class Attention(nn.Module):
     q, k = apply_rope(q, rope), apply_rope(k, rope)
     q, k, v = (constrain(t, 'act_batch', 'act_length', 'act_heads', 'act_head_dim')
                for t in (q, k, v))
-    if cache is not None:  # write this step's keys/values at the query indices, attend to all
-      rows = jnp.arange(k.shape[0])[:, None]
-      cache = {'k': cache['k'].at[rows, mask.q_index].set(k.astype(cache['k'].dtype)),
-               'v': cache['v'].at[rows, mask.q_index].set(v.astype(cache['v'].dtype))}
-      k, v = cache['k'].astype(dtype), cache['v'].astype(dtype)
-    # Initialising needs only shapes, and the XLA path traces for any device (kernels check theirs).
-    impl = cfg.attention if cache is None and not self.is_initializing() else 'xla'
-    out = attention_lib.attention(q, k, v, mask, impl)
+    if cache is not None:  # cached inference: the past blocks (read-only), then these tokens
+      out, cache = kv_cache.attention(q, k, v, cache, mask)
+    else:
+      # Initialising needs only shapes, and the XLA path traces for any device (kernels check theirs).
+      impl = 'xla' if self.is_initializing() else cfg.attention
+      out = attention_lib.attention(q, k, v, mask, impl)
     out = jax.nn.sigmoid(gate) * out
     return jnp.einsum('bthk,hkd->btd', out, out_proj.astype(dtype)), cache
 

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hrmtext.model import cache as kv_cache
 from hrmtext.model import loss
 from hrmtext.model.attention import AttentionMask
 from hrmtext.model.config import ModelConfig
@@ -78,11 +79,8 @@ class LanguageModel:
     return x, rope, mask
 
   def init_cache(self, batch_size: int, length: int, dtype=jnp.float32) -> dict:
-    """Zeroed KV cache: one slot per stack application and layer."""
-    cfg = self.cfg
-    shape = (cfg.layers_per_stack, batch_size, length, cfg.num_heads, cfg.head_dim)
-    return {name: {'k': jnp.zeros((n,) + shape, dtype), 'v': jnp.zeros((n,) + shape, dtype)}
-            for name, n in self.cache_slots().items()}
+    """Zeroed KV cache: one slot per stack application and layer (see hrmtext.model.cache)."""
+    return kv_cache.init(self.cfg, self.cache_slots(), batch_size, length, dtype)
 
 
 class Transformer(LanguageModel):
@@ -94,10 +92,11 @@ class Transformer(LanguageModel):
 
   def hidden_states(self, params, batch, horizon=None, cache=None):
     x, rope, mask = self._inputs(params, batch)
-    slot = None if cache is None else jax.tree.map(lambda c: c[0], cache['stack'])
-    x, slot = self.stack.apply({'params': params['stack']}, x, rope, mask, slot)
-    new_cache = None if cache is None else {'stack': jax.tree.map(lambda c: c[None], slot)}
-    return x, new_cache
+    applications = kv_cache.Applications(cache)
+    x, new = self.stack.apply({'params': params['stack']}, x, rope, mask,
+                              applications.next('stack'))
+    applications.give('stack', new)
+    return x, applications.new_entries()
 
 
 class HrmText(LanguageModel):
@@ -120,44 +119,50 @@ class HrmText(LanguageModel):
     return {'L': self.cfg.H_cycles * self.cfg.L_cycles, 'H': self.cfg.H_cycles}
 
   def hidden_states(self, params, batch, horizon=None, cache=None):
+    """Final z_H [batch, len, hidden] and, with a `cache` (the past keys/values of every stack
+    application, read-only), the keys/values of these tokens (hrmtext.model.cache)."""
     cfg = self.cfg
     horizon = horizon or credit_horizon(cfg)
     z_H, rope, mask = self._inputs(params, batch)
     z_L = jnp.broadcast_to(jax.lax.stop_gradient(params['z_L_init']).astype(z_H.dtype), z_H.shape)
     frozen = jax.lax.stop_gradient(params)
+    applications = kv_cache.Applications(cache)
 
-    def apply_stack(name, differentiable, x, slot):
+    def apply_stack(name, differentiable, x, past):
+      """One application; forward-only ones see constant parameters and inputs."""
       p = params[name] if differentiable else frozen[name]
       x = x if differentiable else jax.lax.stop_gradient(x)
-      return self.stack.apply({'params': p}, x, rope, mask, slot)
+      return self.stack.apply({'params': p}, x, rope, mask, past)
 
-    def run_L(z_L, z_H, differentiable, slots, length):
-      def step(z_L, slot):
-        return apply_stack('L', differentiable, z_L + z_H, slot)
-      return jax.lax.scan(step, z_L, slots, length=length, unroll=cfg.unroll_loops)
+    def L_run(z_L, z_H, differentiable, n):
+      """n applications of L on z_L + z_H: one jax.lax.scan, or, with a cache (each application
+      has its own), a Python loop."""
+      step = lambda z_L, past: apply_stack('L', differentiable, z_L + z_H, past)
+      if cache is None:
+        return jax.lax.scan(step, z_L, None, length=n, unroll=cfg.unroll_loops)[0]
+      for _ in range(n):
+        z_L, new = step(z_L, applications.next('L'))
+        applications.give('L', new)
+      return z_L
 
-    new_cache = {'L': [], 'H': []}
+    def H_step(z_H, z_L, differentiable):
+      z_H, new = apply_stack('H', differentiable, z_H + z_L, applications.next('H'))
+      applications.give('H', new)
+      return z_H
+
     for h in range(cfg.H_cycles):
-      # Within an H cycle the L steps are a forward-only run followed by a differentiable run.
-      first = h * cfg.L_cycles
-      flags = horizon.L[first:first + cfg.L_cycles]
-      n_frozen = flags.index(True) if True in flags else len(flags)
-      for differentiable, start, stop in ((False, 0, n_frozen), (True, n_frozen, len(flags))):
-        if stop > start:
-          slots = None if cache is None else _slice(cache['L'], first + start, first + stop)
-          z_L, slots = run_L(z_L, z_H, differentiable, slots, stop - start)
-          new_cache['L'].append(slots)
-      slot = None if cache is None else jax.tree.map(lambda c: c[h], cache['H'])
-      z_H, slot = apply_stack('H', horizon.H[h], z_H + z_L, slot)
-      new_cache['H'].append(None if slot is None else jax.tree.map(lambda c: c[None], slot))
-    if cache is None:
-      return z_H, None
-    return z_H, {name: jax.tree.map(lambda *c: jnp.concatenate(c), *parts)
-                 for name, parts in new_cache.items()}
+      for differentiable, n in _forward_only_then_differentiable(
+          horizon.L[h * cfg.L_cycles:(h + 1) * cfg.L_cycles]):
+        z_L = L_run(z_L, z_H, differentiable, n)
+      z_H = H_step(z_H, z_L, horizon.H[h])
+    return z_H, applications.new_entries()
 
 
-def _slice(tree, start, stop):
-  return jax.tree.map(lambda c: c[start:stop], tree)
+def _forward_only_then_differentiable(flags) -> list[tuple[bool, int]]:
+  """An H cycle's L steps as (differentiable, count) runs: the credit horizon makes them a
+  forward-only run followed by a differentiable one (either may be empty)."""
+  n_frozen = flags.index(True) if True in flags else len(flags)
+  return [(d, n) for d, n in ((False, n_frozen), (True, len(flags) - n_frozen)) if n]
 
 
 def build_model(cfg: ModelConfig) -> LanguageModel:

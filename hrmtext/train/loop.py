@@ -14,10 +14,8 @@ from tqdm import tqdm
 
 from hrmtext.cli import UserError
 from hrmtext.data import pipeline
-from hrmtext.data.layout import SampledSet, heldout_dir
-from hrmtext.data.tokenizer import Tokenizer
-from hrmtext.evals import evaluate, heldout_tasks
-from hrmtext.infer import Engine, text
+from hrmtext.data.layout import SampledSet
+from hrmtext.evals.engine import heldout_generation_eval
 from hrmtext.files import atomic_open
 from hrmtext.model import ModelConfig, build_model, credit_horizon, summarize, zero_sums
 from hrmtext.model.flops import peak_flops, train_flops_per_token
@@ -131,7 +129,7 @@ class Trainer:
     self._eval_step = jax.jit(make_eval_step(self.model, self.loss_chunk_len),
                               in_shardings=(self.state_shardings.params, self.row_sharding))
     self._eval_batches = None
-    self._generation = None  # (Engine, Tokenizer, tasks) for eval.generate_per_task
+    self._generation = None  # params -> metrics, for eval.generate_per_task
     # Held-out examples generated per task at each eval; the engine runs on one process's devices.
     self._generate_per_task = config.eval.generate_per_task if jax.process_count() == 1 else 0
     if config.eval.generate_per_task and not self._generate_per_task:
@@ -236,24 +234,11 @@ class Trainer:
 
   def _generation_eval(self, params) -> dict:
     """Greedy exact match per held-out task, as `hrmtext.evaluate` scores it."""
-    if not os.path.isdir(heldout_dir(self.config.data.dir, 'raw')):
-      return {}
-    limit, seq_len = self._generate_per_task, self.config.data.seq_len
     if self._generation is None:
-      tok = Tokenizer.load(pipeline.sampled_dir(self.config.data))
-      tasks = heldout_tasks(self.config.data.dir, max_new_tokens=seq_len)
-      longest = max(len(tok.encode_instruction(e.instruction, e.condition))
-                    for task in tasks for e in task.examples[:limit])
-      engine = Engine(self.model, None, eoa=tok.eoa, max_len=longest + seq_len,
-                      vocab_size=tok.vocab_size)
-      self._generation = engine, tok, tasks
-    engine, tok, tasks = self._generation
-    engine.params = jax.device_get(params)
-    results = evaluate(tasks, *text.model_fns(engine, tok), limit=limit, progress=False)
-    metrics = {f'eval_gen/{task}/{name}': value for task, task_metrics in results.items()
-               for name, value in task_metrics.items() if name not in ('n', 'subsets')}
-    exact = [task_metrics['exact_match'] for task_metrics in results.values()]
-    return {'eval_gen/exact_match': sum(exact) / len(exact), **metrics}
+      self._generation = heldout_generation_eval(
+          self.model, self.config.data.dir, pipeline.sampled_dir(self.config.data),
+          limit=self._generate_per_task, max_new_tokens=self.config.data.seq_len) or (lambda _: {})
+    return self._generation(params)
 
   def save(self, state: TrainState, step: int) -> None:
     meta = {'model': self.model_cfg.to_dict(), 'config': self.config.to_dict(),
