@@ -193,8 +193,9 @@ def compile_report(train_step, abstract_state, abstract_batch, flops_per_token: 
                            + per_device['temp'])
   return {
       'compile_s': compile_s,
-      'compiled_flops_per_token': compiled_flops / tokens,
-      'compiled_to_analytic_flops': compiled_flops / tokens / flops_per_token,
+      # None where the matmuls are opaque custom calls (cuBLAS on GPU targets, TPU kernels).
+      'compiled_flops_per_token': compiled_flops / tokens or None,
+      'compiled_to_analytic_flops': compiled_flops / tokens / flops_per_token or None,
       'per_device_memory_bytes': per_device,
   }
 
@@ -346,8 +347,11 @@ def report(results: dict) -> None:
         f'on mesh {r["mesh"]}, loss chunk {r["loss_chunk_len"] or "none"}')
   print(f'compile: {r["compile_s"]:.1f} s')
   if _COMPILE_ONLY.value:
-    print(f'FLOPs per token: analytic {r["flops_per_token"]:.4g}, compiled '
-          f'{r["compiled_flops_per_token"]:.4g} (matmuls, loops by trip count), ratio {r["compiled_to_analytic_flops"]:.3f}')
+    compiled = ('n/a (the matmuls are custom calls XLA does not count)'
+                if results['compiled_flops_per_token'] is None else
+                f'{r["compiled_flops_per_token"]:.4g} (matmuls, loops by trip count), ratio '
+                f'{r["compiled_to_analytic_flops"]:.3f}')
+    print(f'FLOPs per token: analytic {r["flops_per_token"]:.4g}, compiled {compiled}')
     memory = results['per_device_memory_bytes'] or {}
     print('per-device memory: ' + (', '.join(f'{k} {v / 2**30:.2f} GiB' for k, v in
                                               memory.items()) or 'n/a'))
