@@ -12,7 +12,7 @@ import sys
 from absl import app, flags
 from tqdm import tqdm
 
-from hrmtext.cli import quiet_logs
+from hrmtext import cli
 from hrmtext.data.sources import write_jsonl
 from hrmtext.infer import Sampling, flags as infer_flags, text
 
@@ -27,9 +27,6 @@ SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 
 
 def main(argv):
-  quiet_logs()
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if (PROMPT.value is None) == (INPUT.value is None):
     raise app.UsageError('give either --prompt or --input (with --output)')
   if INPUT.value and not OUTPUT.value:
@@ -45,7 +42,7 @@ def main(argv):
       rows = [{'instruction': PROMPT.value, 'condition': CONDITION.value}]
       pairs = [text.encode_ids(tok, rows[0])]
       text.check_prompt(engine, pairs[0][0])
-  except (ValueError, FileNotFoundError, KeyError) as e:
+  except ValueError as e:
     sys.exit(f'error: {e}')
   sampling = Sampling(TEMPERATURE.value, TOP_P.value)
   with tqdm(total=len(pairs), desc='generating', unit='response', disable=not INPUT.value) as bar:
@@ -61,4 +58,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

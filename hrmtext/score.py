@@ -12,7 +12,7 @@ import sys
 from absl import app, flags
 from tqdm import tqdm
 
-from hrmtext.cli import quiet_logs
+from hrmtext import cli
 from hrmtext.data.sources import write_jsonl
 from hrmtext.infer import flags as infer_flags, text
 
@@ -22,9 +22,6 @@ BATCH = flags.DEFINE_integer('batch_size', 16, 'Rows scored per forward pass.')
 
 
 def main(argv):
-  quiet_logs()
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not INPUT.value or not OUTPUT.value:
     raise app.UsageError('--input and --output are required')
   try:
@@ -33,7 +30,7 @@ def main(argv):
     infer_flags.check_output(OUTPUT.value)
     engine, tok, _ = infer_flags.load(need_tokenizer=False)
     rows, pairs = text.read_requests(INPUT.value, engine, tok, with_response=True)
-  except (ValueError, FileNotFoundError, KeyError) as e:
+  except ValueError as e:
     sys.exit(f'error: {e}')
   with tqdm(total=len(pairs), desc='scoring', unit='row') as bar:
     scored = engine.score(pairs, batch_size=BATCH.value, progress=bar.update)
@@ -43,4 +40,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -611,7 +611,7 @@ def test_bad_input_errors(tmp_path):
     evals.load_arc(tmp_path / 'missing.jsonl')
   broken = tmp_path / 'broken.jsonl'
   broken.write_text('{"question": ')
-  with pytest.raises(ValueError, match='cannot read'):
+  with pytest.raises(ValueError, match=r'broken\.jsonl:1: invalid JSON'):
     evals.load_boolq(broken)
   with pytest.raises(ValueError, match='unknown benchmark'):
     evals.load_benchmark('squad', broken)

@@ -18,7 +18,7 @@ import sys
 
 from absl import app, flags
 
-from hrmtext.cli import quiet_logs
+from hrmtext import cli
 from hrmtext.convert import hf
 
 flags.DEFINE_string('src', None, 'HF hrm_text directory or hrmtext run/checkpoint directory.')
@@ -31,9 +31,6 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  quiet_logs()
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   src, dst = FLAGS.src, FLAGS.dst
   if not src or not dst:
     raise app.UsageError('both --src and --dst are required')
@@ -61,4 +58,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -136,7 +136,10 @@ class SampledSet:
                               '(run `python -m hrmtext.prepare --output DIR`)')
     self.directory = directory
     with open(os.path.join(directory, METADATA_FILE)) as f:
-      self.metadata = json.load(f)
+      try:
+        self.metadata = json.load(f)
+      except json.JSONDecodeError as e:
+        raise UserError(f'{f.name}: invalid JSON ({e})') from None
     epochs = sorted(int(m.group(1)) for m in map(_EPOCH_DIR.match, os.listdir(directory)) if m)
     if epochs != list(range(len(epochs))) or not epochs:
       raise FileNotFoundError(

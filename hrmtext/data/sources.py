@@ -65,6 +65,19 @@ def raw_rows(path):
       yield f'{path}:{line_no}', row
 
 
+def read_objects(path: str) -> list[dict]:
+  """Every row of a JSONL/Parquet file, whatever its fields (eval sets, requests); a malformed row
+  raises BadRowError in the same format as `read_rows`."""
+  rows = []
+  for where, row in raw_rows(path):
+    if isinstance(row, Exception):
+      raise BadRowError(f'{where}: {row}')
+    if not isinstance(row, dict):
+      raise BadRowError(f'{where}: expected a JSON object, got {type(row).__name__}')
+    rows.append(row)
+  return rows
+
+
 def read_rows(path: str, skip_bad_rows: bool = False, bad_rows: list | None = None,
               conditions=None) -> Iterator[dict]:
   """Yields the rows of one JSONL/Parquet file.
