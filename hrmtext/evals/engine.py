@@ -1,0 +1,73 @@
+"""The harness's model callables over an inference `Engine`, and the training loop's in-loop
+generation eval built from them."""
+import collections
+import os
+from collections.abc import Callable
+
+import jax
+
+from hrmtext.data.tokenizer import Tokenizer
+from hrmtext.evals.harness import evaluate
+from hrmtext.evals.loaders import heldout_tasks
+from hrmtext.infer.engine import Engine
+from hrmtext.infer.sampling import Sampling
+from hrmtext.infer.text import encode_ids
+
+
+def model_fns(engine: Engine, tok: Tokenizer, *, top_p: float = 1.0, progress=None):
+  """(generate_fn, loglik_fn) in the form `hrmtext.evals.evaluate` expects.
+
+  A generate request's budget is the reference's: min(max_new_tokens, max_context - prompt
+  length), with max_context capped at the engine's max_len; a prompt that leaves no room gets an
+  empty answer (scored as invalid) instead of stopping the run. Requests are grouped by
+  temperature and each group goes through the engine at once (continuous refill of its slots).
+  """
+
+  def generate_fn(requests):
+    outputs = [''] * len(requests)
+    groups = collections.defaultdict(list)
+    for i, r in enumerate(requests):
+      prompt = encode_ids(tok, r)[0]
+      room = min(r.get('max_context') or engine.max_len, engine.max_len) - len(prompt)
+      if room <= 0:
+        continue
+      limit = room if r.get('max_new_tokens') is None else min(r['max_new_tokens'], room)
+      groups[r.get('temperature') or 0.0].append((i, prompt, limit, r.get('seed', i)))
+    for temperature, group in groups.items():
+      places, prompts, limits, seeds = map(list, zip(*group))
+      generated = engine.generate(prompts, limits, Sampling(temperature, top_p),
+                                  request_seeds=seeds, progress=progress)
+      for i, ids in zip(places, generated):
+        outputs[i] = tok.decode(ids)
+    return outputs
+
+  def loglik_fn(requests):
+    scored = engine.score([encode_ids(tok, r) for r in requests])
+    return [(logprob, greedy) for logprob, _, greedy in scored]
+
+  return generate_fn, loglik_fn
+
+
+def heldout_generation_eval(model, prepared_root: str, tokenizer_dir: str, *, limit: int,
+                            max_new_tokens: int) -> Callable[[dict], dict] | None:
+  """The training loop's generation eval: params -> {'eval_gen/<task>/<metric>': value,
+  'eval_gen/exact_match': mean over tasks}, greedy on the first `limit` examples of each held-out
+  task, as `hrmtext.evaluate` scores them. None when the data has no held-out rows."""
+  if not os.path.isdir(os.path.join(prepared_root, 'raw', 'heldout')):
+    return None
+  tok = Tokenizer.load(tokenizer_dir)
+  tasks = heldout_tasks(prepared_root, max_new_tokens=max_new_tokens)
+  longest = max(len(tok.encode_instruction(e.instruction, e.condition))
+                for task in tasks for e in task.examples[:limit])
+  engine = Engine(model, None, eoa=tok.eoa, max_len=longest + max_new_tokens,
+                  vocab_size=tok.vocab_size)
+
+  def run(params) -> dict:
+    engine.params = jax.device_get(params)
+    results = evaluate(tasks, *model_fns(engine, tok), limit=limit, progress=False)
+    metrics = {f'eval_gen/{task}/{name}': value for task, task_metrics in results.items()
+               for name, value in task_metrics.items() if name not in ('n', 'subsets')}
+    exact = [task_metrics['exact_match'] for task_metrics in results.values()]
+    return {'eval_gen/exact_match': sum(exact) / len(exact), **metrics}
+
+  return run
