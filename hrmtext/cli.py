@@ -89,6 +89,6 @@ def run(main, *, multi_process: bool = False, extra_args: bool = False) -> None:
 
 
 def quiet_logs() -> None:
-  """absl at WARNING unless --verbosity was given (`run` does this; for mains not yet under it)."""
+  """absl at WARNING unless --verbosity was given."""
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
