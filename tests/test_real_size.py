@@ -181,9 +181,11 @@ def test_chunked_cross_entropy_saves_the_logits_memory():
   assert saved >= logits_bytes, (saved, logits_bytes)
 
 
-@pytest.mark.parametrize('chunk', [1, 5, 16, 40])
+@pytest.mark.parametrize('chunk', [1, 16])  # 16: the last chunk is padding past the row's 37
 def test_chunked_cross_entropy_equals_the_plain_one(chunk):
-  cfg = ModelConfig(vocab_size=300, hidden_size=32, num_heads=2, head_dim=16, layers_per_stack=1)
+  # The loss sees only final hidden states: a one-layer Transformer compiles fastest.
+  cfg = ModelConfig(architecture='transformer', vocab_size=300, hidden_size=32, num_heads=2,
+                    head_dim=16, layers_per_stack=1)
   model = build_model(cfg)
   params = nn.unbox(model.init(jax.random.key(0)))
   rng = np.random.default_rng(0)
@@ -197,9 +199,9 @@ def test_chunked_cross_entropy_equals_the_plain_one(chunk):
       positions=np.tile(np.arange(length) % 20, (rows, 1)), is_instruction=is_instruction))
 
   def loss_and_grads(chunk_len):
-    sums, grads = jax.value_and_grad(
-        lambda p: model.loss_sums(p, batch, loss_chunk_len=chunk_len)['loss_sum'])(params)
-    return model.loss_sums(params, batch, loss_chunk_len=chunk_len), grads
+    loss_sums = jax.jit(lambda p: model.loss_sums(p, batch, loss_chunk_len=chunk_len))
+    grads = jax.jit(jax.grad(lambda p: loss_sums(p)['loss_sum']))(params)
+    return loss_sums(params), grads
 
   (plain, plain_grads), (chunked, chunked_grads) = loss_and_grads(0), loss_and_grads(chunk)
   assert {k: int(v) for k, v in plain.items() if k != 'loss_sum'} == {
@@ -222,7 +224,8 @@ def test_query_blocked_attention_equals_dense():
   mask = attention.AttentionMask.packed(jnp.asarray(segment_ids), jnp.asarray(is_instruction))
 
   def value_and_grads(fn):
-    return jax.value_and_grad(lambda *qkv: jnp.sum(fn(*qkv, mask)**2), argnums=(0, 1, 2))(q, k, v)
+    return jax.jit(jax.value_and_grad(lambda *qkv: jnp.sum(fn(*qkv, mask)**2),
+                                      argnums=(0, 1, 2)))(q, k, v)
 
   (dense, dense_grads), (blocked, blocked_grads) = (value_and_grads(attention.dense_attention),
                                                     value_and_grads(attention.xla_attention))
