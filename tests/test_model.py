@@ -120,7 +120,9 @@ def random_batch(cfg, rows=2, length=16, seed=0):
               is_instruction=np.tile(np.arange(length) < 5, (rows, 1)))
 
 
-@pytest.mark.parametrize('bp_steps', [2, 3, 5, 8, None])
+# 8 and None (every application differentiable) run on the CI leg that runs `slow` tests.
+@pytest.mark.parametrize('bp_steps', [2, 3, 5, pytest.param(8, marks=pytest.mark.slow),
+                                      pytest.param(None, marks=pytest.mark.slow)])
 def test_horizon_gradients_match_naive_stop_gradient(bp_steps):
   cfg = small_config(L_bp_cycles=(1, 2)) if bp_steps is None else small_config()
   model = build_model(cfg)
@@ -143,6 +145,7 @@ def flops(fn, *args):
   return (cost[0] if isinstance(cost, list) else cost)['flops']
 
 
+@pytest.mark.slow  # compiles the train step once per horizon
 def test_forward_only_applications_do_no_backward_work():
   """Each extra differentiable application adds exactly one application's backward cost."""
   cfg = small_config(unroll_loops=True, remat_policy='none')
