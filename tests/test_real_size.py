@@ -44,7 +44,7 @@ def non_embedding_count(cfg: ModelConfig) -> int:
 
 
 def transformers_param_count(cfg: ModelConfig) -> int:
-  """Parameters of transformers' HrmTextForCausalLM with the same sizes (meta device: no weights)."""
+  """Parameters of transformers' HrmTextForCausalLM of the same sizes (meta device: no weights)."""
   torch = pytest.importorskip('torch', reason='the transformers oracle needs torch')
   transformers = pytest.importorskip('transformers')
   hf_config = transformers.HrmTextConfig(

@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.test_train import REPO, make_fixture_data
+from tests.test_train import REPO, assert_trees_equal, make_fixture_data
 
 SEQ_LEN, ROWS = 64, 4
 PRETRAIN_STEPS = 4
@@ -55,14 +55,6 @@ def restore_all(workdir, step=None) -> dict:
       opt_state=ocp.args.StandardRestore()))
   mngr.close()
   return jax.tree.map(np.asarray, {k: items[k] for k in ('params', 'ema', 'opt_state')})
-
-
-def assert_trees_equal(a, b):
-  leaves_a, tree_a = jax.tree.flatten(a)
-  leaves_b, tree_b = jax.tree.flatten(b)
-  assert tree_a == tree_b
-  for x, y in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def as_saved(state) -> dict:

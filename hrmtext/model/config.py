@@ -77,8 +77,8 @@ class ModelConfig:
   def weight_differences(self, other: 'ModelConfig') -> dict:
     """{field: (self's, other's)} of the fields where the two models' weights differ in shape or
     meaning (the embedding scale compared as the value it resolves to)."""
-    mine, theirs = (dict(dataclasses.asdict(c), embedding_scale=c.scale, intermediate_size=c.mlp_size)
-                    for c in (self, other))
+    mine, theirs = (dict(dataclasses.asdict(c), embedding_scale=c.scale,
+                         intermediate_size=c.mlp_size) for c in (self, other))
     return {name: (mine[name], theirs[name]) for name in mine
             if name not in self.RUN_FIELDS and mine[name] != theirs[name]}
 
