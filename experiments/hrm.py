@@ -10,7 +10,7 @@ n_layers of the size in one stack, so its non-embedding parameters equal HRM's.
 4096-token rows, bf16 compute with fp32 master weights, AdamATan2, EMA 0.9999, credit horizon
 warming up from 2 to 5 steps over the first 20% of training.
 """
-from hrmtext.train.config import base_config
+from hrmtext.training.config import base_config
 
 # Per size: (peak lr, global batch tokens). The reference trains L at 2.5e-4 on 42 x 4096-token
 # rows, every other size at 2.2e-4 on 48 rows.

@@ -22,7 +22,7 @@ Re-running the same command resumes the SFT run itself, exactly.
 import importlib.util
 import os
 
-from hrmtext.train.config import base_config
+from hrmtext.training.config import base_config
 
 
 def sft_recipe(c, *, lr: float, global_batch_tokens: int, epochs: int, ema_decay: float):

@@ -2,7 +2,7 @@
 
 300 steps of 4096 tokens (about 1.2 epochs of the built-in mix) take ~6 minutes on 2 CPU cores.
 """
-from hrmtext.train.config import base_config
+from hrmtext.training.config import base_config
 
 
 def get_config():

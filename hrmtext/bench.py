@@ -7,11 +7,11 @@ r"""Train-step speed, cost and memory of an experiment config, on synthetic pack
   python -m hrmtext.bench --config experiments/hrm.py:XL --config.model.attention=auto \
       --compile_only --target v5p:2x2x2
 
-Builds the model, optimizer, shardings and jitted train step as training does (hrmtext.train.step:
+Builds the model, optimizer, shardings and jitted train step as training does (hrmtext.training.step:
 the config's mesh, micro-batches, remat policy and loss chunking, the state donated) and feeds it
 rows packed, as the data pipeline packs, from random examples: lengths uniform in
 [--min_example_len, --max_example_len], instructions about --instruction_fraction of each. The
-same batch every step, so data loading is not measured (see hrmtext.data.bench for that).
+same batch every step, so data loading is not measured (see hrmtext.bench_data for that).
 
 Prints the compile time, step time, tokens/s (all row slots, as training counts them), model
 TFLOP/s and MFU (hrmtext.model.flops at --bp_steps: forward of every stack application, backward
@@ -52,9 +52,9 @@ from hrmtext.model import build_model, credit_horizon
 from hrmtext.model.flops import compiled_matmul_flops, peak_flops, train_flops_per_token
 from hrmtext.parallel import distributed, sharding, targets
 from hrmtext.parallel.mesh import make_mesh
-from hrmtext.train import optimizer, schedules
-from hrmtext.train.loop import model_config
-from hrmtext.train.step import init_state, loss_chunk_len, make_train_step, state_shardings
+from hrmtext.training import optimizer, schedules
+from hrmtext.training.loop import model_config
+from hrmtext.training.step import init_state, loss_chunk_len, make_train_step, state_shardings
 
 # Each flag exists in the XLA of jax 0.10.2 and 0.11.2 (NVIDIA JAX-Toolbox / MaxText practice,
 # not yet A/B-measured here: set XLA_FLAGS yourself to compare). The collective ones pay off with
@@ -157,7 +157,7 @@ def peak_memory_gib() -> float | None:
 
 
 def jitted_train_step(config, model, mesh, horizon):
-  """(optimizer, state shardings, batch sharding, jitted train step), as hrmtext.train.loop's
+  """(optimizer, state shardings, batch sharding, jitted train step), as hrmtext.training.loop's
   Trainer builds them."""
   tc = config.train
   tx = optimizer.adam_atan2(

@@ -15,7 +15,6 @@ outputs to outputs/<task>.jsonl.
 """
 import json
 import os
-import sys
 
 from absl import flags
 
@@ -55,9 +54,9 @@ def name_path_pairs(specs: list[str], flag: str) -> dict[str, str]:
   for spec in specs:
     name, _, path = spec.partition('=')
     if not name or not path:
-      raise ValueError(f'--{flag} entry {spec!r} is not name=path')
+      raise cli.UserError(f'--{flag} entry {spec!r} is not name=path')
     if name in pairs:
-      raise ValueError(f'--{flag} names {name!r} twice')
+      raise cli.UserError(f'--{flag} names {name!r} twice')
     pairs[name] = path
   return pairs
 
@@ -67,9 +66,9 @@ def benchmark_tasks() -> list:
                                                                                       'shots')
   for name in shots:
     if name not in FEW_SHOT:
-      raise ValueError(f'--shots {name}: only few-shot benchmarks take shots ({", ".join(FEW_SHOT)})')
+      raise cli.UserError(f'--shots {name}: only few-shot benchmarks take shots ({", ".join(FEW_SHOT)})')
     if name not in files:
-      raise ValueError(f'--shots {name}: not in --benchmarks')
+      raise cli.UserError(f'--shots {name}: not in --benchmarks')
   tasks = []
   for name, path in files.items():
     kwargs = {}
@@ -99,9 +98,9 @@ def check_output_dir(path: str | None) -> None:
     return
   parent = os.path.dirname(os.path.abspath(path))
   if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(f'cannot write into {path}: it is a file')
+    raise cli.UserError(f'cannot write into {path}: it is a file')
   if not os.path.isdir(parent):
-    raise ValueError(f'cannot write into {path}: no folder {parent}')
+    raise cli.UserError(f'cannot write into {path}: no folder {parent}')
 
 
 def write_json(path: str, obj, lines: bool = False) -> None:
@@ -113,24 +112,21 @@ def write_json(path: str, obj, lines: bool = False) -> None:
 
 
 def main(_):
-  try:
-    if LIMIT.value is not None and LIMIT.value < 1:
-      raise ValueError('--limit must be >= 1')
-    check_output_dir(OUTPUT_DIR.value)
-    tasks = benchmark_tasks()
-    engine, tok, meta = infer_flags.load()
-    if HELDOUT.value != 'none' and (HELDOUT.value or not tasks):
-      tasks = heldout_tasks(HELDOUT.value or heldout_root(meta)) + tasks
-    if not tasks:
-      raise ValueError('no tasks: no held-out data found and no --benchmarks given')
-    for condition in {example.condition for task in tasks for example in task.examples}:
-      tok.condition_tag_ids(condition)  # an unknown tag fails now, not after hours of work
-    engine = fitting_engine(engine, tasks)
-    records = {}
-    results = evaluate(tasks, *model_fns(engine, tok), limit=LIMIT.value, seed=SEED.value,
-                       records=records)
-  except ValueError as e:
-    sys.exit(f'error: {e}')
+  if LIMIT.value is not None and LIMIT.value < 1:
+    raise cli.UserError('--limit must be >= 1')
+  check_output_dir(OUTPUT_DIR.value)
+  tasks = benchmark_tasks()
+  engine, tok, meta = infer_flags.load()
+  if HELDOUT.value != 'none' and (HELDOUT.value or not tasks):
+    tasks = heldout_tasks(HELDOUT.value or heldout_root(meta)) + tasks
+  if not tasks:
+    raise cli.UserError('no tasks: no held-out data found and no --benchmarks given')
+  for condition in {example.condition for task in tasks for example in task.examples}:
+    tok.condition_tag_ids(condition)  # an unknown tag fails now, not after hours of work
+  engine = fitting_engine(engine, tasks)
+  records = {}
+  results = evaluate(tasks, *model_fns(engine, tok), limit=LIMIT.value, seed=SEED.value,
+                     records=records)
   table = paper_table(results, {task.name: task.headline for task in tasks}, PAPER_TABLE)
   print(format_table(results))
   print()

@@ -7,7 +7,6 @@ Batch mode: --input prompts.jsonl --output out.jsonl, rows {"instruction", "cond
 On a checkpoint without a tokenizer (imported from a HF directory that had none) give token-id
 rows; the output then has "response_ids" only.
 """
-import sys
 
 from absl import app, flags
 from tqdm import tqdm
@@ -31,19 +30,16 @@ def main(argv):
     raise app.UsageError('give either --prompt or --input (with --output)')
   if INPUT.value and not OUTPUT.value:
     raise app.UsageError('--input needs --output')
-  try:
-    if MAX_NEW.value < 0 or TEMPERATURE.value < 0 or not 0 < TOP_P.value <= 1:
-      raise ValueError('need --max_new_tokens >= 0, --temperature >= 0, 0 < --top_p <= 1')
-    infer_flags.check_output(OUTPUT.value)
-    engine, tok, _ = infer_flags.load(need_tokenizer=False)
-    if INPUT.value:
-      rows, pairs = text.read_requests(INPUT.value, engine, tok, with_response=False)
-    else:
-      rows = [{'instruction': PROMPT.value, 'condition': CONDITION.value}]
-      pairs = [text.encode_ids(tok, rows[0])]
-      text.check_prompt(engine, pairs[0][0])
-  except ValueError as e:
-    sys.exit(f'error: {e}')
+  if MAX_NEW.value < 0 or TEMPERATURE.value < 0 or not 0 < TOP_P.value <= 1:
+    raise cli.UserError('need --max_new_tokens >= 0, --temperature >= 0, 0 < --top_p <= 1')
+  infer_flags.check_output(OUTPUT.value)
+  engine, tok, _ = infer_flags.load(need_tokenizer=False)
+  if INPUT.value:
+    rows, pairs = text.read_requests(INPUT.value, engine, tok, with_response=False)
+  else:
+    rows = [{'instruction': PROMPT.value, 'condition': CONDITION.value}]
+    pairs = [text.encode_ids(tok, rows[0])]
+    text.check_prompt(engine, pairs[0][0])
   sampling = Sampling(TEMPERATURE.value, TOP_P.value)
   with tqdm(total=len(pairs), desc='generating', unit='response', disable=not INPUT.value) as bar:
     outputs = engine.generate([prompt for prompt, _ in pairs], MAX_NEW.value, sampling,

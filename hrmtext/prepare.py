@@ -35,27 +35,31 @@ from hrmtext.files import atomic_open
 _DATA_CONFIG = os.path.join(os.path.dirname(__file__), 'data', 'config.py')
 _CHUNK_ROWS = 1024
 
-cli.define_config_file(
+_CONFIG = cli.define_config_file(
     'config', _DATA_CONFIG,
     'Data config file (hrmtext/data/config.py) or an experiment config whose '
     '`data` field is used. Override fields with e.g. --config.seq_len=512.')
-flags.DEFINE_string('output', None, 'Prepared root to write (default: the config\'s dir).')
-flags.DEFINE_list('inputs', [], 'Training JSONL/Parquet files; each is one source of the mixture.')
-flags.DEFINE_list('heldout_inputs', [], 'Held-out JSONL/Parquet files (for evaluation only).')
-flags.DEFINE_bool('builtin', None, 'Include the built-in corpus (default: only without --inputs).')
-flags.DEFINE_string(
+_OUTPUT = flags.DEFINE_string('output',
+    None, 'Prepared root to write (default: the config\'s dir).')
+_INPUTS = flags.DEFINE_list('inputs',
+    [], 'Training JSONL/Parquet files; each is one source of the mixture.')
+_HELDOUT_INPUTS = flags.DEFINE_list('heldout_inputs',
+    [], 'Held-out JSONL/Parquet files (for evaluation only).')
+_BUILTIN = flags.DEFINE_bool('builtin',
+    None, 'Include the built-in corpus (default: only without --inputs).')
+_TOKENIZER = flags.DEFINE_string(
     'tokenizer', None, 'Existing tokenizer: tokenizer_info.json or its folder '
     '(sentencepiece model or HF tokenizer.json). Default: train one.')
-flags.DEFINE_string(
+_TOKENIZED = flags.DEFINE_string(
     'tokenized', None, 'Existing tokenized root (reference layout) to sample from '
     'instead of tokenizing --inputs.')
-flags.DEFINE_bool('skip_bad_rows', False, 'Skip and count malformed rows instead of stopping.')
-flags.DEFINE_integer('workers', os.cpu_count() or 1, 'Tokenization processes.')
-FLAGS = flags.FLAGS
+_SKIP_BAD_ROWS = flags.DEFINE_bool('skip_bad_rows',
+    False, 'Skip and count malformed rows instead of stopping.')
+_WORKERS = flags.DEFINE_integer('workers', os.cpu_count() or 1, 'Tokenization processes.')
 
 
 def _data_config():
-  cfg = FLAGS.config
+  cfg = _CONFIG.value
   return cfg.data if 'data' in cfg else cfg
 
 
@@ -63,9 +67,9 @@ def _check_settings(out, cfg):
   """Refuses to mix outputs of different settings in one root (re-runs must be no-ops)."""
   settings = dict(seq_len=cfg.seq_len, epochs=cfg.epochs, seed=cfg.seed,
                   tokenizer=cfg.tokenizer.to_dict(), builtin=cfg.builtin.to_dict(),
-                  mixture=cfg.mixture.to_dict(), inputs=FLAGS.inputs,
-                  heldout_inputs=FLAGS.heldout_inputs, use_builtin=FLAGS.builtin,
-                  tokenizer_path=FLAGS.tokenizer, tokenized=FLAGS.tokenized)
+                  mixture=cfg.mixture.to_dict(), inputs=_INPUTS.value,
+                  heldout_inputs=_HELDOUT_INPUTS.value, use_builtin=_BUILTIN.value,
+                  tokenizer_path=_TOKENIZER.value, tokenized=_TOKENIZED.value)
   settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back
   path = os.path.join(out, 'prepare_settings.json')
   if os.path.exists(path):
@@ -81,7 +85,7 @@ def _check_settings(out, cfg):
 
 def _copy_heldout_inputs(raw_heldout):
   """User held-out files become raw/heldout/<name>.jsonl (rows tagged with their task)."""
-  for path in FLAGS.heldout_inputs:
+  for path in _HELDOUT_INPUTS.value:
     name = source_name(path)
     target = os.path.join(raw_heldout, f'{name}.jsonl')
     if not os.path.exists(target):
@@ -91,12 +95,12 @@ def _copy_heldout_inputs(raw_heldout):
 def _get_tokenizer(out, cfg, train_files):
   directory = os.path.join(out, 'tokenizer')
   if not os.path.exists(os.path.join(directory, 'tokenizer_info.json')):
-    if FLAGS.tokenizer or FLAGS.tokenized:
-      Tokenizer.load(FLAGS.tokenizer or FLAGS.tokenized).save_info(directory)
+    if _TOKENIZER.value or _TOKENIZED.value:
+      Tokenizer.load(_TOKENIZER.value or _TOKENIZED.value).save_info(directory)
     else:
       per_file = math.ceil(cfg.tokenizer.train_rows / max(1, len(train_files)))
       rows = (row for path in train_files.values()
-              for row in itertools.islice(read_rows(path, FLAGS.skip_bad_rows), per_file))
+              for row in itertools.islice(read_rows(path, _SKIP_BAD_ROWS.value), per_file))
       texts = (text for row in rows for text in (row['instruction'], row['response']))
       print(f'training a {cfg.tokenizer.vocab_size}-token tokenizer ...', file=sys.stderr)
       train_tokenizer(texts, directory, cfg.tokenizer.vocab_size, cfg.tokenizer.conditions)
@@ -126,16 +130,16 @@ def _encode_chunk(rows):
 def _tokenize(jobs, tokenizer_dir, conditions, bad_rows):
   """Tokenizes (source file, output folder) jobs into the reference tokenized layout."""
   with contextlib.ExitStack() as stack:
-    if FLAGS.workers > 1:
+    if _WORKERS.value > 1:
       pool_map = stack.enter_context(
-          multiprocessing.get_context('spawn').Pool(FLAGS.workers, _init_worker,
+          multiprocessing.get_context('spawn').Pool(_WORKERS.value, _init_worker,
                                                     (tokenizer_dir,))).imap
     else:
       _init_worker(tokenizer_dir)
       pool_map = map
     for path, directory in jobs:
       rows = ((r['instruction'], r['response'], r['condition'])
-              for r in read_rows(path, FLAGS.skip_bad_rows, bad_rows, conditions))
+              for r in read_rows(path, _SKIP_BAD_ROWS.value, bad_rows, conditions))
       chunks = iter(lambda: list(itertools.islice(rows, _CHUNK_ROWS)), [])
       parts = [(np.zeros(0, np.uint32), [], [])]
       with tqdm(desc=f'tokenizing {os.path.basename(directory)}', unit=' rows') as progress:
@@ -169,17 +173,17 @@ def _jsonl_files(directory):
 def prepare(out, cfg):
   """Runs every unfinished step; returns the sampled set's folder."""
   _check_settings(out, cfg)
-  use_builtin = FLAGS.builtin if FLAGS.builtin is not None else not (FLAGS.inputs or
-                                                                     FLAGS.tokenized)
+  use_builtin = _BUILTIN.value if _BUILTIN.value is not None else not (_INPUTS.value or
+                                                                     _TOKENIZED.value)
   raw_heldout = layout.heldout_dir(out, 'raw')
   os.makedirs(raw_heldout, exist_ok=True)
-  train_files = _named(FLAGS.inputs)
+  train_files = _named(_INPUTS.value)
   if use_builtin:
     from hrmtext.data import builtin  # pylint: disable=g-import-not-at-top  (slow reasoning_gym)
     builtin.write_builtin_corpus(os.path.join(out, 'raw'), cfg.builtin, cfg.seed)
     train_files = {**_jsonl_files(os.path.join(out, 'raw', 'train')), **train_files}
   _copy_heldout_inputs(raw_heldout)
-  if not (train_files or FLAGS.tokenized):
+  if not (train_files or _TOKENIZED.value):
     raise UserError('no training data: give --inputs or --tokenized, or use the built-in corpus')
 
   tokenizer = _get_tokenizer(out, cfg, train_files)
@@ -199,8 +203,8 @@ def prepare(out, cfg):
   sampled = os.path.join(out, 'sampled')
   if not os.path.exists(sampled):
     sources = layout.tokenized_sources(tokenized_train)
-    if FLAGS.tokenized:
-      sources.update(layout.tokenized_sources(FLAGS.tokenized))
+    if _TOKENIZED.value:
+      sources.update(layout.tokenized_sources(_TOKENIZED.value))
     print(f'sampling {cfg.epochs} epochs from {len(sources)} sources ...', file=sys.stderr)
     mixture.write_mixture(sources, sampled, cfg, tokenizer)
   return sampled
@@ -219,7 +223,7 @@ def summary(sampled, seq_len, window_rows):
 
 def main(_):
   cfg = _data_config()
-  out = FLAGS.output or cfg.dir
+  out = _OUTPUT.value or cfg.dir
   sampled = prepare(out, cfg)
   summary(sampled, cfg.seq_len, cfg.pack_window_rows)
   print(f'prepared {out}; train with data.dir={out}')

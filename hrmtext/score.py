@@ -7,7 +7,6 @@ Each output row is the input row plus "logprob" (summed over the response tokens
 (response tokens scored) and "greedy" (whether greedy decoding reproduces the response token for
 token).
 """
-import sys
 
 from absl import app, flags
 from tqdm import tqdm
@@ -24,14 +23,11 @@ BATCH = flags.DEFINE_integer('batch_size', 16, 'Rows scored per forward pass.')
 def main(argv):
   if not INPUT.value or not OUTPUT.value:
     raise app.UsageError('--input and --output are required')
-  try:
-    if BATCH.value < 1:
-      raise ValueError('--batch_size must be >= 1')
-    infer_flags.check_output(OUTPUT.value)
-    engine, tok, _ = infer_flags.load(need_tokenizer=False)
-    rows, pairs = text.read_requests(INPUT.value, engine, tok, with_response=True)
-  except ValueError as e:
-    sys.exit(f'error: {e}')
+  if BATCH.value < 1:
+    raise cli.UserError('--batch_size must be >= 1')
+  infer_flags.check_output(OUTPUT.value)
+  engine, tok, _ = infer_flags.load(need_tokenizer=False)
+  rows, pairs = text.read_requests(INPUT.value, engine, tok, with_response=True)
   with tqdm(total=len(pairs), desc='scoring', unit='row') as bar:
     scored = engine.score(pairs, batch_size=BATCH.value, progress=bar.update)
   write_jsonl(OUTPUT.value, [dict(row, logprob=logprob, num_tokens=count, greedy=greedy)

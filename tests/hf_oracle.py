@@ -13,7 +13,7 @@ needs_hf = pytest.mark.skipif(
     transformers is None or not hasattr(transformers, 'HrmTextForCausalLM'),
     reason='HF oracle: needs torch and transformers>=5.9 (pip install -e ".[test,hf]")')
 
-from hrmtext.convert.hf import config_from_hf, params_from_hf
+from hrmtext.hf import config_from_hf, params_from_hf
 
 
 def make_hf_model(seed=0, vocab=300, hidden=64, heads=2, head_dim=32, intermediate=128,

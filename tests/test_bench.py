@@ -74,7 +74,7 @@ def test_synthetic_rows_are_packed_examples():
 def test_decode_bench_matches_transformers():
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO}
   env.pop('XLA_FLAGS', None)
-  result = subprocess.run([sys.executable, '-m', 'hrmtext.infer.bench', '--batch=1,3',
+  result = subprocess.run([sys.executable, '-m', 'hrmtext.bench_decode', '--batch=1,3',
                            '--new_tokens=5', '--prompt_len=7', '--vocab_size=512'], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stdout + result.stderr

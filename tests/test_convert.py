@@ -71,7 +71,7 @@ CONFIGS = {
 @hf_oracle.needs_hf
 @pytest.mark.parametrize('name', sorted(CONFIGS))
 def test_config_is_read_as_transformers_reads_it(name):
-  from hrmtext.convert import hf
+  from hrmtext import hf
   ours = hf.resolve_hf_config(CONFIGS[name])
   theirs = hf_oracle.transformers.HrmTextConfig(**CONFIGS[name])
   for key in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_attention_heads', 'head_dim',
@@ -112,8 +112,8 @@ def reference_export(model, path):
 
 @hf_oracle.needs_hf
 def test_reference_export_imports_and_exports_unchanged(tmp_path):
-  from hrmtext.convert import hf
-  from hrmtext.train import checkpoint
+  from hrmtext import hf
+  from hrmtext.training import checkpoint
   model = hf_oracle.make_hf_model(vocab=300, layers=2)
   reference_export(model, tmp_path / 'ref')
   hf.hf_to_hrmtext(str(tmp_path / 'ref'), str(tmp_path / 'ours'))
@@ -139,8 +139,8 @@ def test_split_layout_and_inconsistent_directories(tmp_path):
   """transformers' in-memory names load as the file layout does; a config that disagrees with
   the weights, or missing tensors, are one-line errors."""
   from safetensors.torch import save_file
-  from hrmtext.convert import hf
-  from hrmtext.train import checkpoint
+  from hrmtext import hf
+  from hrmtext.training import checkpoint
   model = hf_oracle.make_hf_model(vocab=300, layers=2)
   model.save_pretrained(tmp_path / 'fused')
   split = tmp_path / 'split'
@@ -171,10 +171,10 @@ def test_trained_run_exports_its_tokenizer_and_reimports_it(tmp_path):
   """A run trained with an hrmtext sentencepiece tokenizer: the export carries the model file,
   tokenizer_info.json and BOQ / EOA as bos / eos; importing that directory gives them back."""
   import jax
-  from hrmtext.convert import hf
+  from hrmtext import hf
   from hrmtext.data.tokenizer import Tokenizer, train_tokenizer
   from hrmtext.model import ModelConfig
-  from hrmtext.train import checkpoint
+  from hrmtext.training import checkpoint
   texts = ['What is 3 + 4? It is 7.', 'The capital of France is Paris.'] * 50
   tok = train_tokenizer(texts, str(tmp_path / 'data' / 'tokenizer'), 320, ['direct', 'cot'])
   cfg = ModelConfig(vocab_size=384, hidden_size=32, num_heads=2, head_dim=16, layers_per_stack=1)

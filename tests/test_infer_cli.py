@@ -15,7 +15,7 @@ from hrmtext.evals import evaluate, heldout_tasks
 from hrmtext.evals.engine import model_fns
 from hrmtext.infer import text
 from hrmtext.model import ModelConfig, build_model
-from hrmtext.train import checkpoint
+from hrmtext.training import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = [f'What is {a} + {b}? The answer is {a + b}. Spell "{w}" backward: {w[::-1]}.'

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from hrmtext.train import optimizer, schedules
+from hrmtext.training import optimizer, schedules
 
 B1, B2, WD, PEAK_LR, WARMUP, DECAY = 0.9, 0.95, 0.1, 0.05, 4, 0.8
 

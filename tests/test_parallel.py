@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 from hrmtext.parallel import distributed
 from hrmtext.parallel import mesh as mesh_lib
 from hrmtext.parallel import sharding
-from hrmtext.train import optimizer
+from hrmtext.training import optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = 8

@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 from hrmtext.model import ModelConfig, attention, build_model
 from hrmtext.model.loss import IGNORE_LABEL
-from hrmtext.train.loop import model_config
+from hrmtext.training.loop import model_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = ('B', 'L', 'XL', 'XXL')

@@ -145,7 +145,7 @@ def test_round_trip_gives_the_release_files_back(release, tmp_path):
   # The exported tokenizer_info.json carries the prompt tokens into a re-import.
   info = json.loads((back / 'tokenizer_info.json').read_text())
   assert info['tokenizer_path'] == 'tokenizer.json' and info['eoa'] == RELEASE['eoa']
-  from hrmtext.convert import hf
+  from hrmtext import hf
   from hrmtext.data.tokenizer import Tokenizer
   custom = dict(info, eoa='<|im_end|>', condition_mapping={'math': '<|box_start|>'})
   (back / 'tokenizer_info.json').write_text(json.dumps(custom))
@@ -156,7 +156,7 @@ def test_round_trip_gives_the_release_files_back(release, tmp_path):
 
 @needs_hf
 def test_prompt_tokens_flag_and_its_errors(release, tmp_path):
-  from hrmtext.convert import hf
+  from hrmtext import hf
   from hrmtext.data.tokenizer import Tokenizer
   hub, _ = release
   hf.hf_to_hrmtext(str(hub), str(tmp_path / 'custom'),

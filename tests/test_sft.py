@@ -34,7 +34,7 @@ def load_config(spec: str, *overrides: str):
 
 def tiny_config(data_dir, **train):
   """A ~0.1M-parameter HRM (2 H x 2 L cycles) on the fixture data; `train` overrides c.train."""
-  from hrmtext.train.config import base_config
+  from hrmtext.training.config import base_config
   c = base_config()
   c.model.update(hidden_size=32, num_heads=2, head_dim=16, layers_per_stack=1, H_cycles=2,
                  L_cycles=2, vocab_multiple=64)
@@ -47,7 +47,7 @@ def tiny_config(data_dir, **train):
 
 def restore_all(workdir, step=None) -> dict:
   """params, ema and opt_state of a checkpoint, as saved (NumPy)."""
-  from hrmtext.train import checkpoint
+  from hrmtext.training import checkpoint
   mngr = checkpoint.manager(str(workdir), create=False)
   step = mngr.latest_step() if step is None else step
   items = mngr.restore(step, args=ocp.args.Composite(
@@ -68,7 +68,7 @@ def as_saved(state) -> dict:
 def pretrain(tmp_path_factory):
   """(data dir, workdir) of PRETRAIN_STEPS steps whose credit horizon grows from 2 to 3, so the
   embedding (skipped at bp_steps 2) has a smaller update count than the other leaves."""
-  from hrmtext.train.loop import Trainer
+  from hrmtext.training.loop import Trainer
   root = tmp_path_factory.mktemp('sft')
   make_fixture_data(root / 'data')
   Trainer(pretrain_config(root / 'data'), str(root / 'pretrain')).run()
@@ -92,8 +92,8 @@ def test_pretrain_run_follows_the_oracle_for_its_first_3_steps(pretrain):
   import optax
   from hrmtext.data import pipeline
   from hrmtext.model import build_model, credit_horizon, loss_and_metrics
-  from hrmtext.train import checkpoint
-  from hrmtext.train.step import grad_mask, init_state
+  from hrmtext.training import checkpoint
+  from hrmtext.training.step import grad_mask, init_state
   from tests.test_optimizer import torch_oracle
   data_dir, run = pretrain
   c = pretrain_config(data_dir)
@@ -167,7 +167,7 @@ def sft_config(data_dir, source, mode):
 @pytest.mark.slow  # ~30 s of CPU: three compiled runs (pretrain, SFT, its resume)
 def test_continue_restores_the_source_state_and_applies_the_new_hyper_parameters(pretrain,
                                                                                    tmp_path):
-  from hrmtext.train.loop import Trainer
+  from hrmtext.training.loop import Trainer
   data_dir, source = pretrain
   c = sft_config(data_dir, source, 'continue')
   trainer = Trainer(c, str(tmp_path / 'sft'))
@@ -205,7 +205,7 @@ def test_continue_restores_the_source_state_and_applies_the_new_hyper_parameters
       np.testing.assert_allclose(p1, p0 * (1 - lr * wd) - step, rtol=1e-6, atol=1e-7)
       np.testing.assert_allclose(e1, e0 + (1 - ema_decay) * (p1 - e0), rtol=1e-6, atol=1e-7)
 
-  from hrmtext.train import schedules
+  from hrmtext.training import schedules
   sft_lr = float(schedules.warmup_cosine(SFT['lr'], 0, SFT['steps'], SFT['lr_min_ratio'])(0))
   check(SFT['b1'], SFT['b2'], SFT['weight_decay'], SFT['ema_decay'], sft_lr)
   with pytest.raises(AssertionError):  # the pretrain run's betas do not explain the update
@@ -226,7 +226,7 @@ def _at(tree, path):
 
 
 def test_ema_mode_starts_from_the_ema_weights_with_a_fresh_optimizer(pretrain, tmp_path):
-  from hrmtext.train.loop import Trainer
+  from hrmtext.training.loop import Trainer
   data_dir, source = pretrain
   state, start = Trainer(sft_config(data_dir, source, 'ema'), str(tmp_path / 'sft'))._initial_state()
   saved, initial = restore_all(source), as_saved(state)
@@ -239,12 +239,12 @@ def test_ema_mode_starts_from_the_ema_weights_with_a_fresh_optimizer(pretrain, t
 
 
 def test_init_mode_errors(pretrain, tmp_path):
-  from hrmtext.train.loop import Trainer
+  from hrmtext.training.loop import Trainer
   data_dir, source = pretrain
   with pytest.raises(ValueError, match='init_mode .resume. is not one of continue, ema, params'):
     Trainer(sft_config(data_dir, source, 'resume'), str(tmp_path / 'a'))
   weights_only = tmp_path / 'weights_only'  # as `convert` imports a HF checkpoint
-  from hrmtext.train import checkpoint
+  from hrmtext.training import checkpoint
   cfg, params, meta = checkpoint.load_weights(str(source))
   mngr = checkpoint.manager(str(weights_only), async_save=False)
   checkpoint.save(mngr, 0, meta={'model': cfg.to_dict()}, params=params)
@@ -264,7 +264,7 @@ def test_sized_sft_configs_carry_the_reference_recipe(size):
   assert (t.weight_decay, t.b1, t.b2, t.ema_decay, t.bp_max, t.bp_warmup_ratio) == (
       0.1, 0.9, 0.95, 0.999, 5, 0.0)
   assert c.init_mode == 'continue' and c.init_from == f'runs/{size.lower()}'
-  from hrmtext.train import schedules
+  from hrmtext.training import schedules
   assert schedules.bp_steps(0, 1000, t.bp_min, t.bp_max, t.bp_warmup_ratio) == 5
 
 

@@ -22,8 +22,8 @@ from hrmtext.model import ModelConfig, build_model, credit_horizon
 from hrmtext.model.attention import auto_implementation
 from hrmtext.parallel import sharding, targets
 from hrmtext.parallel.mesh import make_mesh
-from hrmtext.train import optimizer
-from hrmtext.train.step import init_state, make_train_step, state_shardings
+from hrmtext.training import optimizer
+from hrmtext.training.step import init_state, make_train_step, state_shardings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU_TARGET, GPU_TARGET = 'v5p:2x2x1', 'h100:2'

@@ -138,7 +138,7 @@ def assert_one_line_error(result, *fragments):
 
 
 def load(workdir, use_ema):
-  from hrmtext.train import checkpoint
+  from hrmtext.training import checkpoint
   return checkpoint.load_weights(str(workdir), use_ema=use_ema)
 
 
@@ -154,7 +154,7 @@ def assert_trees_equal(a, b):
 def restore_opt_step(workdir, step):
   """The optimizer's own update counter (AdamATan2State.step) in a saved checkpoint."""
   import orbax.checkpoint as ocp
-  from hrmtext.train import checkpoint
+  from hrmtext.training import checkpoint
   mngr = checkpoint.manager(str(workdir), create=False)
   opt_state = mngr.restore(step, args=ocp.args.Composite(
       opt_state=ocp.args.StandardRestore()))['opt_state']

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 import pytest
 
-from hrmtext.train.checkpoint import load_weights
+from hrmtext.training.checkpoint import load_weights
 from tests.data_fixtures import write_reference_dataset
 
 pytestmark = pytest.mark.slow

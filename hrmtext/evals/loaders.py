@@ -17,6 +17,7 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from hrmtext.cli import UserError
 from hrmtext.data.sources import read_objects
 from hrmtext.evals import scoring
 from hrmtext.evals.scoring import LETTERS
@@ -37,12 +38,12 @@ def data_files(path) -> list[pathlib.Path]:
   if path.is_dir():
     files = sorted(p for p in path.rglob('*') if p.suffix in FILE_SUFFIXES and p.is_file())
     if not files:
-      raise ValueError(f'{path}: no {"/".join(FILE_SUFFIXES)} files')
+      raise UserError(f'{path}: no {"/".join(FILE_SUFFIXES)} files')
     return files
   if not path.is_file():
-    raise ValueError(f'{path}: no such file or folder')
+    raise UserError(f'{path}: no such file or folder')
   if path.suffix not in FILE_SUFFIXES:
-    raise ValueError(f'{path}: unsupported file type (use {"/".join(FILE_SUFFIXES)})')
+    raise UserError(f'{path}: unsupported file type (use {"/".join(FILE_SUFFIXES)})')
   return [path]
 
 
@@ -58,17 +59,17 @@ def read_rows(file: pathlib.Path, headerless_fields: Sequence[str] | None = None
         if isinstance(rows, dict):  # one row per file (the original MATH release)
           return [rows]
         if not isinstance(rows, list):
-          raise ValueError('expected a JSON list of rows or one row object')
+          raise UserError('expected a JSON list of rows or one row object')
         return rows
       lines = list(csv.reader(f))
   except (OSError, ValueError) as e:
-    raise ValueError(f'{file}: cannot read: {e}') from None
+    raise UserError(f'{file}: cannot read: {e}') from None
   if lines and 'question' in (cell.strip().lower() for cell in lines[0]):
     header, lines = [cell.strip() for cell in lines[0]], lines[1:]
   elif headerless_fields:
     header = list(headerless_fields)
   else:
-    raise ValueError(f'{file}: CSV without a header row naming a "question" column')
+    raise UserError(f'{file}: CSV without a header row naming a "question" column')
   return [dict(zip(header, line)) for line in lines if line]
 
 
@@ -81,7 +82,7 @@ def _parse_rows(path, parse_row: Callable[[dict, pathlib.Path], Any], expected: 
       try:
         items.append(parse_row(row, file))
       except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
-        raise ValueError(
+        raise UserError(
             f'{file}: row {i + 1}: {type(e).__name__}: {e}; expected {expected}') from None
   return items
 
@@ -93,9 +94,9 @@ def _choice_index(answer, labels: Sequence[str], num_choices: int) -> int:
   elif isinstance(answer, int) or (isinstance(answer, str) and answer.strip().isdigit()):
     index = int(answer)
   else:
-    raise ValueError(f'answer {answer!r} is not one of {list(labels)} nor an index')
+    raise UserError(f'answer {answer!r} is not one of {list(labels)} nor an index')
   if not 0 <= index < num_choices:
-    raise ValueError(f'answer index {index} out of range for {num_choices} choices')
+    raise UserError(f'answer index {index} out of range for {num_choices} choices')
   return index
 
 
@@ -104,7 +105,7 @@ def _as_bool(value) -> bool:
     return value
   if isinstance(value, str) and value.strip().lower() in ('true', 'false'):
     return value.strip().lower() == 'true'
-  raise ValueError(f'expected a boolean answer, got {value!r}')
+  raise UserError(f'expected a boolean answer, got {value!r}')
 
 
 # Built-in held-out tasks.
@@ -129,10 +130,10 @@ def heldout_tasks(prepared_root, *, names: Sequence[str] | None = None,
   folder = pathlib.Path(prepared_root) / 'raw' / 'heldout'
   files = {f.stem: f for f in sorted(folder.glob('*.jsonl'))}
   if not files:
-    raise ValueError(f'{folder}: no held-out .jsonl files')
+    raise UserError(f'{folder}: no held-out .jsonl files')
   unknown = sorted(set(names or ()) - set(files))
   if unknown:
-    raise ValueError(f'unknown held-out tasks {unknown}; available: {sorted(files)}')
+    raise UserError(f'unknown held-out tasks {unknown}; available: {sorted(files)}')
   tasks = []
   for name in names or files:
     rows = _parse_rows(files[name], _heldout_row,
@@ -153,7 +154,7 @@ def heldout_tasks(prepared_root, *, names: Sequence[str] | None = None,
 
 def _gsm8k_item(row, _):
   if '####' not in row['answer']:
-    raise ValueError("answer has no '#### <number>'")
+    raise UserError("answer has no '#### <number>'")
   return Item(row['question'].strip(), int(row['answer'].split('####')[-1].strip().replace(',', '')))
 
 
@@ -169,7 +170,7 @@ def load_gsm8k(path, *, name='gsm8k', condition='synth,cot', max_new_tokens=None
 def _math_item(row, _):
   answer = row.get('answer') or scoring.last_boxed(row['solution'])
   if not answer:
-    raise ValueError('no "answer" and no \\boxed{} in "solution"')
+    raise UserError('no "answer" and no \\boxed{} in "solution"')
   subject = row.get('type') or row.get('subject') or ''
   return Item(row['problem'].strip(), str(answer), subset=subject)
 
@@ -338,7 +339,7 @@ def _drop_item(row, _):
     golds = [_drop_answer_spans(a) for a in [row['answer'], *validated]]
   golds = tuple(dict.fromkeys(golds))
   if not any(g[0].strip() for g in golds):
-    raise ValueError('no gold answer')
+    raise UserError('no gold answer')
   return Item(f"{row['passage']}\nQ: {row['question']}", golds)
 
 
@@ -377,5 +378,5 @@ PAPER_TABLE = (('GSM8K', 'gsm8k'), ('MATH', 'math'), ('DROP', 'drop'), ('MMLU', 
 def load_benchmark(name: str, path, **kwargs):
   """`BENCHMARKS[name](path, **kwargs)`, with a clear error for an unknown name."""
   if name not in BENCHMARKS:
-    raise ValueError(f'unknown benchmark {name!r}; known: {", ".join(BENCHMARKS)}')
+    raise UserError(f'unknown benchmark {name!r}; known: {", ".join(BENCHMARKS)}')
   return BENCHMARKS[name](path, **kwargs)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import optimize
+from hrmtext.cli import UserError
 
 LETTERS = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ'
 _ARTICLES = re.compile(r'\b(a|an|the)\b', re.UNICODE)
@@ -142,7 +143,7 @@ def math_verify_equal(gold: str, answer: str) -> bool:
   try:
     from math_verify import parse, verify
   except ImportError:
-    raise ValueError('MATH and AIME scoring needs math-verify: pip install math-verify') from None
+    raise UserError('MATH and AIME scoring needs math-verify: pip install math-verify') from None
   return bool(verify(parse(gold), parse(answer)))
 
 
@@ -177,7 +178,7 @@ def aime_answer(text: str) -> int | None:
 def pass_at_k(n: int, correct: int, k: int) -> float:
   """Unbiased pass@k from n samples of which `correct` are right: 1 - C(n-c, k) / C(n, k)."""
   if k > n:
-    raise ValueError(f'pass@{k} needs at least {k} samples, got {n}')
+    raise UserError(f'pass@{k} needs at least {k} samples, got {n}')
   return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
 
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from hrmtext.cli import UserError
 from hrmtext.evals import scoring
 from hrmtext.evals.scoring import LETTERS
 
@@ -88,7 +89,7 @@ class SampledTask:
 
   def __post_init__(self):
     if self.samples < max(self.ks) or self.temperature <= 0:
-      raise ValueError(f'{self.name}: needs samples >= max k ({max(self.ks)}) and a temperature '
+      raise UserError(f'{self.name}: needs samples >= max k ({max(self.ks)}) and a temperature '
                        f'> 0, got {self.samples} samples at {self.temperature}')
 
   def requests(self, example: Example) -> list[dict]:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hrmtext.cli import UserError
 from hrmtext.data.layout import Index
 from hrmtext.data.packing import pack_rows
 from hrmtext.infer.sampling import Sampling, sample
@@ -185,7 +186,7 @@ class Engine:
               else list(max_new_tokens))
     for p in prompts:
       if not 0 < len(p) < self.max_len:
-        raise ValueError(f'prompt of {len(p)} tokens does not fit max_len {self.max_len}')
+        raise UserError(f'prompt of {len(p)} tokens does not fit max_len {self.max_len}')
     outputs = [[] for _ in prompts]
     queue = [r for r in range(len(prompts)) if limits[r] > 0][::-1]
     if progress and len(queue) < len(prompts):

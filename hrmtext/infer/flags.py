@@ -2,6 +2,7 @@
 import os
 
 from absl import flags
+from hrmtext.cli import UserError
 
 CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Run directory (or its checkpoints/).')
 TOKENIZER = flags.DEFINE_string('tokenizer', '', 'tokenizer_info.json or a folder holding one '
@@ -21,9 +22,9 @@ def load(need_tokenizer: bool = True):
   unless `need_tokenizer`."""
   from hrmtext.infer import text
   if not CHECKPOINT.value:
-    raise ValueError('--checkpoint is required')
+    raise UserError('--checkpoint is required')
   if SLOTS.value < 1 or MAX_LEN.value < 0:
-    raise ValueError('--slots must be >= 1 and --max_len >= 0')
+    raise UserError('--slots must be >= 1 and --max_len >= 0')
   return text.load(CHECKPOINT.value, tokenizer=TOKENIZER.value, use_ema=EMA.value,
                    slots=SLOTS.value, max_len=MAX_LEN.value, eoa_id=EOA_ID.value,
                    need_tokenizer=need_tokenizer)
@@ -35,5 +36,5 @@ def check_output(path: str | None) -> None:
     return
   folder = os.path.dirname(os.path.abspath(path))
   if os.path.isdir(path) or not os.path.isdir(folder):
-    raise ValueError(f'cannot write {path}: ' +
+    raise UserError(f'cannot write {path}: ' +
                      ('it is a directory' if os.path.isdir(path) else f'no folder {folder}'))

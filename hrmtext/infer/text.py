@@ -1,10 +1,11 @@
 """Text-level inference: load a checkpoint with its tokenizer; generate / log-likelihood fns."""
 import os
 
+from hrmtext.cli import UserError
 from hrmtext.data.tokenizer import INFO_FILE, Tokenizer
 from hrmtext.infer.engine import Engine
 from hrmtext.model import build_model
-from hrmtext.train import checkpoint
+from hrmtext.training import checkpoint
 
 
 def load(path: str, *, tokenizer: str = '', use_ema: bool = True, slots: int = 8,
@@ -22,10 +23,10 @@ def load(path: str, *, tokenizer: str = '', use_ema: bool = True, slots: int = 8
   tokenizer_path = tokenizer or checkpoint_tokenizer(path, meta)
   tok = Tokenizer.load(tokenizer_path) if tokenizer_path else None
   if tok is None and need_tokenizer:
-    raise ValueError(f'{path} has no tokenizer (it was imported without a tokenizer.json); '
+    raise UserError(f'{path} has no tokenizer (it was imported without a tokenizer.json); '
                      f'pass --tokenizer')
   if tok is not None and tok.vocab_size > cfg.vocab_size:
-    raise ValueError(f'tokenizer {tokenizer_path} has {tok.vocab_size} tokens, the model '
+    raise UserError(f'tokenizer {tokenizer_path} has {tok.vocab_size} tokens, the model '
                      f'only {cfg.vocab_size}')
   if eoa_id is None:
     eos = meta.get('hf_config', {}).get('eos_token_id')
@@ -52,7 +53,7 @@ def encode_ids(tok: Tokenizer | None, row: dict) -> tuple[list[int], list[int] |
     response = row.get('response_ids')
     return list(row['instruction_ids']), None if response is None else list(response)
   if tok is None:
-    raise ValueError('the checkpoint has no tokenizer: give token-id rows '
+    raise UserError('the checkpoint has no tokenizer: give token-id rows '
                      '{"instruction_ids", "response_ids"} or pass --tokenizer')
   instruction = tok.encode_instruction(row['instruction'], row.get('condition') or 'direct')
   response = row.get('response')
@@ -67,7 +68,7 @@ def model_fns(engine: Engine, tok: Tokenizer, **kwargs):
 
 def check_prompt(engine: Engine, prompt: list[int]) -> None:
   if len(prompt) >= engine.max_len:
-    raise ValueError(f'the prompt has {len(prompt)} tokens, more than --max_len '
+    raise UserError(f'the prompt has {len(prompt)} tokens, more than --max_len '
                      f'{engine.max_len} leaves room for (raise --max_len)')
 
 
@@ -82,18 +83,18 @@ def read_requests(path: str, engine: Engine, tok: Tokenizer, *, with_response: b
   for where, row in raw_rows(path):
     try:
       if isinstance(row, Exception):
-        raise ValueError(str(row))
+        raise UserError(str(row))
       if not isinstance(row, dict):
-        raise ValueError(f'expected a JSON object, got {type(row).__name__}')
+        raise UserError(f'expected a JSON object, got {type(row).__name__}')
       pair = _encode_row(tok, row, engine.vocab_size, with_response)
       if not with_response:
         check_prompt(engine, pair[0])
     except ValueError as e:
-      raise ValueError(f'{where}: {e}') from None
+      raise UserError(f'{where}: {e}') from None
     rows.append(row)
     pairs.append(pair)
   if not rows:
-    raise ValueError(f'{path}: no rows')
+    raise UserError(f'{path}: no rows')
   return rows, pairs
 
 
@@ -101,19 +102,19 @@ def _encode_row(tok, row, vocab_size, with_response):
   text_fields, id_fields = ('instruction', 'response'), ('instruction_ids', 'response_ids')
   fields = id_fields if 'instruction_ids' in row else text_fields
   if fields[0] not in row:
-    raise ValueError('needs "instruction" (text) or "instruction_ids" (token ids)')
+    raise UserError('needs "instruction" (text) or "instruction_ids" (token ids)')
   if with_response and row.get(fields[1]) is None:
-    raise ValueError(f'needs "{fields[1]}" to score')
+    raise UserError(f'needs "{fields[1]}" to score')
   for name in fields:
     value = row.get(name)
     if value is None:
       continue
     if fields is text_fields and not isinstance(value, str):
-      raise ValueError(f'"{name}" must be a string')
+      raise UserError(f'"{name}" must be a string')
     if fields is id_fields and not (
         isinstance(value, list) and value and
         all(isinstance(i, int) and 0 <= i < vocab_size for i in value)):
-      raise ValueError(f'"{name}" must be a non-empty list of token ids in [0, {vocab_size})')
+      raise UserError(f'"{name}" must be a non-empty list of token ids in [0, {vocab_size})')
   if not isinstance(row.get('condition') or '', str):
-    raise ValueError('"condition" must be a string such as "direct" or "synth,cot"')
+    raise UserError('"condition" must be a string such as "direct" or "synth,cot"')
   return encode_ids(tok, row)

@@ -9,6 +9,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from hrmtext.cli import UserError
 from hrmtext.model.kernels import compute_capability, cudnn, splash, target_device
 
 
@@ -100,6 +101,6 @@ def attention(q, k, v, mask: AttentionMask, implementation: str = 'xla'):
   if implementation == 'auto':
     implementation = auto_implementation(target_device(), q.dtype)
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f'unknown attention implementation {implementation!r}; '
+    raise UserError(f'unknown attention implementation {implementation!r}; '
                      f"have {sorted(IMPLEMENTATIONS)} and 'auto'")
   return IMPLEMENTATIONS[implementation](q, k, v, mask)

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import jax
 from jax.experimental import topologies
 
+from hrmtext.cli import UserError
 from hrmtext.model.kernels.cudnn import COMPILE_ONLY_CUDNN_VERSION
 
 GPUS_PER_HOST = 8  # an HGX/DGX H100 or H200 node
@@ -103,16 +104,16 @@ def parse(name: str) -> tuple[str, str]:
   kind, _, shape = name.lower().partition(':')
   known = sorted(TPU_GENERATIONS) + sorted(GPU_TARGET_CONFIGS)
   if kind not in known:
-    raise ValueError(f'unknown target {name!r}: want one of {", ".join(known)} then ":" and a '
+    raise UserError(f'unknown target {name!r}: want one of {", ".join(known)} then ":" and a '
                      f'shape, e.g. v5p:2x2x2, v6e:2x4, h100:8')
   dims = shape.split('x')
   if not all(d.isdigit() and int(d) > 0 for d in dims) or (
       kind in GPU_TARGET_CONFIGS and len(dims) != 1) or (
       kind in TPU_GENERATIONS and len(dims) not in (2, 3)):
     example = 'h100:8' if kind in GPU_TARGET_CONFIGS else 'v5p:2x2x2 or v6e:2x4'
-    raise ValueError(f'bad shape in target {name!r}: e.g. {example}')
+    raise UserError(f'bad shape in target {name!r}: e.g. {example}')
   if kind in GPU_TARGET_CONFIGS and int(shape) > GPUS_PER_HOST and int(shape) % GPUS_PER_HOST:
-    raise ValueError(f'target {name!r}: more than {GPUS_PER_HOST} GPUs come in whole hosts of '
+    raise UserError(f'target {name!r}: more than {GPUS_PER_HOST} GPUs come in whole hosts of '
                      f'{GPUS_PER_HOST}')
   return kind, shape
 
@@ -164,7 +165,7 @@ def devices(name: str) -> list:
     package = ("'jax[tpu]'" if kind in TPU_GENERATIONS else
                'jax-cuda13-plugin and jax-cuda13-pjrt')
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ValueError(f'cannot compile for {name}: {first_line} (needs {package} of jax '
+    raise UserError(f'cannot compile for {name}: {first_line} (needs {package} of jax '
                      f'{jax.__version__}; see hrmtext.parallel.targets)') from e
   return list(topology.devices)
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 # The packed layout is not exposed by jax.nn.dot_product_attention (jax 0.10 to 0.12).
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
 
+from hrmtext.cli import UserError
 from hrmtext.model.kernels import compute_capability, is_compile_only, target_device
 
 MAX_RUNS = 128  # runs per row in the packed layout; cuDNN keeps softmax statistics per run slot
@@ -41,14 +42,14 @@ COMPILE_ONLY_CUDNN_VERSION = (9, 12)
 def cudnn_attention(q, k, v, mask, max_runs: int = MAX_RUNS):
   """q/k/v [batch, len, heads, head_dim] (bf16/fp16); `mask` an AttentionMask in packed form."""
   if k.shape[1] != q.shape[1]:
-    raise ValueError(f'cudnn attention needs q and kv of one length (self-attention), got '
+    raise UserError(f'cudnn attention needs q and kv of one length (self-attention), got '
                      f'{q.shape[1]} and {k.shape[1]}; cached decode uses the xla kernel')
   if q.dtype not in (jnp.bfloat16, jnp.float16):
-    raise ValueError(f'cudnn attention needs bfloat16 or float16 activations (model.dtype), '
+    raise UserError(f'cudnn attention needs bfloat16 or float16 activations (model.dtype), '
                      f'got {q.dtype}')
   device = target_device()
   if device.platform != 'gpu':
-    raise ValueError(f'cudnn attention needs a CUDA GPU, the computation is compiled for '
+    raise UserError(f'cudnn attention needs a CUDA GPU, the computation is compiled for '
                      f'{device.device_kind} ({device.platform}); use splash or xla')
   return _two_passes(q, k, v, mask, max_runs)
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
+from hrmtext.cli import UserError
 from hrmtext.model.config import round_up
 from hrmtext.model.kernels import target_device
 
@@ -27,7 +28,7 @@ def splash_attention(q, k, v, mask, block_size: int = BLOCK_SIZE):
   """q/k/v [batch, len, heads, head_dim]; `mask` an AttentionMask over the same tokens."""
   length = q.shape[1]
   if k.shape[1] != length:
-    raise ValueError(f'splash attention needs q and kv of one length (self-attention), got '
+    raise UserError(f'splash attention needs q and kv of one length (self-attention), got '
                      f'{length} and {k.shape[1]}; cached decode uses the xla kernel')
   block = min(block_size, round_up(length, MIN_BLOCK))
   padded = round_up(length, block)

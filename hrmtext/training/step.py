@@ -9,7 +9,7 @@ import optax
 
 from hrmtext.model import Horizon, LanguageModel, summarize, zero_sums
 from hrmtext.parallel import sharding
-from hrmtext.train import optimizer
+from hrmtext.training import optimizer
 
 
 @flax.struct.dataclass

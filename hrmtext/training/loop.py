@@ -21,8 +21,8 @@ from hrmtext.model import ModelConfig, build_model, credit_horizon, summarize, z
 from hrmtext.model.flops import peak_flops, train_flops_per_token
 from hrmtext.parallel import distributed, sharding
 from hrmtext.parallel.mesh import make_mesh
-from hrmtext.train import checkpoint, optimizer, schedules
-from hrmtext.train.step import (TrainState, init_state, loss_chunk_len, make_eval_step,
+from hrmtext.training import checkpoint, optimizer, schedules
+from hrmtext.training.step import (TrainState, init_state, loss_chunk_len, make_eval_step,
                                 make_train_step, state_shardings)
 
 
@@ -143,7 +143,7 @@ class Trainer:
     for init_mode 'continue', its optimizer state and EMA)."""
     mode, source = self.config.init_mode, self.config.init_from
     if mode not in INIT_MODES:
-      raise ValueError(f'init_mode {mode!r} is not one of {", ".join(INIT_MODES)}')
+      raise UserError(f'init_mode {mode!r} is not one of {", ".join(INIT_MODES)}')
     mngr = checkpoint.manager(source, create=False)
     step = mngr.latest_step()
     if step is None:
@@ -155,9 +155,9 @@ class Trainer:
     if differences:
       described = ', '.join(f'{name} {theirs} (this run {ours})'
                             for name, (theirs, ours) in differences.items())
-      raise ValueError(f'init_from {source} is another model: {described}')
+      raise UserError(f'init_from {source} is another model: {described}')
     if mode == 'continue' and missing:
-      raise ValueError(f'init_mode continue needs the optimizer state and EMA of a training run; '
+      raise UserError(f'init_mode continue needs the optimizer state and EMA of a training run; '
                        f'{source} step {step} has no {" or ".join(sorted(missing))} '
                        f'(use --config.init_mode=ema or params)')
 

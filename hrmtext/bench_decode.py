@@ -1,7 +1,7 @@
 r"""Decode throughput of the KV-cache engine next to HF transformers on the same weights.
 
-  python -m hrmtext.infer.bench --checkpoint runs/tiny --batch 1,32 --new_tokens 128
-  python -m hrmtext.infer.bench  # a random-weight model of the tiny_cpu shape
+  python -m hrmtext.bench_decode --checkpoint runs/tiny --batch 1,32 --new_tokens 128
+  python -m hrmtext.bench_decode  # a random-weight model of the tiny_cpu shape
 
 For each batch size B: B random prompts of --prompt_len tokens, greedy, exactly --new_tokens
 new tokens each (end-of-answer disabled). The weights are exported with hrmtext.convert to a
@@ -18,7 +18,6 @@ without torch/transformers or with --nohf.
 import math
 import os
 import re
-import sys
 import tempfile
 import time
 
@@ -57,8 +56,8 @@ def random_model(vocab_size: int, seed: int) -> tuple[ModelConfig, dict]:
 
 def export_hf(cfg: ModelConfig, params, checkpoint: str | None, workdir: str) -> str:
   """An HF hrm_text directory holding the benchmarked weights (via hrmtext.convert)."""
-  from hrmtext.convert import hrmtext_to_hf
-  from hrmtext.train import checkpoint as ckpt
+  from hrmtext.hf import hrmtext_to_hf
+  from hrmtext.training import checkpoint as ckpt
   if not checkpoint:
     checkpoint = os.path.join(workdir, 'run')
     mngr = ckpt.manager(checkpoint, async_save=False)
@@ -149,13 +148,12 @@ def bench_hf(model, prompts, new_tokens):
 
 def load_hf(hf_dir):
   """HrmTextForCausalLM on CPU in float32, or None (with the reason printed) when unavailable."""
-  try:
-    import torch
-    import transformers
-    model_class = transformers.HrmTextForCausalLM
+  import torch
+  import transformers
+  model_class = transformers.HrmTextForCausalLM
   except (ImportError, AttributeError) as e:
-    print(f'bench: engine=hf skipped ({e})')
-    return None
+  print(f'bench: engine=hf skipped ({e})')
+  return None
   torch.set_num_threads(os.cpu_count() or 1)
   transformers.logging.set_verbosity_error()
   return model_class.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -163,16 +161,14 @@ def load_hf(hf_dir):
 
 def main(_):
   try:
-    batches = [int(b) for b in BATCH.value]
-    if min(batches) < 1 or NEW_TOKENS.value < 2 or PROMPT_LEN.value < 1:
-      raise ValueError('--batch sizes and --prompt_len must be >= 1, --new_tokens >= 2')
-    if CHECKPOINT.value:
-      from hrmtext.train import checkpoint
-      cfg, params, _ = checkpoint.load_weights(CHECKPOINT.value, use_ema=EMA.value)
-    else:
-      cfg, params = random_model(VOCAB.value, SEED.value)
-  except ValueError as e:
-    sys.exit(f'error: {e}')
+  batches = [int(b) for b in BATCH.value]
+  if min(batches) < 1 or NEW_TOKENS.value < 2 or PROMPT_LEN.value < 1:
+    raise cli.UserError('--batch sizes and --prompt_len must be >= 1, --new_tokens >= 2')
+  if CHECKPOINT.value:
+    from hrmtext.training import checkpoint
+    cfg, params, _ = checkpoint.load_weights(CHECKPOINT.value, use_ema=EMA.value)
+  else:
+    cfg, params = random_model(VOCAB.value, SEED.value)
   rng = np.random.default_rng(SEED.value)
   print(f'bench: model hidden={cfg.hidden_size} heads={cfg.num_heads}x{cfg.head_dim} '
         f'layers_per_stack={cfg.layers_per_stack} H_cycles={cfg.H_cycles} '

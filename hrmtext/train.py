@@ -13,20 +13,16 @@ import os
 from absl import flags
 
 from hrmtext import cli
-from hrmtext.train.loop import Trainer
+from hrmtext.training.loop import Trainer
 
 _CONFIG = cli.define_config_file(
-    'config', os.path.join(os.path.dirname(__file__), '..', '..', 'experiments', 'tiny_cpu.py'),
+    'config', os.path.join(os.path.dirname(__file__), '..', 'experiments', 'tiny_cpu.py'),
     'Experiment config file (experiments/*.py); fields overridable as --config.a.b=value.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/tiny', 'Run directory: checkpoints, logs, metrics.')
 
 
 def main(_):
-  try:
-    trainer = Trainer(_CONFIG.value, _WORKDIR.value)
-  except ValueError as e:  # building the run checks the config's values (sizes, mesh, init_from)
-    raise cli.UserError(str(e)) from None
-  trainer.run()
+  Trainer(_CONFIG.value, _WORKDIR.value).run()
   print(f'done: checkpoints in {os.path.join(_WORKDIR.value, "checkpoints")}, '
         f'logs in {_WORKDIR.value}')
 

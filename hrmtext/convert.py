@@ -14,45 +14,49 @@ hrmtext -> HF writes the tokenizer files and tokenizer_info.json back next to th
 """
 import os
 import shutil
-import sys
 
 from absl import app, flags
 
 from hrmtext import cli
-from hrmtext.convert import hf
+from hrmtext import hf
 
-flags.DEFINE_string('src', None, 'HF hrm_text directory or hrmtext run/checkpoint directory.')
-flags.DEFINE_string('dst', None, 'Output directory (must not exist yet).')
-flags.DEFINE_bool('ema', True, 'hrmtext -> HF: export the EMA weights when the checkpoint has them.')
-flags.DEFINE_list('prompt_tokens', [], 'HF -> hrmtext: KEY=TOKEN pairs overriding the released '
+_SRC = flags.DEFINE_string('src',
+    None, 'HF hrm_text directory or hrmtext run/checkpoint directory.')
+_DST = flags.DEFINE_string('dst', None, 'Output directory (must not exist yet).')
+_EMA = flags.DEFINE_bool('ema',
+    True, 'hrmtext -> HF: export the EMA weights when the checkpoint has them.')
+_PROMPT_TOKENS = flags.DEFINE_list('prompt_tokens',
+    [], 'HF -> hrmtext: KEY=TOKEN pairs overriding the released '
                   'prompt tokens; KEY is boq, eoq, eoa or a condition tag, e.g. '
                   'eoa=<|im_end|>,math=<|box_start|>.')
-FLAGS = flags.FLAGS
 
 
-def main(argv):
-  src, dst = FLAGS.src, FLAGS.dst
+def main(_):
+  src, dst = _SRC.value, _DST.value
   if not src or not dst:
     raise app.UsageError('both --src and --dst are required')
   if os.path.exists(dst):
-    sys.exit(f'error: --dst {dst} already exists; refusing to overwrite')
+    raise cli.UserError(f'--dst {dst} already exists; refusing to overwrite')
   if not os.path.isdir(src):
-    sys.exit(f'error: --src {src} is not a directory')
+    raise cli.UserError(f'--src {src} is not a directory')
+  prompt_tokens = hf.parse_prompt_tokens(_PROMPT_TOKENS.value)
   partial = dst.rstrip('/') + '.partial'  # renamed into place only once complete
   shutil.rmtree(partial, ignore_errors=True)
   try:
-    prompt_tokens = hf.parse_prompt_tokens(FLAGS.prompt_tokens)
     if hf.is_hf_dir(src):
       print(f'HF hrm_text -> hrmtext: {src} -> {dst}')
       hf.hf_to_hrmtext(src, partial, prompt_tokens=prompt_tokens)
     else:
       if prompt_tokens:
-        raise ValueError('--prompt_tokens applies to HF -> hrmtext only')
+        raise cli.UserError('--prompt_tokens applies to HF -> hrmtext only')
       print(f'hrmtext -> HF hrm_text: {src} -> {dst}')
-      hf.hrmtext_to_hf(src, partial, use_ema=FLAGS.ema)
-  except (ValueError, OSError, KeyError) as e:
+      hf.hrmtext_to_hf(src, partial, use_ema=_EMA.value)
+  except cli.USER_ERRORS as e:
     shutil.rmtree(partial, ignore_errors=True)
-    sys.exit(f'error: cannot convert {src}: {e}')
+    raise cli.UserError(f'cannot convert {src}: {cli.one_line(e)}') from None
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
   os.rename(partial, dst)
   print(f'wrote {dst}')
 

@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.flax import load_file, save_file
 
+from hrmtext.cli import UserError
 from hrmtext.data.tokenizer import INFO_FILE, Tokenizer
 from hrmtext.model import ModelConfig
-from hrmtext.train import checkpoint
+from hrmtext.training import checkpoint
 
 SIDE_FILES = 'hf_files'  # non-weight files of the HF directory, kept verbatim
 WEIGHTS = 'model.safetensors'
@@ -89,17 +90,17 @@ def config_from_hf(hf: dict, layers_in_weights: int | None = None) -> ModelConfi
                  'prefix_lm': False}
   for key, bad in unsupported.items():
     if r[key] == bad:
-      raise ValueError(f'HF config {key}={bad} is not supported by hrmtext')
+      raise UserError(f'HF config {key}={bad} is not supported by hrmtext')
   rope = r['rope_parameters']
   if rope['rope_type'] != 'default' or r['hidden_act'] != 'silu':
-    raise ValueError('only default RoPE and silu MLPs are supported')
+    raise UserError('only default RoPE and silu MLPs are supported')
   layers, L_bp_cycles = r['num_layers_per_stack'], r['L_bp_cycles']
   if is_reference_export(hf):  # n_layers of both stacks; the horizon per H cycle
     L_bp_cycles = hf['L_bp_steps']
     if layers_in_weights is not None and layers == 2 * layers_in_weights:
       layers = layers_in_weights
   if layers_in_weights is not None and layers != layers_in_weights:
-    raise ValueError(f'config.json gives {layers} blocks per stack (num_layers_per_stack, or '
+    raise UserError(f'config.json gives {layers} blocks per stack (num_layers_per_stack, or '
                      f'num_hidden_layers in a legacy file) but the weights hold {layers_in_weights}')
   return ModelConfig(
       architecture='hrm', vocab_size=r['vocab_size'], hidden_size=r['hidden_size'],
@@ -122,7 +123,7 @@ def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
   when it still describes the model (legacy and reference-export files stay as they were);
   otherwise its other fields are kept."""
   if cfg.architecture != 'hrm':
-    raise ValueError('only HRM models have a transformers counterpart')
+    raise UserError('only HRM models have a transformers counterpart')
   if base is not None and _hf_shape(config_from_hf(base, cfg.layers_per_stack)) == _hf_shape(cfg):
     return dict(base)
   hf = dict(base or {'architectures': ['HrmTextForCausalLM'], 'model_type': 'hrm_text',
@@ -178,9 +179,9 @@ def params_from_hf(tensors: dict, cfg: ModelConfig) -> dict:
 
   def f32(name, shape):
     if name not in tensors:
-      raise ValueError(f'the weights have no {name}')
+      raise UserError(f'the weights have no {name}')
     if tuple(tensors[name].shape) != shape:
-      raise ValueError(f'{name} has shape {tuple(tensors[name].shape)}; the config implies {shape}')
+      raise UserError(f'{name} has shape {tuple(tensors[name].shape)}; the config implies {shape}')
     return np.asarray(tensors[name].astype(jnp.float32))
 
   def stack(name):
@@ -242,7 +243,7 @@ def parse_prompt_tokens(pairs) -> dict:
   for pair in pairs:
     key, sep, token = pair.partition('=')
     if not sep or not key or not token:
-      raise ValueError(f'--prompt_tokens entry {pair!r} is not KEY=TOKEN')
+      raise UserError(f'--prompt_tokens entry {pair!r} is not KEY=TOKEN')
     out[key.strip()] = token
   return out
 
@@ -271,14 +272,14 @@ def import_tokenizer(src: str, dst: str, prompt_tokens: dict | None = None) -> T
     model_file = os.path.basename(base['tokenizer_path'])
   if not os.path.isfile(os.path.join(dst, SIDE_FILES, model_file)):
     if prompt_tokens:
-      raise ValueError(f'--prompt_tokens needs a {model_file} in {src}')
+      raise UserError(f'--prompt_tokens needs a {model_file} in {src}')
     return None
   info = dict(with_prompt_tokens(base, prompt_tokens),
               tokenizer_path=os.path.join(SIDE_FILES, model_file))
   try:
     tokenizer = Tokenizer(info, dst)
   except ValueError as e:
-    raise ValueError(f'{e} (set the prompt tokens with --prompt_tokens KEY=TOKEN,...)') from None
+    raise UserError(f'{e} (set the prompt tokens with --prompt_tokens KEY=TOKEN,...)') from None
   tokenizer.save_info(dst)
   return tokenizer
 
@@ -298,7 +299,7 @@ def hf_to_hrmtext(src: str, dst: str, *, prompt_tokens: dict | None = None) -> N
     shutil.copy2(os.path.join(src, name), os.path.join(dst, SIDE_FILES, name))
   tokenizer = import_tokenizer(src, dst, prompt_tokens)
   if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
-    raise ValueError(f'{HF_TOKENIZER} has {tokenizer.vocab_size} tokens, the model only '
+    raise UserError(f'{HF_TOKENIZER} has {tokenizer.vocab_size} tokens, the model only '
                      f'{cfg.vocab_size}')
   mngr = checkpoint.manager(dst, async_save=False)
   checkpoint.save(mngr, 0, meta={'model': cfg.to_dict(), 'hf_config': hf, 'hf_dtypes': dtypes},
