@@ -148,19 +148,19 @@ def bench_hf(model, prompts, new_tokens):
 
 def load_hf(hf_dir):
   """HrmTextForCausalLM on CPU in float32, or None (with the reason printed) when unavailable."""
-  import torch
-  import transformers
-  model_class = transformers.HrmTextForCausalLM
+  try:
+    import torch
+    import transformers
+    model_class = transformers.HrmTextForCausalLM
   except (ImportError, AttributeError) as e:
-  print(f'bench: engine=hf skipped ({e})')
-  return None
+    print(f'bench: engine=hf skipped ({e})')
+    return None
   torch.set_num_threads(os.cpu_count() or 1)
   transformers.logging.set_verbosity_error()
   return model_class.from_pretrained(hf_dir, dtype=torch.float32).eval()
 
 
 def main(_):
-  try:
   batches = [int(b) for b in BATCH.value]
   if min(batches) < 1 or NEW_TOKENS.value < 2 or PROMPT_LEN.value < 1:
     raise cli.UserError('--batch sizes and --prompt_len must be >= 1, --new_tokens >= 2')
