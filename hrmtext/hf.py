@@ -124,6 +124,10 @@ def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
   otherwise its other fields are kept."""
   if cfg.architecture != 'hrm':
     raise UserError('only HRM models have a transformers counterpart')
+  if (cfg.norm_type, cfg.attn_type) != ('pre', 'prefixlm') or not all(
+      map(cfg.has_final_norm, 'LH')):
+    raise UserError('transformers has no counterpart of the norm_type / final_norm / attn_type '
+                    'ablation switches')
   if base is not None and _hf_shape(config_from_hf(base, cfg.layers_per_stack)) == _hf_shape(cfg):
     return dict(base)
   hf = dict(base or {'architectures': ['HrmTextForCausalLM'], 'model_type': 'hrm_text',

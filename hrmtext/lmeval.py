@@ -8,8 +8,9 @@
 `python -m hrmtext.lmeval` is lm-eval's own command line with the model registered (lm-eval
 finds models only in imported modules). Model arguments: checkpoint (run directory), tokenizer,
 ema (default True), condition (the condition tags of every prompt; write 'synth+cot' for
-'synth,cot', since model_args are comma-separated), slots, max_len, seed; lm-eval's --batch_size
-sets the rows per scoring pass.
+'synth,cot', since model_args are comma-separated), slots, max_len, seed, H_cycles and L_cycles
+(run the recurrence at another depth than trained, as --cycles does; 0: the trained count);
+lm-eval's --batch_size sets the rows per scoring pass.
 
 HRM-Text is a PrefixLM: a request's context becomes the instruction (one bidirectional block
 between BOQ + condition tags and EOQ) and the continuation the response, whose tokens are scored
@@ -41,10 +42,12 @@ class HrmTextLM(LM):
 
   def __init__(self, checkpoint: str, tokenizer: str = '', ema: bool = True,
                condition: str = 'direct', slots: int = 8, max_len: int = 0, seed: int = 0,
+               H_cycles: int = 0, L_cycles: int = 0,
                batch_size: int | str = 16, **_):  # lm-eval also passes device, max_batch_size
     super().__init__()
     self.engine, self.tok, _ = text.load(str(checkpoint), tokenizer=tokenizer, use_ema=ema,
-                                         slots=int(slots), max_len=int(max_len))
+                                         slots=int(slots), max_len=int(max_len),
+                                         cycles=(int(H_cycles), int(L_cycles)))
     self.condition = str(condition).replace('+', ',')
     self.seed = int(seed)
     self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16

@@ -88,10 +88,10 @@ def test_horizon_definition():
   cfg = ModelConfig(H_cycles=2, L_cycles=3)
   h = credit_horizon(cfg, 2)
   assert h.H == (False, True) and h.L == (False,) * 5 + (True,)
-  assert not h.embedding_has_gradient  # the reference quirk
+  assert not build_model(cfg).has_gradient(h)['embed']  # the reference quirk
   h = credit_horizon(cfg, 4)
   assert h.H == (True, True) and h.L == (False,) * 4 + (True,) * 2
-  assert h.embedding_has_gradient
+  assert build_model(cfg).has_gradient(h)['embed']
   h = credit_horizon(ModelConfig(H_cycles=2, L_cycles=3, L_bp_cycles=(2,)))
   assert h.H == (True, True) and h.L == (False, False, True, False, True, True)
   with pytest.raises(ValueError):

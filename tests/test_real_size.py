@@ -91,6 +91,7 @@ def test_transformer_baseline_has_hrm_non_embedding_size(size):
 FLAG_VALUES = dict(
     architecture='transformer', vocab_size=1000, hidden_size=256, num_heads=4, head_dim=32,
     intermediate_size=384, expansion=3.0, layers_per_stack=3, H_cycles=3, L_cycles=2,
+    H_bp=1, L_bp=2, full_bptt=True, norm_type='post', final_norm='H', attn_type='causal',
     L_bp_cycles=(2, 1), rope_theta=500000.0, rms_norm_eps=1e-5, embedding_scale=7.5,
     z_L_init='zeros', dtype='float32', remat_policy='dots_saveable', attention='splash',
     unroll_loops=True)

@@ -49,6 +49,9 @@ def data_config() -> ml_collections.ConfigDict:
   c.worker_count = 0  # Grain prefetch processes (0: produce batches in the training process)
   c.worker_buffer_size = 2  # batches each worker prefetches
   c.pack_window_rows = 64  # first-fit-decreasing packs windows of about this many rows of examples
+  # Train on the response tokens only (the reference data's target_only); False: the instruction
+  # tokens too, each predicting the next one. The held-out eval scores responses either way.
+  c.target_only = True
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.vocab_size = 1024  # trained sentencepiece BPE size (byte fallback, split digits)

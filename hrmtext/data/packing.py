@@ -87,11 +87,13 @@ def packing_efficiency(plan: Plan, lengths: np.ndarray, seq_len: int) -> float:
 
 
 def pack_rows(tokens: np.ndarray, index: Index, lengths: np.ndarray, rows: list[np.ndarray],
-              seq_len: int) -> dict[str, np.ndarray]:
+              seq_len: int, target_only: bool = True) -> dict[str, np.ndarray]:
   """Builds the packed batch [len(rows), seq_len] for rows given as arrays of example ids.
 
   Per example: inputs = instruction ++ response[:-1], labels = IGNORE * (len(instruction) - 1)
-  ++ response, positions restart at 0, segment_ids count examples from 1 within the row.
+  ++ response, positions restart at 0, segment_ids count examples from 1 within the row. Without
+  `target_only` (the reference data's option) the instruction is labelled too: labels =
+  instruction[1:] ++ response, every input predicting the next token.
   """
   per_row = np.array([len(r) for r in rows], np.int64)
   ids = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
@@ -107,12 +109,15 @@ def pack_rows(tokens: np.ndarray, index: Index, lengths: np.ndarray, rows: list[
   inst_len = np.repeat(index.inst_len[ids], length)
   resp_start = np.repeat(index.resp_start[ids], length)
   in_instruction = pos < inst_len
-  source = np.where(in_instruction,
-                    np.repeat(index.inst_start[ids], length) + pos, resp_start + pos - inst_len)
-  label_pos = pos - (inst_len - 1)
-  has_label = label_pos >= 0
-  label_source = np.where(has_label, resp_start + label_pos, resp_start)
-  labels = np.where(has_label, tokens[label_source].astype(np.int32), IGNORE_LABEL)
+  inst_start = np.repeat(index.inst_start[ids], length)
+  source = np.where(in_instruction, inst_start + pos, resp_start + pos - inst_len)
+  # Each input's label is the example's next token: an instruction token or a response token.
+  next_pos = pos + 1
+  label_in_instruction = next_pos < inst_len
+  label_source = np.where(label_in_instruction, inst_start + next_pos,
+                          resp_start + next_pos - inst_len)
+  labels = np.where(label_in_instruction & target_only, IGNORE_LABEL,
+                    tokens[label_source].astype(np.int32))
   dest = np.repeat(row_of * seq_len + start_in_row, length) + pos
 
   batch = {name: np.zeros((len(rows), seq_len), np.int32) for name in FIELDS}

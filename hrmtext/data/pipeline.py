@@ -41,11 +41,12 @@ class TrainBatches:
   """Random-access source whose element i is this data shard's rows of global batch i (endless)."""
 
   def __init__(self, directory: str, *, seq_len: int, rows_per_process: int, process_index: int,
-               process_count: int, seed: int, window_rows: int):
+               process_count: int, seed: int, window_rows: int, target_only: bool = True):
     if not 0 <= process_index < process_count:
       raise ValueError(f'process_index {process_index} not in [0, {process_count})')
     self._dir, self._seq_len, self._rows = directory, seq_len, rows_per_process
     self._process_index, self._process_count, self._seed = process_index, process_count, seed
+    self._target_only = target_only
     sampled = SampledSet(directory)
     epochs = [sampled.epoch(k) for k in range(sampled.num_epochs)]
     # One index over all epochs (they share tokens.npy); plans hold ids into it.
@@ -83,7 +84,7 @@ class TrainBatches:
     if self._tokens is None:
       self._tokens = load_tokens(self._dir)
     return packing.pack_rows(self._tokens, self._index, self.lengths, self.batch_rows(index),
-                             self._seq_len)
+                             self._seq_len, self._target_only)
 
   def __repr__(self):
     return (f'TrainBatches({self._dir}, rows={self._rows}, seq_len={self._seq_len}, '
@@ -97,7 +98,7 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, rows_per_process
   from global batch `start` on (a resumed run passes its step)."""
   source = TrainBatches(sampled_dir(data_cfg), seq_len=seq_len, rows_per_process=rows_per_process,
                         process_index=process_index, process_count=process_count, seed=seed,
-                        window_rows=data_cfg.pack_window_rows)
+                        window_rows=data_cfg.pack_window_rows, target_only=data_cfg.target_only)
   dataset = grain.MapDataset.source(source)[start:].to_iter_dataset(
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=data_cfg.worker_buffer_size))
   if data_cfg.worker_count > 0:

@@ -15,6 +15,9 @@ EMA = flags.DEFINE_bool('ema', True, 'Use the EMA weights when the checkpoint ha
 SLOTS = flags.DEFINE_integer('slots', 8, 'Sequences decoded together (continuous batching).')
 MAX_LEN = flags.DEFINE_integer('max_len', 0, 'KV-cache length: prompt + response tokens '
                                '(default: the training row length).')
+CYCLES = flags.DEFINE_list('cycles', [], 'H,L: run the recurrence with H_cycles H and L_cycles L '
+                           'instead of the trained counts (test-time depth; the KV cache gets a '
+                           'slot per application). UT and RINS have one H cycle.')
 
 
 def load(need_tokenizer: bool = True):
@@ -27,7 +30,16 @@ def load(need_tokenizer: bool = True):
     raise UserError('--slots must be >= 1 and --max_len >= 0')
   return text.load(CHECKPOINT.value, tokenizer=TOKENIZER.value, use_ema=EMA.value,
                    slots=SLOTS.value, max_len=MAX_LEN.value, eoa_id=EOA_ID.value,
-                   need_tokenizer=need_tokenizer)
+                   need_tokenizer=need_tokenizer, cycles=cycles())
+
+
+def cycles() -> tuple[int, int] | None:
+  """--cycles as (H_cycles, L_cycles); None when not given."""
+  if not CYCLES.value:
+    return None
+  if len(CYCLES.value) != 2 or not all(c.isdigit() and int(c) > 0 for c in CYCLES.value):
+    raise UserError(f'--cycles {",".join(CYCLES.value)}: give two counts >= 1 as H,L (e.g. 3,4)')
+  return int(CYCLES.value[0]), int(CYCLES.value[1])
 
 
 def check_output(path: str | None) -> None:

@@ -9,17 +9,20 @@ from hrmtext.training import checkpoint
 
 
 def load(path: str, *, tokenizer: str = '', use_ema: bool = True, slots: int = 8,
-         max_len: int = 0, eoa_id: int | None = None, need_tokenizer: bool = True
-         ) -> tuple[Engine, Tokenizer | None, dict]:
+         max_len: int = 0, eoa_id: int | None = None, need_tokenizer: bool = True,
+         cycles: tuple[int, int] | None = None) -> tuple[Engine, Tokenizer | None, dict]:
   """Engine on the checkpoint's (EMA) weights, its tokenizer (`tokenizer` if given) and its meta.
 
   The tokenizer is the one the run trained with, or for an imported HF checkpoint the
   tokenizer_info.json `convert` wrote next to it. Without one (a HF directory that had no
   tokenizer.json) the tokenizer is None, which only token-id rows can use, unless
   `need_tokenizer`. The end-of-answer id is `eoa_id`, else the tokenizer's EOA, else the HF
-  config's eos_token_id; with none, generation stops at its token budget.
+  config's eos_token_id; with none, generation stops at its token budget. `cycles` (H_cycles,
+  L_cycles; 0 keeps the trained count) runs the recurrence at another depth than trained.
   """
   cfg, params, meta = checkpoint.load_weights(path, use_ema=use_ema)
+  if cycles and any(cycles):
+    cfg = cfg.with_cycles(*cycles)
   tokenizer_path = tokenizer or checkpoint_tokenizer(path, meta)
   tok = Tokenizer.load(tokenizer_path) if tokenizer_path else None
   if tok is None and need_tokenizer:

@@ -1,7 +1,9 @@
 """KV-cache layout and bookkeeping for cached inference.
 
 The cache holds, for each stack, one entry per application of that stack (HRM-Text applies L
-H_cycles * L_cycles times and H H_cycles times per token), each its own arrays:
+H_cycles * L_cycles times and H H_cycles times per token; a stack shared by L and H, as in TRM,
+has its applications' entries in the order they run; `model.cache_slots()` counts them), each its
+own arrays:
 
   {stack: [{'k': [layers, batch, heads, length, head_dim], 'v': same}, ...]}
 

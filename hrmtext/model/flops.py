@@ -7,7 +7,7 @@ import math
 import re
 
 from hrmtext.model.config import ModelConfig
-from hrmtext.model.horizon import Horizon
+from hrmtext.model.horizon import Horizon, full_horizon
 
 # Dense bf16 peak per chip, by jax device_kind prefix.
 PEAK_FLOPS = {
@@ -28,17 +28,19 @@ def stack_forward_flops(cfg: ModelConfig, seq_len: int) -> float:
   return cfg.layers_per_stack * per_layer
 
 
-def train_flops_per_token(cfg: ModelConfig, horizon: Horizon | None, seq_len: int) -> float:
-  """Forward of every application + backward (2x forward) of the differentiable ones."""
-  stack = stack_forward_flops(cfg, seq_len)
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Forward of every stack application and the LM head (inference, teacher-forced eval)."""
   head = 2 * cfg.hidden_size * cfg.vocab_size
-  if cfg.architecture == 'transformer' or horizon is None:
-    applications = differentiable = 1 if cfg.architecture == 'transformer' else (
-        cfg.H_cycles * (cfg.L_cycles + 1))
-  else:
-    applications = len(horizon.L) + len(horizon.H)
-    differentiable = sum(horizon.L) + sum(horizon.H)
-  return stack * (applications + 2 * differentiable) + 3 * head
+  return stack_forward_flops(cfg, seq_len) * sum(cfg.applications) + head
+
+
+def train_flops_per_token(cfg: ModelConfig, horizon: Horizon | None, seq_len: int) -> float:
+  """Forward of every application + backward (2x forward) of the differentiable ones (`horizon`;
+  None: all)."""
+  horizon = horizon or full_horizon(cfg)
+  applications = len(horizon.L) + len(horizon.H)
+  head = 2 * cfg.hidden_size * cfg.vocab_size
+  return stack_forward_flops(cfg, seq_len) * (applications + 2 * horizon.differentiable) + 3 * head
 
 
 _COMPUTATION = re.compile(r'^(?:ENTRY )?%(\S+) \((.*)\) -> .*\{$')

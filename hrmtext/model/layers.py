@@ -103,25 +103,32 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm block: x += attn(rms(x)); x += mlp(rms(x))."""
+  """Pre-norm: x += attn(rms(x)); x += mlp(rms(x)). Post-norm (the reference's norm_type post):
+  x = rms(x + attn(x)); x = rms(x + mlp(x))."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x, rope, mask, cache):
     eps = self.cfg.rms_norm_eps
-    h, cache = Attention(self.cfg, name='attn')(rms_norm(x, eps), rope, mask, cache)
-    x = x + h
-    x = x + Mlp(self.cfg, name='mlp')(rms_norm(x, eps))
+    attn, mlp = Attention(self.cfg, name='attn'), Mlp(self.cfg, name='mlp')
+    if self.cfg.norm_type == 'post':
+      h, cache = attn(x, rope, mask, cache)
+      x = rms_norm(x + h, eps)
+      x = rms_norm(x + mlp(x), eps)
+    else:
+      h, cache = attn(rms_norm(x, eps), rope, mask, cache)
+      x = x + h
+      x = x + mlp(rms_norm(x, eps))
     return constrain(x, 'act_batch', 'act_length', 'act_embed'), cache
 
 
 class Stack(nn.Module):
-  """`num_layers` blocks under nn.scan (+ remat), then MagicNorm's final RMSNorm."""
+  """`num_layers` blocks under nn.scan (+ remat), then (`final_norm`) MagicNorm's RMSNorm."""
   cfg: ModelConfig
   num_layers: int
 
   @nn.compact
-  def __call__(self, x, rope, mask, cache=None):
+  def __call__(self, x, rope, mask, cache=None, final_norm=True):
     block = Block
     policy = REMAT_POLICIES[self.cfg.remat_policy]
     if self.cfg.remat_policy != 'none':
@@ -136,7 +143,7 @@ class Stack(nn.Module):
         metadata_params={nn.PARTITION_NAME: 'layers'},
     )(self.cfg, name='layers')
     x, cache = layers(x, rope, mask, cache)
-    return rms_norm(x, self.cfg.rms_norm_eps), cache
+    return (rms_norm(x, self.cfg.rms_norm_eps) if final_norm else x), cache
 
 
 class Embed(nn.Module):

@@ -1,9 +1,10 @@
-"""HRM-Text and the Transformer baseline behind one functional interface.
+"""HRM-Text and its baselines (the reference's models/baselines) behind one functional interface.
 
 The recurrence is a pure function of a parameter pytree; Linen modules supply the pieces.
 That makes a forward-only stack application a plain call on stop-gradient'ed parameters
 and inputs: JAX then stores no residuals and does no backward work for it.
 """
+import collections
 import functools
 
 import flax.linen as nn
@@ -48,6 +49,11 @@ class LanguageModel:
     """Per top-level parameter group: does the horizon give it a gradient?"""
     return {name: True for name in ('embed', 'lm_head') + self.stacks}
 
+  def _apply_stack(self, name, params, x, rope, mask, past):
+    """One application of stack `name` (its parameters `params`): (output, its keys/values)."""
+    return self.stack.apply({'params': params}, x, rope, mask, past,
+                            final_norm=self.cfg.has_final_norm(name))
+
   def head_logits(self, params, hidden):
     """float32 logits [batch, len, vocab] of final hidden states."""
     return self.head.apply({'params': params['lm_head']}, hidden)
@@ -75,6 +81,9 @@ class LanguageModel:
     if mask is None:
       mask = AttentionMask.packed(batch['segment_ids'], batch['is_instruction'])
     rope = rope_tables(batch['positions'], cfg.head_dim, cfg.rope_theta)
+    if cfg.attn_type == 'causal':  # no bidirectional instruction block: causal everywhere
+      mask = mask.replace(q_is_instruction=jnp.zeros_like(mask.q_is_instruction),
+                          kv_is_instruction=jnp.zeros_like(mask.kv_is_instruction))
     x = self.embed.apply({'params': params['embed']}, batch['inputs'])
     return x, rope, mask
 
@@ -93,15 +102,25 @@ class Transformer(LanguageModel):
   def hidden_states(self, params, batch, horizon=None, cache=None):
     x, rope, mask = self._inputs(params, batch)
     applications = kv_cache.Applications(cache)
-    x, new = self.stack.apply({'params': params['stack']}, x, rope, mask,
-                              applications.next('stack'))
+    x, new = self._apply_stack('stack', params['stack'], x, rope, mask,
+                               applications.next('stack'))
     applications.give('stack', new)
     return x, applications.new_entries()
 
 
-class HrmText(LanguageModel):
-  """H/L recurrence: L runs L_cycles times per H cycle on z_L + z_H, then H on z_H + z_L."""
-  stacks = ('L', 'H')
+class Recurrent(LanguageModel):
+  """The recurrent models, one loop over stack applications (subclasses name the stacks):
+
+    z_H = scaled_embedding(tokens); z_L = z_L_init
+    for i in range(H_cycles):
+      for j in range(L_cycles):  z_L = L(z_L + z_H)
+      z_H = H(z_H + z_L)    # RINS: H(z_L), no injection; UT: no H, the output is z_L
+    output z_H
+
+  Each application is differentiable or forward-only as the credit horizon says.
+  """
+  L_stack, H_stack = 'L', 'H'  # the stacks playing L and H (H None: no H updates)
+  inject_H = True  # H's input is z_H + z_L (else z_L)
 
   def init(self, rng) -> dict:
     rng, rng_z = jax.random.split(rng)
@@ -111,20 +130,46 @@ class HrmText(LanguageModel):
     params['z_L_init'] = nn.LogicallyPartitioned(z, ('embed',))
     return params
 
-  def has_gradient(self, horizon: Horizon) -> dict:
-    return {'embed': horizon.embedding_has_gradient, 'lm_head': True, 'L': any(horizon.L),
-            'H': any(horizon.H), 'z_L_init': False}  # z_L_init is a fixed, untrained state
-
   def cache_slots(self):
-    return {'L': self.cfg.H_cycles * self.cfg.L_cycles, 'H': self.cfg.H_cycles}
+    n_L, n_H = self.cfg.applications
+    slots = collections.Counter({self.L_stack: n_L})
+    if self.H_stack:
+      slots[self.H_stack] += n_H
+    return dict(slots)
+
+  def _recurrence(self, horizon: Horizon, z_H, z_L, L_run, H_step):
+    """The loop above, on any kind of state: `L_run(z_L, z_H, differentiable, n)` applies L n
+    times, `H_step(z_H, z_L, differentiable)` applies H once."""
+    cfg = self.cfg
+    for h in range(cfg.H_cycles):
+      for differentiable, n in _forward_only_then_differentiable(
+          horizon.L[h * cfg.L_cycles:(h + 1) * cfg.L_cycles]):
+        z_L = L_run(z_L, z_H, differentiable, n)
+      if self.H_stack:
+        z_H = H_step(z_H, z_L, horizon.H[h])
+    return z_H if self.H_stack else z_L
+
+  def has_gradient(self, horizon: Horizon) -> dict:
+    """Runs the loop on sets: each state becomes the parameter groups it depends on
+    differentiably (a forward-only application's output on none)."""
+    def apply(name, differentiable, *inputs):
+      return frozenset({name}).union(*inputs) if differentiable else frozenset()
+
+    reached = self._recurrence(
+        horizon, frozenset({'embed'}), frozenset(),
+        lambda z_L, z_H, differentiable, n: apply(self.L_stack, differentiable, z_L, z_H),
+        lambda z_H, z_L, differentiable: apply(self.H_stack, differentiable, z_L,
+                                               *((z_H,) if self.inject_H else ())))
+    return {'lm_head': True, 'z_L_init': False,  # z_L_init is a fixed, untrained state
+            **{name: name in reached for name in ('embed',) + self.stacks}}
 
   def hidden_states(self, params, batch, horizon=None, cache=None):
-    """Final z_H [batch, len, hidden] and, with a `cache` (the past keys/values of every stack
-    application, read-only), the keys/values of these tokens (hrmtext.model.cache)."""
+    """Final hidden states [batch, len, hidden] and, with a `cache` (the past keys/values of every
+    stack application, read-only), the keys/values of these tokens (hrmtext.model.cache)."""
     cfg = self.cfg
     horizon = horizon or credit_horizon(cfg)
-    z_H, rope, mask = self._inputs(params, batch)
-    z_L = jnp.broadcast_to(jax.lax.stop_gradient(params['z_L_init']).astype(z_H.dtype), z_H.shape)
+    x, rope, mask = self._inputs(params, batch)
+    z_L = jnp.broadcast_to(jax.lax.stop_gradient(params['z_L_init']).astype(x.dtype), x.shape)
     frozen = jax.lax.stop_gradient(params)
     applications = kv_cache.Applications(cache)
 
@@ -132,30 +177,49 @@ class HrmText(LanguageModel):
       """One application; forward-only ones see constant parameters and inputs."""
       p = params[name] if differentiable else frozen[name]
       x = x if differentiable else jax.lax.stop_gradient(x)
-      return self.stack.apply({'params': p}, x, rope, mask, past)
+      return self._apply_stack(name, p, x, rope, mask, past)
 
     def L_run(z_L, z_H, differentiable, n):
       """n applications of L on z_L + z_H: one jax.lax.scan, or, with a cache (each application
       has its own), a Python loop."""
-      step = lambda z_L, past: apply_stack('L', differentiable, z_L + z_H, past)
+      step = lambda z_L, past: apply_stack(self.L_stack, differentiable, z_L + z_H, past)
       if cache is None:
         return jax.lax.scan(step, z_L, None, length=n, unroll=cfg.unroll_loops)[0]
       for _ in range(n):
-        z_L, new = step(z_L, applications.next('L'))
-        applications.give('L', new)
+        z_L, new = step(z_L, applications.next(self.L_stack))
+        applications.give(self.L_stack, new)
       return z_L
 
     def H_step(z_H, z_L, differentiable):
-      z_H, new = apply_stack('H', differentiable, z_H + z_L, applications.next('H'))
-      applications.give('H', new)
+      z_H, new = apply_stack(self.H_stack, differentiable, z_H + z_L if self.inject_H else z_L,
+                             applications.next(self.H_stack))
+      applications.give(self.H_stack, new)
       return z_H
 
-    for h in range(cfg.H_cycles):
-      for differentiable, n in _forward_only_then_differentiable(
-          horizon.L[h * cfg.L_cycles:(h + 1) * cfg.L_cycles]):
-        z_L = L_run(z_L, z_H, differentiable, n)
-      z_H = H_step(z_H, z_L, horizon.H[h])
-    return z_H, applications.new_entries()
+    return self._recurrence(horizon, x, z_L, L_run, H_step), applications.new_entries()
+
+
+class HrmText(Recurrent):
+  """HRM-Text: L runs L_cycles times per H cycle on z_L + z_H, then H on z_H + z_L."""
+  stacks = ('L', 'H')
+
+
+class TinyRecursive(Recurrent):
+  """TRM (and TRM-match): HRM's loop with one shared stack as both L and H."""
+  stacks = ('stack',)
+  L_stack = H_stack = 'stack'
+
+
+class UniversalTransformer(Recurrent):
+  """UT: one shared stack, z = stack(z + embedding) L_cycles times from z = z_L_init."""
+  stacks = ('stack',)
+  L_stack, H_stack = 'stack', None
+
+
+class Rins(Recurrent):
+  """RINS: L_cycles applications of L on z_L + embedding, then one of H on z_L alone."""
+  stacks = ('L', 'H')
+  inject_H = False
 
 
 def _forward_only_then_differentiable(flags) -> list[tuple[bool, int]]:
@@ -165,5 +229,9 @@ def _forward_only_then_differentiable(flags) -> list[tuple[bool, int]]:
   return [(d, n) for d, n in ((False, n_frozen), (True, len(flags) - n_frozen)) if n]
 
 
+MODELS = {'hrm': HrmText, 'transformer': Transformer, 'ut': UniversalTransformer,
+          'trm': TinyRecursive, 'trm_match': TinyRecursive, 'rins': Rins}
+
+
 def build_model(cfg: ModelConfig) -> LanguageModel:
-  return {'hrm': HrmText, 'transformer': Transformer}[cfg.architecture](cfg)
+  return MODELS[cfg.architecture](cfg)

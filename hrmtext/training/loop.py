@@ -124,7 +124,7 @@ class Trainer:
         config.data, rows_per_process=self.global_rows // data_count, seq_len=seq_len,
         process_index=data_index, process_count=data_count, seed=tc.seed,
         start=self.mngr.latest_step() or 0)
-    self._steps = {}  # bp_steps -> compiled train step
+    self._steps = {}  # credit horizon -> compiled train step (baselines: one fixed horizon)
     self.loss_chunk_len = loss_chunk_len(tc.loss_chunk_len, self.model_cfg.vocab_size, seq_len)
     self._eval_step = jax.jit(make_eval_step(self.model, self.loss_chunk_len),
                               in_shardings=(self.state_shardings.params, self.row_sharding))
@@ -196,14 +196,13 @@ class Trainer:
   def _init_fn(self):
     return init_state(self.model, self.tx, jax.random.key(self.config.train.seed))
 
-  def _train_step(self, bp: int):
-    if bp not in self._steps:
-      horizon = credit_horizon(self.model_cfg, bp)
+  def _train_step(self, horizon):
+    if horizon not in self._steps:
       fn = make_train_step(self.model, self.tx, horizon, self.config.train.ema_decay,
                            self.loss_chunk_len)
-      self._steps[bp] = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
-                                out_shardings=(self.state_shardings, None), donate_argnums=0)
-    return self._steps[bp]
+      self._steps[horizon] = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                                     out_shardings=(self.state_shardings, None), donate_argnums=0)
+    return self._steps[horizon]
 
   def _global_batch(self, local: dict) -> dict:
     micro = self.config.train.micro_batches
@@ -278,7 +277,8 @@ class Trainer:
                               tc.bp_warmup_ratio)
       with waits.timing('data'):
         batch = self._global_batch(next(self.data))
-      state, metrics = self._train_step(bp)(state, batch)
+      horizon = credit_horizon(self.model_cfg, bp)
+      state, metrics = self._train_step(horizon)(state, batch)
       profile.after(step, state)
       # Decided by all processes together: a SIGTERM seen by any of them stops all after this
       # step; a time-based checkpoint is due when any process's clock says so.
@@ -289,9 +289,9 @@ class Trainer:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed, t0 = time.time() - t0, time.time()
         tokens_per_s = tokens_per_step * (step - logged_step) / elapsed
-        horizon = credit_horizon(self.model_cfg, bp)
         flops = train_flops_per_token(self.model_cfg, horizon, config.data.seq_len)
-        metrics.update(lr=float(self.schedule(step - 1)), bp_steps=bp, tokens_per_s=tokens_per_s,
+        metrics.update(lr=float(self.schedule(step - 1)), bp_steps=horizon.differentiable,
+                       tokens_per_s=tokens_per_s,
                        **waits.report(elapsed, step - logged_step))
         logged_step = step
         if device_peak:
