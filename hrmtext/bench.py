@@ -125,14 +125,13 @@ def synthetic_rows(rows: int, seq_len: int, vocab_size: int, min_len: int, max_l
     fraction = instruction_fraction * rng.uniform(0.5, 1.5, count)
     inst_len = np.clip(np.rint(length * fraction), 1, length - 1).astype(np.int64)
     resp_len = length - inst_len + 1  # packed inputs: instruction ++ response[:-1]
-    inst_start = np.cumsum(inst_len + resp_len) - (inst_len + resp_len)
-    index = Index(inst_start, inst_len, inst_start + inst_len, resp_len)
+    index = Index.from_lengths(inst_len, resp_len)
     lengths = packing.packed_lengths(index, seq_len)
     plan = packing.pack(lengths, seq_len, window_rows)
     if plan.num_rows >= rows:
       break
     count *= 2
-  tokens = rng.integers(1, vocab_size, int(inst_start[-1] + inst_len[-1] + resp_len[-1]))
+  tokens = rng.integers(1, vocab_size, int(index.resp_start[-1] + resp_len[-1]))
   return packing.pack_rows(tokens.astype(np.int32), index, lengths, plan.rows(range(rows)),
                            seq_len)
 
@@ -241,7 +240,7 @@ def time_hf_train_step(cfg, horizon, rows: int, seq_len: int) -> float:
   ids = torch.randint(1, cfg.vocab_size, (rows, seq_len))
   is_instruction = torch.arange(seq_len)[None].expand(rows, -1) < int(
       _INSTRUCTION.value * seq_len)
-  labels = torch.where(is_instruction, -100, ids)
+  labels = torch.where(is_instruction, packing.IGNORE_LABEL, ids)
 
   def step():
     loss = model(input_ids=ids, token_type_ids=is_instruction.long(), labels=labels).loss

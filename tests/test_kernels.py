@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hrmtext.data.packing import IGNORE_LABEL
 from hrmtext.model import AttentionMask, ModelConfig, build_model, loss_and_metrics
 from hrmtext.model.attention import attention
 from hrmtext.model.kernels import cudnn, splash
@@ -125,7 +126,7 @@ def tiny_batch(batch, length, vocab):
     for segment in np.unique(segment_ids[row]):
       where = segment_ids[row] == segment
       positions[row, where] = np.arange(where.sum())
-  labels = np.where(is_instruction | (segment_ids == 0), -100,
+  labels = np.where(is_instruction | (segment_ids == 0), IGNORE_LABEL,
                     rng.integers(0, vocab, (batch, length)))
   return {k: jnp.asarray(v, jnp.int32) for k, v in dict(
       inputs=rng.integers(1, vocab, (batch, length)) * (segment_ids > 0), labels=labels,

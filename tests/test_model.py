@@ -131,8 +131,8 @@ def test_horizon_gradients_match_naive_stop_gradient(bp_steps):
   horizon = credit_horizon(cfg, bp_steps)
   weights = jax.random.normal(jax.random.key(3), (1, 8, cfg.vocab_size))
   loss = lambda f: lambda p: jnp.sum(f(p) * weights)
-  got = jax.grad(loss(lambda p: model.logits(p, batch, horizon)))(params)
-  want = jax.grad(loss(lambda p: naive_logits(model, p, batch, horizon)))(params)
+  got = jax.jit(jax.grad(loss(lambda p: model.logits(p, batch, horizon))))(params)
+  want = jax.jit(jax.grad(loss(lambda p: naive_logits(model, p, batch, horizon))))(params)
   for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
   has_grad = model.has_gradient(horizon)
