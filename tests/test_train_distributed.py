@@ -33,6 +33,8 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import ablation
+from hrmtext.model import credit_horizon
 from hrmtext.training.checkpoint import load_weights
 from tests.data_fixtures import write_reference_dataset
 
@@ -74,10 +76,11 @@ def run_env(devices_per_process: int) -> dict:
           'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_per_process}'}
 
 
-def train(data_dir, workdir, devices_per_process, *flags, processes=1):
-  """Runs the trainer (through launch.local if several processes); returns its stdout."""
-  command = [sys.executable, '-m', 'hrmtext.train', f'--workdir={workdir}',
-             f'--config.data.dir={data_dir}', *TRAIN_FLAGS, *flags]
+def train(data_dir, workdir, devices_per_process, *flags, processes=1, config=None):
+  """Runs the trainer (through launch.local if several processes) on experiment `config` (default:
+  the trainer's); returns its stdout."""
+  command = [sys.executable, '-m', 'hrmtext.train', *([f'--config={config}'] if config else []),
+             f'--workdir={workdir}', f'--config.data.dir={data_dir}', *TRAIN_FLAGS, *flags]
   if processes > 1:
     command = launch_command(processes, command)
   result = subprocess.run(command, cwd=REPO, env=run_env(devices_per_process), capture_output=True,
@@ -243,6 +246,27 @@ def test_processes_train_like_one(runs, baseline, name):
   assert [row['step'] for row in metric_rows(workdir)] == list(range(1, STEPS + 1))
   assert_same_losses(workdir, baseline_dir, range(1, STEPS + 1), name)
   assert_same_params(workdir, baseline_params, name)  # restored in this single process
+
+
+# --- baselines and ablation switches -------------------------------------------------------------
+
+@pytest.mark.parametrize('arm', [arm for arm in ablation.ARMS if arm != 'hrm'])
+def test_every_ablation_arm_trains_on_a_sharded_mesh(data_dir, tmp_path, arm):
+  """experiments/ablation.py's arms (at TRAIN_FLAGS' tiny size), 2 steps on fsdp=4 x tensor=2."""
+  workdir = str(tmp_path / arm)
+  train(data_dir, workdir, 8, '--config.train.steps=2', '--config.checkpoint.every_steps=2',
+        *MESHES['fsdp4_tensor2'][1], config=f'{ablation.THIS_FILE}:{arm}')
+  losses = per_step(workdir, 'loss')
+  assert sorted(losses) == [1, 2] and np.all(np.isfinite(list(losses.values()))), losses
+  cfg, _ = final_params(workdir)
+  model_settings = {path.split('.')[1]: value for path, value in
+                    ablation.SWITCHES.get(arm, {}).items() if path.startswith('model.')}
+  architecture = 'transformer' if arm == 'transformer_deep' else (
+      arm if arm in ablation.ARCHITECTURE_ARMS else 'hrm')
+  assert {'architecture': architecture, **model_settings} == {
+      name: getattr(cfg, name) for name in ('architecture', *model_settings)}
+  # The loop's horizon: TRAIN_FLAGS fix bp_steps at 5, which a baseline's own horizon ignores.
+  assert set(per_step(workdir, 'bp_steps').values()) == {credit_horizon(cfg, 5).differentiable}
 
 
 # --- preemption ---------------------------------------------------------------------------------

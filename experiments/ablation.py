@@ -1,0 +1,165 @@
+r"""The paper's comparisons at the tiny CPU scale: one arm per argument, the rest the tiny default.
+
+  python -m hrmtext.train --config experiments/ablation.py:ut --workdir runs/ablation/ut
+  python experiments/ablation.py --workdir runs/ablation            # every arm, then the table
+  python experiments/ablation.py --arms hrm,ut --steps 20 --generate_per_task 4  # a quick look
+  python experiments/ablation.py -- --config.data.dir=DATA  # flags after -- go to every run
+
+Every arm trains experiments/tiny_cpu.py's recipe (data, optimizer, schedule, 300 steps of 8 x 512
+tokens, seed) on the built-in corpus at the tiny default's size, hidden 128 and n_layers 2; only
+the arm's own setting differs. Architectures (hrmtext.model.config.ARCHITECTURES), at HRM's
+parameters unless said:
+  hrm               HRM-Text: 2 stacks of 1 block, 2 H x 3 L cycles (8 block applications)
+  transformer       1 stack of 2 blocks (2 block applications)
+  transformer_deep  1 stack of 8 blocks: HRM's 8 block applications (its forward FLOPs), 3x params
+  ut, trm, rins     the reference's baselines (8 block applications each)
+  trm_match         TRM with half-depth layers and HRM's cycles: HRM's FLOPs, half its blocks
+Switches on the HRM arm:
+  no_magicnorm      no final RMSNorm on either stack (model.final_norm none)
+  post_norm         post-norm blocks, as the reference's norm_type post (model.norm_type post)
+  full_bptt         every application differentiable (model.full_bptt)
+  fixed_bp          bp_steps 5 from the first step, no warmup (train.bp_min = bp_max = 5)
+  causal            instruction tokens attend causally too (model.attn_type causal)
+  all_tokens_loss   loss on the instruction tokens too (data.target_only False)
+
+The runner (`python experiments/ablation.py`) trains each arm in <workdir>/<arm> (an arm whose
+result.json exists is not trained again; delete it to retrain), then prints one table: parameters,
+forward and train FLOPs per token (train: at the last step's credit horizon), training wall time,
+and the final held-out evaluation (EMA weights): teacher-forced loss and exact accuracy, and greedy
+exact match per task on --generate_per_task examples of each.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+ARCHITECTURE_ARMS = ('hrm', 'transformer', 'transformer_deep', 'ut', 'trm', 'trm_match', 'rins')
+SWITCHES = {
+    'no_magicnorm': {'model.final_norm': 'none'},
+    'post_norm': {'model.norm_type': 'post'},
+    'full_bptt': {'model.full_bptt': True},
+    'fixed_bp': {'train.bp_min': 5, 'train.bp_max': 5},
+    'causal': {'model.attn_type': 'causal'},
+    'all_tokens_loss': {'data.target_only': False},
+}
+ARMS = (*ARCHITECTURE_ARMS, *SWITCHES)
+N_LAYERS = 2  # the tiny default's: one block in each of HRM's two stacks
+THIS_FILE = os.path.abspath(__file__)
+
+
+def tiny_config():
+  """experiments/tiny_cpu.py's config."""
+  spec = importlib.util.spec_from_file_location(
+      'experiments_tiny_cpu', os.path.join(os.path.dirname(THIS_FILE), 'tiny_cpu.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config(arm: str = 'hrm'):
+  from hrmtext.model.config import stack_layers
+  if arm not in ARMS:
+    raise ValueError(f'unknown arm {arm!r}; have {", ".join(ARMS)}')
+  c = tiny_config()
+  if arm in ARCHITECTURE_ARMS:
+    architecture = 'transformer' if arm == 'transformer_deep' else arm
+    layers = 4 * N_LAYERS if arm == 'transformer_deep' else stack_layers(N_LAYERS, architecture)
+    c.model.update(architecture=architecture, layers_per_stack=layers)
+  for path, value in SWITCHES.get(arm, {}).items():
+    group, name = path.split('.')
+    c[group][name] = value
+  # One held-out evaluation, at the end, with greedy generation (set per run by the runner).
+  c.eval.update(every_steps=10**9, generate_per_task=32)
+  return c
+
+
+# ---- the runner ------------------------------------------------------------------------------
+
+def train_arm(arm: str, workdir: str, overrides: list[str]) -> float:
+  """Trains `arm` in `workdir` (resuming a checkpoint there); the wall seconds it took."""
+  command = [sys.executable, '-m', 'hrmtext.train', f'--config={THIS_FILE}:{arm}',
+             f'--workdir={workdir}', *overrides]
+  print(f'== {arm}: {" ".join(command[1:])}', flush=True)
+  start = time.monotonic()
+  if subprocess.run(command).returncode:
+    raise RuntimeError(f'training arm {arm} failed (see its output above)')
+  return time.monotonic() - start
+
+
+def arm_result(arm: str, workdir: str, wall_s: float) -> dict:
+  """The table row of a trained arm: sizes and costs from its checkpoint, its last evaluation."""
+  import jax
+  from hrmtext.model import credit_horizon
+  from hrmtext.model.flops import forward_flops_per_token, train_flops_per_token
+  from hrmtext.training import checkpoint, schedules
+  cfg, params, meta = checkpoint.load_weights(workdir)
+  train, seq_len = meta['config']['train'], meta['config']['data']['seq_len']
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  last_eval = [row for row in rows if 'eval/loss' in row][-1]
+  steps = max(row['step'] for row in rows)
+  bp = schedules.bp_steps(steps - 1, steps, train['bp_min'], train['bp_max'],
+                          train['bp_warmup_ratio'])
+  per_task = {key.split('/')[1]: value for key, value in last_eval.items()
+              if key.startswith('eval_gen/') and key.count('/') == 2
+              and key.endswith('/exact_match')}
+  return {
+      'arm': arm, 'steps': steps, 'wall_s': wall_s,
+      'params': sum(x.size for x in jax.tree.leaves(params)),
+      'forward_flops': forward_flops_per_token(cfg, seq_len),
+      'train_flops': train_flops_per_token(cfg, credit_horizon(cfg, bp), seq_len),
+      'eval_loss': last_eval['eval/loss'], 'eval_exact': last_eval['eval/exact_accuracy'],
+      'greedy_exact': last_eval.get('eval_gen/exact_match'), 'greedy_per_task': per_task,
+  }
+
+
+def format_table(results: list[dict]) -> str:
+  tasks = sorted({task for r in results for task in r['greedy_per_task']})
+  number = lambda x, fmt: '-' if x is None else format(x, fmt)
+  header = ['arm', 'params', 'fwd FLOPs/tok', 'train FLOPs/tok', 'steps', 'wall', 'eval loss',
+            'TF exact', 'greedy exact', *tasks]
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for r in results:
+    cells = [r['arm'], f'{r["params"] / 1e6:.2f}M', f'{r["forward_flops"] / 1e6:.1f}M',
+             f'{r["train_flops"] / 1e6:.1f}M', str(r['steps']), f'{r["wall_s"] / 60:.1f} min',
+             f'{r["eval_loss"]:.3f}', f'{r["eval_exact"]:.3f}', number(r['greedy_exact'], '.3f'),
+             *(number(r['greedy_per_task'].get(task), '.2f') for task in tasks)]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  from absl import flags
+  from hrmtext.cli import UserError
+  values = flags.FLAGS
+  arms = values.arms or list(ARMS)
+  unknown = [arm for arm in arms if arm not in ARMS]
+  if unknown:
+    raise UserError(f'unknown arms {unknown}; have {", ".join(ARMS)}')
+  overrides = [*argv[1:], f'--config.eval.generate_per_task={values.generate_per_task}']
+  if values.steps:
+    overrides.append(f'--config.train.steps={values.steps}')
+  results = []
+  for arm in arms:
+    workdir = os.path.join(values.workdir, arm)
+    result_file = os.path.join(workdir, 'result.json')
+    if not os.path.exists(result_file):
+      wall_s = train_arm(arm, workdir, overrides)
+      with open(result_file, 'w') as f:
+        json.dump(arm_result(arm, workdir, wall_s), f, indent=1)
+    with open(result_file) as f:
+      results.append(json.load(f))
+  print(format_table(results))
+
+
+if __name__ == '__main__':
+  from absl import flags
+  from hrmtext import cli
+  flags.DEFINE_string('workdir', 'runs/ablation', 'Folder of the arms\' run directories.')
+  flags.DEFINE_list('arms', [], f'Arms to train and tabulate (default: all): {", ".join(ARMS)}.')
+  flags.DEFINE_integer('steps', 0, 'Train steps per arm (0: the recipe\'s 300).')
+  flags.DEFINE_integer('generate_per_task', 32, 'Held-out examples per task generated greedily '
+                       'at the end of each run.')
+  cli.run(main, extra_args=True)  # after --: flags for every arm's hrmtext.train
