@@ -53,7 +53,7 @@ from hrmtext.model.flops import compiled_matmul_flops, peak_flops, train_flops_p
 from hrmtext.parallel import distributed, sharding, targets
 from hrmtext.parallel.mesh import make_mesh
 from hrmtext.training import optimizer, schedules
-from hrmtext.training.loop import model_config
+from hrmtext.training.loop import check_batch_split, model_config
 from hrmtext.training.step import init_state, loss_chunk_len, make_train_step, state_shardings
 
 # Each flag exists in the XLA of jax 0.10.2 and 0.11.2 (NVIDIA JAX-Toolbox / MaxText practice,
@@ -144,9 +144,7 @@ def check_flags(config, rows: int, batch_shards: int) -> None:
     raise UserError('need 2 <= --min_example_len <= --max_example_len')
   if not 0 < _INSTRUCTION.value < 1:
     raise UserError('--instruction_fraction must be in (0, 1)')
-  if rows < 1 or rows % (tc.micro_batches * batch_shards):
-    raise UserError(f'{rows} rows per step do not split into {tc.micro_batches} micro-batches '
-                     f'over {batch_shards} batch shards')
+  check_batch_split(rows, tc.micro_batches, batch_shards)
 
 
 def peak_memory_gib() -> float | None:

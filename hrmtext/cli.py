@@ -31,6 +31,8 @@ def one_line(error: BaseException) -> str:
     error = error.args[0]  # e.g. ml_collections' AttributeError(KeyError(...))
   # str(KeyError('x')) is "'x'": its message is the argument itself.
   message = error.args[0] if isinstance(error, KeyError) and len(error.args) == 1 else error
+  if isinstance(error, OSError) and error.filename and error.strerror:  # not "[Errno 2] ..."
+    message = f'{error.filename}: {error.strerror}'
   return ' '.join(str(message).split())
 
 

@@ -89,6 +89,13 @@ class ProfileWindow:
         tqdm.write(f'profile of steps {self.first}-{self.last} in {self.log_dir}')
 
 
+def check_batch_split(rows: int, micro_batches: int, batch_shards: int) -> None:
+  """A step's rows must split evenly into micro-batches, each over the batch shards."""
+  if rows < 1 or micro_batches < 1 or rows % (micro_batches * batch_shards):
+    raise UserError(f'{rows} rows per step do not split into {micro_batches} micro-batches over '
+                    f'{batch_shards} batch shards')
+
+
 class Trainer:
   """Everything a run needs, built from the config; `run()` trains to the end."""
 
@@ -103,9 +110,7 @@ class Trainer:
     self.global_rows = tc.global_batch_tokens // seq_len
     # The mesh spans all processes' devices: batch_shards already counts every process.
     batch_shards = self.mesh.shape['data'] * self.mesh.shape['fsdp']
-    if self.global_rows % (tc.micro_batches * batch_shards):
-      raise UserError(f'{self.global_rows} rows per step do not split into {tc.micro_batches} '
-                       f'micro-batches over {batch_shards} batch shards')
+    check_batch_split(self.global_rows, tc.micro_batches, batch_shards)
     self.total_steps = tc.steps or max(1, tc.epochs * sampled.metadata['total_length']
                                        // tc.global_batch_tokens)
     self.schedule = schedules.warmup_cosine(tc.lr, tc.warmup_steps, self.total_steps,
