@@ -70,11 +70,14 @@ def xla_attention(q, k, v, mask: AttentionMask):
 def dense_attention(q, k, v, mask: AttentionMask):
   """xla_attention with the whole [batch, heads, q_len, kv_len] score matrix at once."""
   scale = q.shape[-1]**-0.5
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
+  # Heads before positions, as the batched dots want them: XLA:CPU would otherwise emit the
+  # probs @ v product transposed and copy it back (~8% of a tiny train step).
+  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
   # Padding queries see at least themselves (same segment 0, causal), so no row is empty.
   logits = jnp.where(mask.dense(), logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+  return jnp.swapaxes(jnp.einsum('bhqk,bhkd->bhqd', probs, v), 1, 2)
 
 
 # 'splash': TPU Pallas kernel (Pallas interpreter elsewhere); 'cudnn': GPU (Hopper+, bf16/fp16).
