@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import optimize
+
 from hrmtext.cli import UserError
 
 LETTERS = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ'

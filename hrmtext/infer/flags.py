@@ -2,6 +2,7 @@
 import os
 
 from absl import flags
+
 from hrmtext.cli import UserError
 
 CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Run directory (or its checkpoints/).')

@@ -71,7 +71,7 @@ def dense_attention(q, k, v, mask: AttentionMask):
   """xla_attention with the whole [batch, heads, q_len, kv_len] score matrix at once."""
   scale = q.shape[-1]**-0.5
   # Heads before positions, as the batched dots want them: XLA:CPU would otherwise emit the
-  # probs @ v product transposed and copy it back (~8% of a tiny train step).
+  # probs @ v product transposed and copy it back (~8% of a tiny train step on a loaded CPU).
   q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
   logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
   # Padding queries see at least themselves (same segment 0, causal), so no row is empty.
