@@ -222,7 +222,7 @@ def time_hf_train_step(cfg, horizon, rows: int, seq_len: int) -> float:
     raise UserError(f'--compare_hf needs torch and transformers ({e})') from e
   if cfg.architecture != 'hrm' or not all(horizon.H):
     raise UserError('--compare_hf needs an HRM whose H applications are all differentiable '
-                     '(bp_steps >= H_cycles + 1): transformers\' L_bp_cycles cannot say otherwise')
+                    '(bp_steps >= H_cycles + 1): transformers\' L_bp_cycles cannot say otherwise')
   torch.set_num_threads(os.cpu_count() or 1)
   torch.manual_seed(_SEED.value)
   hf_config = transformers.HrmTextConfig(

@@ -101,7 +101,7 @@ def config_from_hf(hf: dict, layers_in_weights: int | None = None) -> ModelConfi
       layers = layers_in_weights
   if layers_in_weights is not None and layers != layers_in_weights:
     raise UserError(f'config.json gives {layers} blocks per stack (num_layers_per_stack, or '
-                     f'num_hidden_layers in a legacy file) but the weights hold {layers_in_weights}')
+                    f'num_hidden_layers in a legacy file) but the weights hold {layers_in_weights}')
   return ModelConfig(
       architecture='hrm', vocab_size=r['vocab_size'], hidden_size=r['hidden_size'],
       num_heads=r['num_attention_heads'], head_dim=r['head_dim'],
@@ -304,7 +304,7 @@ def hf_to_hrmtext(src: str, dst: str, *, prompt_tokens: dict | None = None) -> N
   tokenizer = import_tokenizer(src, dst, prompt_tokens)
   if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
     raise UserError(f'{HF_TOKENIZER} has {tokenizer.vocab_size} tokens, the model only '
-                     f'{cfg.vocab_size}')
+                    f'{cfg.vocab_size}')
   mngr = checkpoint.manager(dst, async_save=False)
   checkpoint.save(mngr, 0, meta={'model': cfg.to_dict(), 'hf_config': hf, 'hf_dtypes': dtypes},
                   params=params)

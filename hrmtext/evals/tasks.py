@@ -90,7 +90,7 @@ class SampledTask:
   def __post_init__(self):
     if self.samples < max(self.ks) or self.temperature <= 0:
       raise UserError(f'{self.name}: needs samples >= max k ({max(self.ks)}) and a temperature '
-                       f'> 0, got {self.samples} samples at {self.temperature}')
+                      f'> 0, got {self.samples} samples at {self.temperature}')
 
   def requests(self, example: Example) -> list[dict]:
     request = generate_request(example, self.max_new_tokens, self.max_context, self.temperature)

@@ -50,4 +50,4 @@ def check_output(path: str | None) -> None:
   folder = os.path.dirname(os.path.abspath(path))
   if os.path.isdir(path) or not os.path.isdir(folder):
     raise UserError(f'cannot write {path}: ' +
-                     ('it is a directory' if os.path.isdir(path) else f'no folder {folder}'))
+                    ('it is a directory' if os.path.isdir(path) else f'no folder {folder}'))

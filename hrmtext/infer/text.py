@@ -27,10 +27,10 @@ def load(path: str, *, tokenizer: str = '', use_ema: bool = True, slots: int = 8
   tok = Tokenizer.load(tokenizer_path) if tokenizer_path else None
   if tok is None and need_tokenizer:
     raise UserError(f'{path} has no tokenizer (it was imported without a tokenizer.json); '
-                     f'pass --tokenizer')
+                    f'pass --tokenizer')
   if tok is not None and tok.vocab_size > cfg.vocab_size:
     raise UserError(f'tokenizer {tokenizer_path} has {tok.vocab_size} tokens, the model '
-                     f'only {cfg.vocab_size}')
+                    f'only {cfg.vocab_size}')
   if eoa_id is None:
     eos = meta.get('hf_config', {}).get('eos_token_id')
     eoa_id = tok.eoa if tok is not None else (eos[0] if isinstance(eos, list) and eos else eos)
@@ -57,7 +57,7 @@ def encode_ids(tok: Tokenizer | None, row: dict) -> tuple[list[int], list[int] |
     return list(row['instruction_ids']), None if response is None else list(response)
   if tok is None:
     raise UserError('the checkpoint has no tokenizer: give token-id rows '
-                     '{"instruction_ids", "response_ids"} or pass --tokenizer')
+                    '{"instruction_ids", "response_ids"} or pass --tokenizer')
   instruction = tok.encode_instruction(row['instruction'], row.get('condition') or 'direct')
   response = row.get('response')
   return instruction, None if response is None else tok.encode_response(response)
@@ -72,7 +72,7 @@ def model_fns(engine: Engine, tok: Tokenizer, **kwargs):
 def check_prompt(engine: Engine, prompt: list[int]) -> None:
   if len(prompt) >= engine.max_len:
     raise UserError(f'the prompt has {len(prompt)} tokens, more than --max_len '
-                     f'{engine.max_len} leaves room for (raise --max_len)')
+                    f'{engine.max_len} leaves room for (raise --max_len)')
 
 
 def read_requests(path: str, engine: Engine, tok: Tokenizer, *, with_response: bool

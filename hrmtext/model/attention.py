@@ -105,5 +105,5 @@ def attention(q, k, v, mask: AttentionMask, implementation: str = 'xla'):
     implementation = auto_implementation(target_device(), q.dtype)
   if implementation not in IMPLEMENTATIONS:
     raise UserError(f'unknown attention implementation {implementation!r}; '
-                     f"have {sorted(IMPLEMENTATIONS)} and 'auto'")
+                    f"have {sorted(IMPLEMENTATIONS)} and 'auto'")
   return IMPLEMENTATIONS[implementation](q, k, v, mask)

@@ -105,7 +105,7 @@ def parse(name: str) -> tuple[str, str]:
   known = sorted(TPU_GENERATIONS) + sorted(GPU_TARGET_CONFIGS)
   if kind not in known:
     raise UserError(f'unknown target {name!r}: want one of {", ".join(known)} then ":" and a '
-                     f'shape, e.g. v5p:2x2x2, v6e:2x4, h100:8')
+                    f'shape, e.g. v5p:2x2x2, v6e:2x4, h100:8')
   dims = shape.split('x')
   if not all(d.isdigit() and int(d) > 0 for d in dims) or (
       kind in GPU_TARGET_CONFIGS and len(dims) != 1) or (
@@ -114,7 +114,7 @@ def parse(name: str) -> tuple[str, str]:
     raise UserError(f'bad shape in target {name!r}: e.g. {example}')
   if kind in GPU_TARGET_CONFIGS and int(shape) > GPUS_PER_HOST and int(shape) % GPUS_PER_HOST:
     raise UserError(f'target {name!r}: more than {GPUS_PER_HOST} GPUs come in whole hosts of '
-                     f'{GPUS_PER_HOST}')
+                    f'{GPUS_PER_HOST}')
   return kind, shape
 
 
@@ -166,6 +166,6 @@ def devices(name: str) -> list:
                'jax-cuda13-plugin and jax-cuda13-pjrt')
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise UserError(f'cannot compile for {name}: {first_line} (needs {package} of jax '
-                     f'{jax.__version__}; see hrmtext.parallel.targets)') from e
+                    f'{jax.__version__}; see hrmtext.parallel.targets)') from e
   return list(topology.devices)
 

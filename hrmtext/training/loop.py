@@ -163,8 +163,8 @@ class Trainer:
       raise UserError(f'init_from {source} is another model: {described}')
     if mode == 'continue' and missing:
       raise UserError(f'init_mode continue needs the optimizer state and EMA of a training run; '
-                       f'{source} step {step} has no {" or ".join(sorted(missing))} '
-                       f'(use --config.init_mode=ema or params)')
+                      f'{source} step {step} has no {" or ".join(sorted(missing))} '
+                      f'(use --config.init_mode=ema or params)')
 
   def _initial_state(self) -> tuple[TrainState, int]:
     """Resume from the workdir, else start from `init_from` weights, else from scratch."""

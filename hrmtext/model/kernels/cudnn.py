@@ -43,14 +43,14 @@ def cudnn_attention(q, k, v, mask, max_runs: int = MAX_RUNS):
   """q/k/v [batch, len, heads, head_dim] (bf16/fp16); `mask` an AttentionMask in packed form."""
   if k.shape[1] != q.shape[1]:
     raise UserError(f'cudnn attention needs q and kv of one length (self-attention), got '
-                     f'{q.shape[1]} and {k.shape[1]}; cached decode uses the xla kernel')
+                    f'{q.shape[1]} and {k.shape[1]}; cached decode uses the xla kernel')
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     raise UserError(f'cudnn attention needs bfloat16 or float16 activations (model.dtype), '
-                     f'got {q.dtype}')
+                    f'got {q.dtype}')
   device = target_device()
   if device.platform != 'gpu':
     raise UserError(f'cudnn attention needs a CUDA GPU, the computation is compiled for '
-                     f'{device.device_kind} ({device.platform}); use splash or xla')
+                    f'{device.device_kind} ({device.platform}); use splash or xla')
   return _two_passes(q, k, v, mask, max_runs)
 
 

@@ -29,7 +29,7 @@ def splash_attention(q, k, v, mask, block_size: int = BLOCK_SIZE):
   length = q.shape[1]
   if k.shape[1] != length:
     raise UserError(f'splash attention needs q and kv of one length (self-attention), got '
-                     f'{length} and {k.shape[1]}; cached decode uses the xla kernel')
+                    f'{length} and {k.shape[1]}; cached decode uses the xla kernel')
   block = min(block_size, round_up(length, MIN_BLOCK))
   padded = round_up(length, block)
   row_mask = _pad_mask(mask, padded).dense()[:, 0]  # [batch, padded, padded]
