@@ -97,7 +97,7 @@ _COMPARE_HF = flags.DEFINE_bool(
 _TARGET = flags.DEFINE_string(
     'target', '', 'With --compile_only: compile for these devices instead of this machine\'s, a '
     'libtpu topology (v5p:2x2x2, v6e:2x4, v4:2x2x1) or GPUs (h100:8, h200:16); needs the '
-    'compile_targets extra (hrmtext.parallel.targets).')
+    'targets extra (hrmtext.parallel.targets).')
 _JSON = flags.DEFINE_bool('json', False, 'Also print the results as one JSON object on the last '
                           'stdout line.')
 

@@ -4,7 +4,7 @@ with the kernels those devices run: Mosaic splash on TPU, cuDNN flash attention 
 Each compile runs in a subprocess (this file as a script): a target's compiler plugin reads its
 environment when it starts (targets.prepare_environment), and the pytest process keeps its one CPU
 device. Skipped, with the reason, where the target's compiler package is not installed (the
-`compile_targets` extra: libtpu, jax-cuda13-plugin/-pjrt).
+`targets` extra: libtpu, jax-cuda13-plugin/-pjrt).
 """
 import importlib.util
 import json
@@ -37,7 +37,7 @@ def compiler_missing(target: str) -> str | None:
   if importlib.util.find_spec(module.split('.')[0]) is None or (
       '.' in module and importlib.util.find_spec(module) is None):
     package = "'jax[tpu]'" if module == 'libtpu' else 'jax-cuda13-plugin and jax-cuda13-pjrt'
-    return f'compiling for {target} needs {package} of jax {jax.__version__} (extra compile_targets)'
+    return f'compiling for {target} needs {package} of jax {jax.__version__} (extra targets)'
   return None
 
 

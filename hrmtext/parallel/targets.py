@@ -7,7 +7,7 @@
 They come from `jax.experimental.topologies.get_topology_desc` and are compile-only: a mesh over
 them lowers and compiles (`jit(...).lower(...).compile()`, with memory analysis) but runs nothing.
 This is how a config is checked before renting the hardware (MaxText's train_compile.py does the
-same). The compilers come from PyPI, in the jax version installed (extra `compile_targets`):
+same). The compilers come from PyPI, in the jax version installed (extra `targets`):
   TPU: pip install 'jax[tpu]==<jax>'            (libtpu, about 640 MB)
   GPU: pip install jax-cuda13-plugin==<jax> jax-cuda13-pjrt==<jax>   (about 400 MB; no CUDA
        libraries or cuDNN needed to compile)
