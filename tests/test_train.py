@@ -391,6 +391,7 @@ def test_generation_eval_in_the_loop_equals_the_harness(tmp_path):
       '--config.model.hidden_size=64', '--config.model.head_dim=32',
       '--config.train.steps=40', '--config.train.lr=3e-3', '--config.train.warmup_steps=4',
       '--config.train.ema_decay=0.5', f'--config.train.global_batch_tokens={8 * seq_len}',
+      '--config.train.bp_min=5', '--config.train.bp_max=5',  # one horizon: one compiled step
       '--config.eval.every_steps=40', f'--config.eval.generate_per_task={limit}')
   assert_ok(result)
   logged = {k: v for k, v in read_metrics(tmp_path / 'run')[40].items() if k.startswith('eval_gen/')}

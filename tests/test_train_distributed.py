@@ -4,7 +4,8 @@ Every run trains the same tiny HRM for 6 steps on a reference-layout fixture set
 on CPU devices forced by XLA_FLAGS. Against an uninterrupted 1-device run, we compare:
   * 8 devices as data=8 and as fsdp=4 x tensor=2 (per-step losses, token counts, final params);
   * a run checkpointed at step 3 on fsdp=4 x tensor=2 and resumed on data=8;
-  * 2 and 4 processes through launch/local.py (gloo collectives), params sharded across them;
+  * 2 processes through launch/local.py (gloo collectives), with params sharded across them
+    and as data=8;
   * step-3 checkpoints resumed on another number of processes (2 -> 1 and 1 -> 2): the data
     pipeline's global batches do not depend on the process count, so the run continues exactly
     as if uninterrupted (batch for batch; values to the tolerances below).
@@ -154,9 +155,6 @@ RUNS = {
                                     '--config.mesh.tensor=2')),
     # One row per device, 4 devices per process.
     '2x4dev_data8': (2, 4, DATA8),
-    # 'fsdp' over 4 processes.
-    '4x2dev_fsdp4_tensor2': (4, 2, ('--config.mesh.data=1', '--config.mesh.fsdp=4',
-                                    '--config.mesh.tensor=2')),
 }
 
 
@@ -233,7 +231,7 @@ def test_resume_on_another_mesh_or_process_count(data_dir, runs, baseline, tmp_p
   assert_same_params(workdir, baseline_params, label)
 
 
-@pytest.mark.parametrize('name', ['2x2dev_fsdp2_tensor2', '2x4dev_data8', '4x2dev_fsdp4_tensor2'])
+@pytest.mark.parametrize('name', ['2x2dev_fsdp2_tensor2', '2x4dev_data8'])
 def test_processes_train_like_one(runs, baseline, name):
   baseline_dir, baseline_params = baseline
   workdir, stdout = runs(name)

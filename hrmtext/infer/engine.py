@@ -111,10 +111,11 @@ class Engine:
         budget=put(state['budget'], limits - kept), active=put(state['active'], active))
     return state, jnp.where(kept, first, NO_TOKEN)
 
-  @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5), donate_argnums=(2,))
+  # `stop_when_free` is traced, not static: one compiled program serves both (each is seconds).
+  @functools.partial(jax.jit, static_argnums=(0, 3, 4), donate_argnums=(2,))
   def _decode(self, params, state, sampling, window, stop_when_free):
     """Up to `chunk` steps of all active rows; stops after a step that leaves a row free if
-    `stop_when_free`. Returns the state and the tokens [chunk, slots] (NO_TOKEN: none).
+    `stop_when_free` (a bool scalar). Returns the state and the tokens [chunk, slots] (NO_TOKEN: none).
 
     Keys: the first `window` cache positions (the past at the chunk's start: read-only during
     the chunk, so nothing copies it per step), then this chunk's tokens so far (a [chunk]-long
@@ -218,7 +219,7 @@ class Engine:
                                      sampling, rng, group_seeds)
       longest = max(int(lengths[slot]) for slot in range(self.slots) if owner[slot] is not None)
       window = min(bucket(longest, self.min_window), self.max_len)
-      state, out = self._decode(self.params, state, sampling, window, bool(queue))
+      state, out = self._decode(self.params, state, sampling, window, np.bool_(bool(queue)))
       first, out, active, lengths = jax.device_get(
           (first, out, state['active'], state['lengths']))
       lengths = np.array(lengths)
