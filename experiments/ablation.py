@@ -28,7 +28,6 @@ forward and train FLOPs per token (train: at the last step's credit horizon), tr
 and the final held-out evaluation (EMA weights): teacher-forced loss and exact accuracy, and greedy
 exact match per task on --generate_per_task examples of each.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -51,11 +50,8 @@ THIS_FILE = os.path.abspath(__file__)
 
 def tiny_config():
   """experiments/tiny_cpu.py's config."""
-  spec = importlib.util.spec_from_file_location(
-      'experiments_tiny_cpu', os.path.join(os.path.dirname(THIS_FILE), 'tiny_cpu.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from hrmtext.training.config import experiment_config
+  return experiment_config(os.path.join(os.path.dirname(THIS_FILE), 'tiny_cpu.py'))
 
 
 def get_config(arm: str = 'hrm'):

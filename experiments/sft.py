@@ -19,10 +19,9 @@ no warmup, cosine to 0.1 x lr, 32,768-token global batches, 5 epochs, weight dec
 An imported HF checkpoint has weights only: fine-tune it with init_mode ema or params.
 Re-running the same command resumes the SFT run itself, exactly.
 """
-import importlib.util
 import os
 
-from hrmtext.training.config import base_config
+from hrmtext.training.config import base_config, experiment_config
 
 
 def sft_recipe(c, *, lr: float, global_batch_tokens: int, epochs: int, ema_decay: float):
@@ -37,11 +36,7 @@ def sft_recipe(c, *, lr: float, global_batch_tokens: int, epochs: int, ema_decay
 
 def pretrain_config(size: str):
   """experiments/hrm.py's config at `size`: the model the fine-tuning starts from."""
-  spec = importlib.util.spec_from_file_location(
-      'experiments_hrm', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'hrm.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(size)
+  return experiment_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'hrm.py'), size)
 
 
 def get_config(arg: str = 'tiny'):

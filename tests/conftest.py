@@ -16,8 +16,8 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 
 def pytest_collection_modifyitems(items):
-  """The multi-process and ablation-arm training tests, the longest files, start first so they do not end last
-  (`--dist loadfile` in setup.cfg: a file's tests share its module fixtures, e.g. a training run,
-  so they run on one worker, which builds them once)."""
+  """The multi-process and ablation-arm training tests, the longest files, start first so they do
+  not end last (`--dist loadfile` in setup.cfg: a file's tests share its module fixtures, e.g. a
+  training run, so they run on one worker, which builds them once)."""
   items.sort(key=lambda item: not any(name in item.nodeid for name in (
       'test_train_distributed', 'test_ablation_arms')))

@@ -12,6 +12,7 @@ from tests.test_train_distributed import MESHES, data_dir, final_params, per_ste
 
 pytestmark = pytest.mark.slow
 
+
 @pytest.mark.parametrize('arm', [arm for arm in ablation.ARMS if arm != 'hrm'])
 def test_every_ablation_arm_trains_on_a_sharded_mesh(data_dir, tmp_path, arm):
   """experiments/ablation.py's arms (at TRAIN_FLAGS' tiny size), 2 steps on fsdp=4 x tensor=2."""

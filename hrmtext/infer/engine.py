@@ -115,7 +115,8 @@ class Engine:
   @functools.partial(jax.jit, static_argnums=(0, 3, 4), donate_argnums=(2,))
   def _decode(self, params, state, sampling, window, stop_when_free):
     """Up to `chunk` steps of all active rows; stops after a step that leaves a row free if
-    `stop_when_free` (a bool scalar). Returns the state and the tokens [chunk, slots] (NO_TOKEN: none).
+    `stop_when_free` (a bool scalar). Returns the state and the tokens [chunk, slots] (NO_TOKEN:
+    none).
 
     Keys: the first `window` cache positions (the past at the chunk's start: read-only during
     the chunk, so nothing copies it per step), then this chunk's tokens so far (a [chunk]-long

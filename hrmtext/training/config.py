@@ -1,11 +1,22 @@
 """The one experiment schema; `experiments/*.py` start from `base_config()` and override."""
 import dataclasses
+import importlib.util
+import os
 
 import ml_collections
 from ml_collections import config_dict
 
 from hrmtext.data.config import data_config
 from hrmtext.model.config import ModelConfig
+
+
+def experiment_config(path: str, *args) -> ml_collections.ConfigDict:
+  """`get_config(*args)` of the experiment file at `path` (experiments that build on another)."""
+  name = 'experiment_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
 
 
 def model_schema() -> ml_collections.ConfigDict:
