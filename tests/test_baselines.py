@@ -212,7 +212,7 @@ def test_cached_decoding_equals_the_full_forward(kw):
   cycles = kw.pop('cycles', None)
   cfg = small_config(**kw)
   model, params = init(cfg)
-  tokens = jnp.asarray(np.random.default_rng(1).integers(1, cfg.vocab_size, 7))
+  tokens = jnp.asarray(np.random.default_rng(1).integers(1, cfg.vocab_size, 6))  # 2 decode steps
   if cycles:
     trained = np.asarray(jax.jit(lambda p, t: full_logits(model, p, t, 4))(params, tokens))
     cfg = cfg.with_cycles(*cycles)
@@ -372,6 +372,7 @@ def entry_point(name, *args):
                         env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cycles_flag_runs_the_checkpoint_at_another_depth(hrm_checkpoint, tmp_path):
   from hrmtext.infer import text
   run, rows = hrm_checkpoint / 'run', hrm_checkpoint / 'rows.jsonl'

@@ -21,6 +21,7 @@ def run_bench(*args):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config, architecture', [('experiments/tiny_cpu.py', 'hrm'),
                                                   ('experiments/hrm.py:L', 'transformer')])
 def test_bench_reports_positive_numbers(config, architecture):

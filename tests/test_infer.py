@@ -48,6 +48,7 @@ def test_cached_greedy_equals_recomputation(architecture):
     assert out == recompute_greedy(model, params, prompt, limit, eoa)
 
 
+@pytest.mark.slow
 def test_sampling_respects_top_p_and_seed():
   cfg = ModelConfig(vocab_size=64, hidden_size=32, num_heads=2, head_dim=16,
                     intermediate_size=64, layers_per_stack=1)
@@ -90,6 +91,7 @@ def test_generation_and_scores_match_transformers():
     assert greedy == want_greedy
 
 
+@pytest.mark.slow
 def test_sampled_streams_belong_to_requests():
   """With request seeds, a request's sampled tokens depend only on its seed and prompt: not on
   the other requests, their order, or the number of slots (continuous refill)."""
@@ -109,6 +111,7 @@ def test_sampled_streams_belong_to_requests():
   assert len({tuple(r) for r in repeated}) > 1
 
 
+@pytest.mark.slow
 def test_cache_dtype_follows_the_model():
   for dtype in ('float32', 'bfloat16'):
     cfg = ModelConfig(vocab_size=64, hidden_size=32, num_heads=2, head_dim=16,

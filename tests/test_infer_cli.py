@@ -87,6 +87,7 @@ def engine(run_dir):
   return text.load(str(run_dir / 'run'))[:2]
 
 
+@pytest.mark.slow
 def test_generate_prompt_and_jsonl(run_dir, engine, tmp_path):
   eng, tok = engine
   prompt = tok.encode_instruction('What is 3 + 4?', 'direct')
@@ -136,6 +137,7 @@ def test_score_text_and_id_rows(run_dir, engine, tmp_path):
   assert got[2]['num_tokens'] == 4  # id rows are scored as given
 
 
+@pytest.mark.slow
 def test_evaluate_heldout(run_dir, engine, tmp_path):
   result = cli('evaluate', '--checkpoint', run_dir / 'run', '--limit', 2, '--output_dir',
                tmp_path / 'out')
@@ -151,6 +153,7 @@ def test_evaluate_heldout(run_dir, engine, tmp_path):
   assert len(read_rows(tmp_path / 'out' / 'outputs' / 'echo.jsonl')) == 2
 
 
+@pytest.mark.slow
 def test_evaluate_benchmarks_with_shots_files(run_dir, tmp_path):
   """The paper's table from MMLU (dev shots file) and GSM8K on the tiny checkpoint: printed,
   written as JSON beside the per-example outputs, equal to the harness called in-process."""
@@ -184,6 +187,7 @@ def test_evaluate_benchmarks_with_shots_files(run_dir, tmp_path):
   assert written['results'] == evaluate(tasks, *model_fns(eng, tok), progress=False)
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_writes_nothing(run_dir, tmp_path):
   checkpoint_flag = ('--checkpoint', run_dir / 'run')
   out = tmp_path / 'out.jsonl'

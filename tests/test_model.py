@@ -141,11 +141,12 @@ def test_horizon_gradients_match_naive_stop_gradient(bp_steps):
 
 
 def flops(fn, *args):
-  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  """FLOPs of the program JAX emits, before XLA (which could only remove work): no compile."""
+  cost = jax.jit(fn).lower(*args).cost_analysis()
   return (cost[0] if isinstance(cost, list) else cost)['flops']
 
 
-@pytest.mark.slow  # compiles the train step once per horizon
+@pytest.mark.slow  # traces the train step once per horizon
 def test_forward_only_applications_do_no_backward_work():
   """Each extra differentiable application adds exactly one application's backward cost."""
   cfg = small_config(unroll_loops=True, remat_policy='none')

@@ -143,6 +143,7 @@ def compile_only(*args, devices=1) -> dict:
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_compile_only_reports_the_configured_step_on_fake_devices():
   report = compile_only('--config.model.expansion=3', '--config.mesh.fsdp=2',
                         '--config.train.micro_batches=2', '--vocab=1000', devices=2)
@@ -159,6 +160,7 @@ def test_compile_only_reports_the_configured_step_on_fake_devices():
   assert 1.1 < report['compiled_to_analytic_flops'] < 1.6, report
 
 
+@pytest.mark.slow
 def test_compiled_flops_match_the_analytic_count():
   """Without remat the compiled step's matmul FLOPs (loops counted by trip count) are the analytic
   count except attention, which XLA computes densely where the count takes the causal half."""
@@ -173,6 +175,7 @@ def test_compiled_flops_match_the_analytic_count():
   assert report['compiled_flops_per_token'] == pytest.approx(expected, rel=0.02)
 
 
+@pytest.mark.slow
 def test_chunked_cross_entropy_saves_the_logits_memory():
   args = ('--config.data.seq_len=512', '--rows=2', '--vocab=16384')
   full = compile_only(*args, '--config.train.loss_chunk_len=0')
@@ -182,6 +185,7 @@ def test_chunked_cross_entropy_saves_the_logits_memory():
   assert saved >= logits_bytes, (saved, logits_bytes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('chunk', [1, 16])  # 16: the last chunk is padding past the row's 37
 def test_chunked_cross_entropy_equals_the_plain_one(chunk):
   # The loss sees only final hidden states: a one-layer Transformer compiles fastest.

@@ -212,6 +212,7 @@ def test_fixture_trains_memorizes_and_counts_its_tokens(reference_run, data_dir)
   assert [r['step'] for r in metric_rows(reference_run)] == list(range(1, REF_STEPS + 1))
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_is_exact(reference_run, data_dir, tmp_path):
   workdir = tmp_path / 'killed'
   overrides = tiny_overrides(data_dir, *REF)
@@ -249,6 +250,7 @@ def test_resume_after_kill_9_is_exact(reference_run, data_dir, tmp_path):
   assert finalized_steps(workdir)[-1] == REF_STEPS
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_exits_then_resumes(reference_run, data_dir, tmp_path):
   workdir = tmp_path / 'preempted'
   overrides = tiny_overrides(data_dir, *REF)
@@ -330,6 +332,7 @@ def test_help_and_missing_data_dir(tmp_path):
   assert not (tmp_path / 'run' / 'metrics.jsonl').exists()
 
 
+@pytest.mark.slow
 def test_command_line_errors_are_one_line(tmp_path):
   for args, fragments in [
       (['--config.train.stepz=3'], ['bad --config', 'stepz', 'steps']),  # a typo in a field
@@ -342,6 +345,7 @@ def test_command_line_errors_are_one_line(tmp_path):
   assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.slow
 def test_profile_window_time_split_and_time_based_checkpoints(data_dir, tmp_path):
   """A jax.profiler trace of steps 2-3 that TensorBoard's profile plugin reads; per-interval
   data-wait / step / checkpoint times in the metrics; a checkpoint whenever every_minutes passed
