@@ -116,6 +116,7 @@ def test_generate_prompt_and_jsonl(run_dir, engine, tmp_path):
       row['response_ids'] for row in rows]
 
 
+@pytest.mark.slow  # with its module fixtures (a trained run), over 15 s
 def test_score_text_and_id_rows(run_dir, engine, tmp_path):
   eng, tok = engine
   rows = [{'instruction': 'What is 3 + 4?', 'response': '7'},

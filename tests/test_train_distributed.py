@@ -265,10 +265,10 @@ def saved_steps(workdir):
 
 def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bitwise(data_dir, tmp_path):
   """2 processes x 4 devices. The uninterrupted run also takes time-based checkpoints (every
-  0.6 s on any process's clock): were the processes to disagree on when, one would wait in the
+  1.8 s on any process's clock): were the processes to disagree on when, one would wait in the
   collective save while the other went on with the next step, and the run would hang."""
   reference = str(tmp_path / 'reference')
-  train(data_dir, reference, 4, *PREEMPT_FLAGS, '--config.checkpoint.every_minutes=0.01',
+  train(data_dir, reference, 4, *PREEMPT_FLAGS, '--config.checkpoint.every_minutes=0.03',
         processes=2)
   assert len(saved_steps(reference)) > 1, saved_steps(reference)  # time-based ones, then the last
 
