@@ -23,10 +23,11 @@ Switches on the HRM arm:
   all_tokens_loss   loss on the instruction tokens too (data.target_only False)
 
 The runner (`python experiments/ablation.py`) trains each arm in <workdir>/<arm> (an arm whose
-result.json exists is not trained again; delete it to retrain), then prints one table: parameters,
-forward and train FLOPs per token (train: at the last step's credit horizon), training wall time,
-and the final held-out evaluation (EMA weights): teacher-forced loss and exact accuracy, and greedy
-exact match per task on --generate_per_task examples of each.
+result.json exists is not trained again; delete it to retrain), then prints two tables. The first:
+parameters, forward and train FLOPs per token (train: at the last step's credit horizon), training
+wall time, the held-out teacher-forced loss (token mean, and the mean over tasks) and exact
+accuracy of the final EMA weights, and the final in-loop greedy exact match per task on
+--generate_per_task examples of each. The second: each arm's held-out loss per task.
 """
 import json
 import os
@@ -45,6 +46,7 @@ SWITCHES = {
 }
 ARMS = (*ARCHITECTURE_ARMS, *SWITCHES)
 N_LAYERS = 2  # the tiny default's: one block in each of HRM's two stacks
+EVAL_ROWS = 8  # rows per held-out eval batch (any count gives the same metrics)
 THIS_FILE = os.path.abspath(__file__)
 
 
@@ -85,45 +87,74 @@ def train_arm(arm: str, workdir: str, overrides: list[str]) -> float:
 
 
 def arm_result(arm: str, workdir: str, wall_s: float) -> dict:
-  """The table row of a trained arm: sizes and costs from its checkpoint, its last evaluation."""
+  """The table row of a trained arm: sizes and costs and the teacher-forced held-out metrics
+  (over all tasks and per task) from its checkpoint's EMA weights, greedy exact match from its
+  last in-loop evaluation."""
   import jax
-  from hrmtext.model import credit_horizon
+  import ml_collections
+  from hrmtext.data import pipeline
+  from hrmtext.model import build_model, credit_horizon
   from hrmtext.model.flops import forward_flops_per_token, train_flops_per_token
   from hrmtext.training import checkpoint, schedules
+  from hrmtext.training.step import heldout_metrics, make_eval_step
   cfg, params, meta = checkpoint.load_weights(workdir)
-  train, seq_len = meta['config']['train'], meta['config']['data']['seq_len']
+  train, data = meta['config']['train'], ml_collections.ConfigDict(meta['config']['data'])
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   last_eval = [row for row in rows if 'eval/loss' in row][-1]
   steps = max(row['step'] for row in rows)
   bp = schedules.bp_steps(steps - 1, steps, train['bp_min'], train['bp_max'],
                           train['bp_warmup_ratio'])
-  per_task = {key.split('/')[1]: value for key, value in last_eval.items()
-              if key.startswith('eval_gen/') and key.count('/') == 2
-              and key.endswith('/exact_match')}
+  batches = pipeline.make_eval_batches(data, rows=EVAL_ROWS, seq_len=data.seq_len)
+  heldout = heldout_metrics(jax.jit(make_eval_step(build_model(cfg))), params, batches)
   return {
       'arm': arm, 'steps': steps, 'wall_s': wall_s,
       'params': sum(x.size for x in jax.tree.leaves(params)),
-      'forward_flops': forward_flops_per_token(cfg, seq_len),
-      'train_flops': train_flops_per_token(cfg, credit_horizon(cfg, bp), seq_len),
-      'eval_loss': last_eval['eval/loss'], 'eval_exact': last_eval['eval/exact_accuracy'],
-      'greedy_exact': last_eval.get('eval_gen/exact_match'), 'greedy_per_task': per_task,
+      'forward_flops': forward_flops_per_token(cfg, data.seq_len),
+      'train_flops': train_flops_per_token(cfg, credit_horizon(cfg, bp), data.seq_len),
+      'eval_loss': heldout['eval/loss'], 'eval_exact': heldout['eval/exact_accuracy'],
+      'eval_loss_per_task': {task: heldout[f'eval/{task}/loss'] for task in batches},
+      'greedy_exact': last_eval.get('eval_gen/exact_match'),
+      'greedy_per_task': per_task(last_eval, 'eval_gen', 'exact_match'),
   }
 
 
+def per_task(metrics: dict, prefix: str, name: str) -> dict:
+  """{task: value} of the metrics keyed '<prefix>/<task>/<name>'."""
+  return {key.split('/')[1]: value for key, value in metrics.items()
+          if key.startswith(f'{prefix}/') and key.count('/') == 2 and key.endswith(f'/{name}')}
+
+
 def format_table(results: list[dict]) -> str:
-  tasks = sorted({task for r in results for task in r['greedy_per_task']})
+  """The comparison (greedy exact match per task), then each arm's held-out loss per task."""
   number = lambda x, fmt: '-' if x is None else format(x, fmt)
+  tasks = sorted({task for r in results for task in r['greedy_per_task']})
   header = ['arm', 'params', 'fwd FLOPs/tok', 'train FLOPs/tok', 'steps', 'wall', 'eval loss',
-            'TF exact', 'greedy exact', *tasks]
-  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+            'task-mean eval loss', 'TF exact', 'greedy exact', *tasks]
+  table = [header]
   for r in results:
-    cells = [r['arm'], f'{r["params"] / 1e6:.2f}M', f'{r["forward_flops"] / 1e6:.1f}M',
-             f'{r["train_flops"] / 1e6:.1f}M', str(r['steps']), f'{r["wall_s"] / 60:.1f} min',
-             f'{r["eval_loss"]:.3f}', f'{r["eval_exact"]:.3f}', number(r['greedy_exact'], '.3f'),
-             *(number(r['greedy_per_task'].get(task), '.2f') for task in tasks)]
-    lines.append('| ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines)
+    table.append([r['arm'], f'{r["params"] / 1e6:.2f}M', f'{r["forward_flops"] / 1e6:.1f}M',
+                  f'{r["train_flops"] / 1e6:.1f}M', str(r['steps']), f'{r["wall_s"] / 60:.1f} min',
+                  f'{r["eval_loss"]:.3f}', number(task_mean(r), '.3f'), f'{r["eval_exact"]:.3f}',
+                  number(r['greedy_exact'], '.3f'),
+                  *(number(r['greedy_per_task'].get(task), '.2f') for task in tasks)])
+  loss_tasks = sorted({task for r in results for task in r.get('eval_loss_per_task', {})})
+  losses = [['arm (held-out loss per task)', *loss_tasks]]
+  for r in results:
+    losses.append([r['arm'], *(number(r.get('eval_loss_per_task', {}).get(task), '.3f')
+                               for task in loss_tasks)])
+  return markdown(table) + '\n\n' + markdown(losses)
+
+
+def task_mean(result: dict) -> float | None:
+  """The held-out loss with every task weighted alike (the token mean favours long responses)."""
+  losses = list(result.get('eval_loss_per_task', {}).values())
+  return sum(losses) / len(losses) if losses else None
+
+
+def markdown(table: list[list[str]]) -> str:
+  lines = ['| ' + ' | '.join(row) + ' |' for row in table]
+  return '\n'.join([lines[0], '|' + '---|' * len(table[0]), *lines[1:]])
 
 
 def main(argv):

@@ -139,4 +139,4 @@ def test_sampled_dir_and_bad_arguments(reference, tmp_path):
   with pytest.raises(FileNotFoundError, match='metadata.json'):
     _iterator(missing)
   assert pipeline.make_eval_batches(cfg, rows=2,
-                                    seq_len=SEQ_LEN) == []  # reference sets have no held-out
+                                    seq_len=SEQ_LEN) == {}  # reference sets have no held-out

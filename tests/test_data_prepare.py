@@ -98,24 +98,27 @@ def test_sampling_an_existing_tokenized_root_is_deterministic(builtin_root, tmp_
 
 
 def test_eval_batches_and_heldout_examples(builtin_root):
+  """Each held-out task's batches hold exactly its examples, once each (responses cut to fit)."""
   _, out, _ = builtin_root
   cfg = data_config()
   cfg.dir = str(out)
   examples = pipeline.heldout_examples(cfg)
   batches = pipeline.make_eval_batches(cfg, rows=4, seq_len=cfg.seq_len)
-  assert all(b['inputs'].shape == (4, cfg.seq_len) for b in batches)
-  packed = collections.Counter(e for b in batches for e in unpack_batch(b))
+  assert sorted(batches) == sorted({r['task'] for r in examples})
   tokenizer = Tokenizer.load(str(out / 'sampled'))
-  expected = collections.Counter(
-      (tuple(tokenizer.encode_instruction(r['instruction'], r['condition'])),
-       tuple(
-           tokenizer.encode_response(r['response'])
-           [:cfg.seq_len + 1 -
-            len(tokenizer.encode_instruction(r['instruction'], r['condition']))]))
-      for r in examples)
-  assert packed == expected
-  assert pipeline.make_eval_batches(cfg, rows=4, seq_len=cfg.seq_len)[0]['inputs'].tolist() == \
-      batches[0]['inputs'].tolist()  # deterministic
+  for task, task_batches in batches.items():
+    assert all(b['inputs'].shape == (4, cfg.seq_len) for b in task_batches)
+    packed = collections.Counter(e for b in task_batches for e in unpack_batch(b))
+    expected = collections.Counter()
+    for r in examples:
+      if r['task'] == task:
+        instruction = tuple(tokenizer.encode_instruction(r['instruction'], r['condition']))
+        response = tokenizer.encode_response(r['response'])[:cfg.seq_len + 1 - len(instruction)]
+        expected[instruction, tuple(response)] += 1
+    assert packed == expected, task
+  again = pipeline.make_eval_batches(cfg, rows=4, seq_len=cfg.seq_len)
+  assert {task: [b['inputs'].tolist() for b in bs] for task, bs in again.items()} == \
+      {task: [b['inputs'].tolist() for b in bs] for task, bs in batches.items()}  # deterministic
 
 
 def test_builtin_is_deterministic_and_gsm_heldout_uses_unseen_templates():

@@ -18,8 +18,8 @@ import numpy as np
 
 from hrmtext.cli import UserError
 from hrmtext.data import packing
-from hrmtext.data.layout import (METADATA_FILE, Index, SampledSet, concatenate_sources, heldout_dir,
-                                 load_index, load_tokens, tokenized_sources)
+from hrmtext.data.layout import (METADATA_FILE, Index, SampledSet, heldout_dir, load_index,
+                                 load_tokens, tokenized_sources)
 from hrmtext.data.sources import read_rows
 
 EVAL_WINDOW_ROWS = 1 << 20  # pack the whole held-out set as one window
@@ -109,25 +109,28 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, rows_per_process
 
 
 def make_eval_batches(data_cfg: ml_collections.ConfigDict, *, rows: int,
-                      seq_len: int) -> list[dict[str, np.ndarray]]:
-  """Packed batches [rows, seq_len] covering every held-out example once (deterministic).
+                      seq_len: int) -> dict[str, list[dict[str, np.ndarray]]]:
+  """Held-out task -> packed batches [rows, seq_len] covering each of its examples once.
 
-  Empty when the data has no held-out split (e.g. a sampled set made by the reference pipeline).
+  Deterministic. Each task is packed on its own rows, so its loss and accuracy can be summed
+  apart from the others'. Empty when the data has no held-out split (e.g. a sampled set made by
+  the reference pipeline).
   """
   root = heldout_dir(data_cfg.dir, 'tokenized')
   if not os.path.isdir(root):
-    return []
-  tokens, indices = concatenate_sources(
-      (load_tokens(d), load_index(d)) for d in tokenized_sources(root).values())
-  if not indices:
-    return []
-  index = Index.concatenate(indices)
-  lengths = packing.packed_lengths(index, seq_len)
-  plan = packing.pack(lengths, seq_len, EVAL_WINDOW_ROWS).padded(rows)
-  return [
-      packing.pack_rows(tokens, index, lengths, plan.rows(range(start, start + rows)), seq_len)
-      for start in range(0, plan.num_rows, rows)
-  ]
+    return {}
+  batches = {}
+  for task, directory in tokenized_sources(root).items():
+    tokens, index = load_tokens(directory), load_index(directory)
+    if not len(index.resp_len):
+      continue
+    lengths = packing.packed_lengths(index, seq_len)
+    plan = packing.pack(lengths, seq_len, EVAL_WINDOW_ROWS).padded(rows)
+    batches[task] = [
+        packing.pack_rows(tokens, index, lengths, plan.rows(range(start, start + rows)), seq_len)
+        for start in range(0, plan.num_rows, rows)
+    ]
+  return batches
 
 
 def heldout_examples(data_cfg: ml_collections.ConfigDict) -> list[dict]:

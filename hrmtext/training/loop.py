@@ -17,13 +17,13 @@ from hrmtext.data import pipeline
 from hrmtext.data.layout import SampledSet
 from hrmtext.evals.engine import heldout_generation_eval
 from hrmtext.files import atomic_open
-from hrmtext.model import ModelConfig, build_model, credit_horizon, summarize, zero_sums
+from hrmtext.model import ModelConfig, build_model, credit_horizon
 from hrmtext.model.flops import peak_flops, train_flops_per_token
 from hrmtext.parallel import distributed, sharding
 from hrmtext.parallel.mesh import make_mesh
 from hrmtext.training import checkpoint, optimizer, schedules
-from hrmtext.training.step import (TrainState, init_state, loss_chunk_len, make_eval_step,
-                                make_train_step, state_shardings)
+from hrmtext.training.step import (TrainState, heldout_metrics, init_state, loss_chunk_len,
+                                   make_eval_step, make_train_step, state_shardings)
 
 
 # How `init_from` starts a run (DESIGN §3, SFT): 'continue' (the reference default) takes the
@@ -219,19 +219,16 @@ class Trainer:
     return out
 
   def evaluate(self, params) -> dict:
-    """Teacher-forced loss and accuracies on the held-out set (every process holds all of it)."""
+    """Teacher-forced loss and accuracies on the held-out set, over all tasks and per task
+    (every process holds all of it)."""
     if self._eval_batches is None:
       rows = self.config.eval.rows or self.global_rows // self.config.train.micro_batches
       self._eval_batches = pipeline.make_eval_batches(self.config.data, rows=rows,
                                                       seq_len=self.config.data.seq_len)
-    if not self._eval_batches:
-      return {}
-    sums = zero_sums()
-    for batch in self._eval_batches:
-      batch = {k: jax.make_array_from_callback(v.shape, self.row_sharding, lambda i, v=v: v[i])
-               for k, v in batch.items()}
-      sums = jax.tree.map(jnp.add, sums, self._eval_step(params, batch))
-    metrics = {f'eval/{k}': float(v) for k, v in summarize(sums).items()}
+    put = lambda batch: {
+        k: jax.make_array_from_callback(v.shape, self.row_sharding, lambda i, v=v: v[i])
+        for k, v in batch.items()}
+    metrics = heldout_metrics(self._eval_step, params, self._eval_batches, put)
     if metrics and self._generate_per_task:
       metrics.update(self._generation_eval(params))
     return metrics

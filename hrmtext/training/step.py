@@ -84,3 +84,24 @@ def make_eval_step(model: LanguageModel, loss_chunk_len: int = 0):
     return model.loss_sums(params, batch, loss_chunk_len=loss_chunk_len)
 
   return eval_step
+
+
+def heldout_metrics(eval_step, params, batches: dict[str, list], put=lambda batch: batch) -> dict:
+  """Teacher-forced metrics of `make_eval_batches` batches, over all tasks and per task.
+
+  Keys 'eval/<metric>' (token means over every task) and 'eval/<task>/<metric>'; `put` places a
+  host batch as `eval_step` takes it. Empty without batches.
+  """
+  per_task = {}
+  for task, task_batches in batches.items():
+    sums = zero_sums()
+    for batch in task_batches:
+      sums = jax.tree.map(jnp.add, sums, eval_step(params, put(batch)))
+    per_task[task] = sums
+  if not per_task:
+    return {}
+  total = jax.tree.map(lambda *task_sums: sum(task_sums), *per_task.values())
+  metrics = {f'eval/{k}': float(v) for k, v in summarize(total).items()}
+  for task, sums in per_task.items():
+    metrics.update({f'eval/{task}/{k}': float(v) for k, v in summarize(sums).items()})
+  return metrics
