@@ -38,12 +38,13 @@ def test_every_ablation_arm_trains_on_a_sharded_mesh(data_dir, tmp_path, arm):
 
 
 def test_the_runner_trains_each_arm_once_and_prints_both_tables(tmp_path):
-  """The README's `python experiments/ablation.py` on a small built-in corpus, 2 arms of 2 steps:
+  """The README's `python experiments/ablation.py` on a small built-in corpus, 2 arms of 2 steps
+  (no greedy eval: test_train covers the loop's):
   each arm's row and per-task losses, the checkpoint's held-out eval equal to the loop's, and a
   rerun that trains nothing."""
   data, runs = prepare_small_builtin(tmp_path), tmp_path / 'runs'
   command = [sys.executable, ablation.THIS_FILE, f'--workdir={runs}', '--arms=hrm,transformer',
-             '--steps=2', '--generate_per_task=1', '--', f'--config.data.dir={data}',
+             '--steps=2', '--generate_per_task=0', '--', f'--config.data.dir={data}',
              '--config.data.seq_len=256', '--config.train.global_batch_tokens=1024',
              '--config.model.hidden_size=32', '--config.model.head_dim=16']
   run = lambda: subprocess.run(command, cwd=REPO, env=train_env(), capture_output=True, text=True,
@@ -62,6 +63,7 @@ def test_the_runner_trains_each_arm_once_and_prints_both_tables(tmp_path):
     rows = [cells(line) for line in first.stdout.splitlines() if line.startswith(f'| {arm} |')]
     assert len(rows) == 2, first.stdout  # its comparison row and its per-task loss row
     assert f'{ablation.task_mean(result):.3f}' in rows[0]
+    assert rows[0][-1] == '-'  # greedy exact: none asked for, so no per-task greedy columns either
     assert rows[1] == [arm, *(f'{result["eval_loss_per_task"][task]:.3f}' for task in tasks)]
   again = run()
   assert_ok(again)
