@@ -374,7 +374,6 @@ def test_profile_window_time_split_and_time_based_checkpoints(data_dir, tmp_path
   assert all(rows[step]['time/checkpoint_s'] > 0 for step in (2, 3, 4))
 
 
-@pytest.mark.slow
 def prepare_small_builtin(tmp_path):
   """test_data_prepare's small built-in corpus (13 tasks, 4 held-out examples each) prepared in
   tmp_path/data; that folder."""
@@ -388,6 +387,7 @@ def prepare_small_builtin(tmp_path):
   return data
 
 
+@pytest.mark.slow
 def test_generation_eval_in_the_loop_equals_the_harness(tmp_path):
   """eval.generate_per_task: the loop's greedy exact match per held-out task is the harness's on
   the saved EMA weights (and, after 40 steps, not all zero, so the comparison means something)."""
