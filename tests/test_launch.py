@@ -3,12 +3,15 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
 import time
 
 import pytest
+
+from tests import process_group
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV_KEYS = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID',
@@ -47,8 +50,8 @@ MULTI_PROCESS_SCRIPT = textwrap.dedent('''
 
 
 def launcher(name, *args, env=None, timeout=120):
-  return subprocess.run([sys.executable, '-m', f'launch.{name}', *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return process_group.run([sys.executable, '-m', f'launch.{name}', *args], cwd=REPO, env=env,
+                           timeout=timeout)
 
 
 def test_local_runs_two_cpu_processes_that_communicate():
@@ -69,6 +72,69 @@ def test_local_stops_the_others_when_one_fails():
   assert result.returncode == 3, result.stdout + result.stderr
   assert time.monotonic() - start < 30
   assert 'exit status 3' in result.stderr
+
+
+# Each process says it runs, then waits; on SIGTERM it says so and exits 0, as trainers do.
+WAIT_FOR_SIGTERM = textwrap.dedent('''
+    import os, signal, sys, time
+    signal.signal(signal.SIGTERM, lambda *_: (print('SIGTERM', os.environ['JAX_PROCESS_ID']),
+                                              sys.exit(0)))
+    print('running', os.environ['JAX_PROCESS_ID'], flush=True)
+    time.sleep(120)
+''')
+
+
+def start_waiting_processes(log):
+  launcher = process_group.start(
+      [sys.executable, '-m', 'launch.local', '--num_processes=2', '--', sys.executable, '-c',
+       WAIT_FOR_SIGTERM], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+  deadline = time.monotonic() + 60
+  while open(log.name).read().count('running') < 2:
+    assert launcher.poll() is None and time.monotonic() < deadline, open(log.name).read()
+    time.sleep(0.05)
+  return launcher, child_pids(launcher.pid)
+
+
+def child_pids(pid):
+  with open(f'/proc/{pid}/task/{pid}/children') as f:
+    return [int(child) for child in f.read().split()]
+
+
+def test_local_passes_sigterm_on_and_exits_like_its_processes(tmp_path):
+  with open(tmp_path / 'log', 'w') as log:
+    launcher, children = start_waiting_processes(log)
+    try:
+      launcher.send_signal(signal.SIGTERM)
+      assert launcher.wait(timeout=30) == 0
+    finally:
+      process_group.kill(launcher)
+  output = open(tmp_path / 'log').read()
+  assert '[0] SIGTERM 0' in output and '[1] SIGTERM 1' in output, output
+  assert not any(os.path.exists(f'/proc/{pid}') for pid in children)
+
+
+def test_local_processes_die_with_the_launcher(tmp_path):
+  """SIGKILL to the launcher alone (its process group untouched): the processes go too."""
+  with open(tmp_path / 'log', 'w') as log:
+    launcher, children = start_waiting_processes(log)
+    try:
+      launcher.kill()
+      launcher.wait(timeout=10)
+      deadline = time.monotonic() + 10
+      while any(alive(pid) for pid in children):
+        assert time.monotonic() < deadline, [pid for pid in children if alive(pid)]
+        time.sleep(0.05)
+    finally:
+      process_group.kill(launcher)
+
+
+def alive(pid) -> bool:
+  """Running, not a zombie (an adopted orphan that exited stays one until reaped)."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except OSError:
+    return False
 
 
 def test_local_dry_run():

@@ -35,6 +35,7 @@ import numpy as np
 import pytest
 
 from hrmtext.training.checkpoint import load_weights
+from tests import process_group
 from tests.data_fixtures import write_reference_dataset
 
 pytestmark = pytest.mark.slow
@@ -82,8 +83,7 @@ def train(data_dir, workdir, devices_per_process, *flags, processes=1, config=No
              f'--workdir={workdir}', f'--config.data.dir={data_dir}', *TRAIN_FLAGS, *flags]
   if processes > 1:
     command = launch_command(processes, command)
-  result = subprocess.run(command, cwd=REPO, env=run_env(devices_per_process), capture_output=True,
-                          text=True, timeout=600)
+  result = process_group.run(command, cwd=REPO, env=run_env(devices_per_process), timeout=600)
   assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
   return result.stdout
 
@@ -263,32 +263,44 @@ def saved_steps(workdir):
       directory) else []
 
 
-def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bitwise(data_dir, tmp_path):
-  """2 processes x 4 devices. The uninterrupted run also takes time-based checkpoints (every
-  1.8 s on any process's clock): were the processes to disagree on when, one would wait in the
-  collective save while the other went on with the next step, and the run would hang."""
-  reference = str(tmp_path / 'reference')
+@pytest.fixture(scope='module')
+def uninterrupted(data_dir, tmp_path_factory):
+  """The preemption tests' reference: 2 processes x 4 devices, uninterrupted. It also takes
+  time-based checkpoints (every 1.8 s on any process's clock): were the processes to disagree on
+  when, one would wait in the collective save while the other went on, and the run would hang."""
+  reference = str(tmp_path_factory.mktemp('uninterrupted'))
   train(data_dir, reference, 4, *PREEMPT_FLAGS, '--config.checkpoint.every_minutes=0.03',
         processes=2)
   assert len(saved_steps(reference)) > 1, saved_steps(reference)  # time-based ones, then the last
+  return reference
 
+
+@pytest.mark.parametrize('signalled', ['process 1', 'launcher'])
+def test_sigterm_stops_both_processes_at_one_step_and_resumes_bitwise(data_dir, uninterrupted,
+                                                                       tmp_path, signalled):
+  """SIGTERM to only one of the 2 trainers, or to launch.local (which passes it on): both save
+  the same step and exit 0; the rerun continues bitwise like the uninterrupted run."""
   workdir = str(tmp_path / 'preempted')
   command = [sys.executable, '-m', 'hrmtext.train', f'--workdir={workdir}',
              f'--config.data.dir={data_dir}', *TRAIN_FLAGS, *PREEMPT_FLAGS]
   with open(f'{workdir}.log', 'w') as log:
-    launcher = subprocess.Popen(launch_command(2, command), cwd=REPO, env=run_env(4), stdout=log,
-                                stderr=subprocess.STDOUT, text=True)
-  deadline = time.monotonic() + 300
-  while not (os.path.exists(os.path.join(workdir, 'metrics.jsonl')) and
-             len(metric_rows(workdir)) >= 3):
-    assert launcher.poll() is None and time.monotonic() < deadline, open(f'{workdir}.log').read()
-    time.sleep(0.05)
-  processes = child_pids(launcher.pid)
-  assert len(processes) == 2, processes
-  os.kill(processes[1], signal.SIGTERM)  # only process 1 (launch.local starts them in order)
-  signalled = time.monotonic()
-  launcher.wait(timeout=STOP_BOUND_S + 60)
-  stopped_in = time.monotonic() - signalled
+    launcher = process_group.start(launch_command(2, command), cwd=REPO, env=run_env(4), stdout=log,
+                               stderr=subprocess.STDOUT, text=True)
+  try:
+    deadline = time.monotonic() + 300
+    while not (os.path.exists(os.path.join(workdir, 'metrics.jsonl')) and
+               len(metric_rows(workdir)) >= 3):
+      assert launcher.poll() is None and time.monotonic() < deadline, open(f'{workdir}.log').read()
+      time.sleep(0.05)
+    trainers = child_pids(launcher.pid)
+    assert len(trainers) == 2, trainers
+    # launch.local starts the processes in order: trainers[1] is process 1.
+    os.kill(trainers[1] if signalled == 'process 1' else launcher.pid, signal.SIGTERM)
+    signalled_at = time.monotonic()
+    launcher.wait(timeout=STOP_BOUND_S + 60)
+    stopped_in = time.monotonic() - signalled_at
+  finally:
+    process_group.kill(launcher)
   output = open(f'{workdir}.log').read()
   assert launcher.returncode == 0, output[-5000:]
   assert stopped_in < STOP_BOUND_S, stopped_in
@@ -297,13 +309,13 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bitwise(data_
   stopped = said[0]
   assert 3 <= stopped < PREEMPT_STEPS, stopped
   assert saved_steps(workdir) == [stopped] and max(per_step(workdir, 'loss')) == stopped
-  print(f'\nSIGTERM to process 1: both saved step {stopped}, exited in {stopped_in:.1f} s')
+  print(f'\nSIGTERM to {signalled}: both saved step {stopped}, exited in {stopped_in:.1f} s')
 
   train(data_dir, workdir, 4, *PREEMPT_FLAGS, processes=2)
   assert [row['step'] for row in metric_rows(workdir)] == list(range(1, PREEMPT_STEPS + 1))
   for name in ('loss', 'tokens', 'grad_norm'):
-    assert per_step(workdir, name) == per_step(reference, name), name
+    assert per_step(workdir, name) == per_step(uninterrupted, name), name
   _, params = final_params(workdir)
-  _, reference_params = final_params(reference)
+  _, reference_params = final_params(uninterrupted)
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(reference_params)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -89,6 +89,13 @@ class ProfileWindow:
         tqdm.write(f'profile of steps {self.first}-{self.last} in {self.log_dir}')
 
 
+def _json_or_none(line: str):
+  try:
+    return json.loads(line)
+  except json.JSONDecodeError:
+    return None
+
+
 def check_batch_split(rows: int, micro_batches: int, batch_shards: int) -> None:
   """A step's rows must split evenly into micro-batches, each over the batch shards."""
   if rows < 1 or micro_batches < 1 or rows % (micro_batches * batch_shards):
@@ -133,14 +140,19 @@ class Trainer:
     self.loss_chunk_len = loss_chunk_len(tc.loss_chunk_len, self.model_cfg.vocab_size, seq_len)
     self._eval_step = jax.jit(make_eval_step(self.model, self.loss_chunk_len),
                               in_shardings=(self.state_shardings.params, self.row_sharding))
-    self._eval_batches = None
+    # Built now, so a broken held-out set fails before any training, not at the first eval.
+    self._eval_batches = pipeline.make_eval_batches(
+        config.data, rows=config.eval.rows or self.global_rows // tc.micro_batches,
+        seq_len=seq_len)
     self._generation = None  # params -> metrics, for eval.generate_per_task
     # Held-out examples generated per task at each eval; the engine runs on one process's devices.
     self._generate_per_task = config.eval.generate_per_task if jax.process_count() == 1 else 0
     if config.eval.generate_per_task and not self._generate_per_task:
       self._say('eval.generate_per_task is skipped in multi-process runs; use hrmtext.evaluate')
-    self._stop = False
-    if config.init_from and self.mngr.latest_step() is None:
+    self._signals = set()  # names of the stop signals this process got
+    if self.mngr.latest_step() is not None:
+      self._check_resume()
+    elif config.init_from:
       self._check_init_from()  # user errors surface here, before any training starts
 
   def _check_init_from(self) -> None:
@@ -156,15 +168,24 @@ class Trainer:
     cfg = ModelConfig(**checkpoint.read_meta(mngr, step)['model'])
     missing = {'opt_state', 'ema'} - checkpoint.saved_items(mngr, step)
     mngr.close()
-    differences = cfg.weight_differences(self.model_cfg)
-    if differences:
-      described = ', '.join(f'{name} {theirs} (this run {ours})'
-                            for name, (theirs, ours) in differences.items())
-      raise UserError(f'init_from {source} is another model: {described}')
+    self._check_same_model(cfg, f'init_from {source}')
     if mode == 'continue' and missing:
       raise UserError(f'init_mode continue needs the optimizer state and EMA of a training run; '
                       f'{source} step {step} has no {" or ".join(sorted(missing))} '
                       f'(use --config.init_mode=ema or params)')
+
+  def _check_resume(self) -> None:
+    """UserError unless the workdir's checkpoint is of this model (e.g. not another H_cycles)."""
+    step = self.mngr.latest_step()
+    saved = ModelConfig(**checkpoint.read_meta(self.mngr, step)['model'])
+    self._check_same_model(saved, f'{self.workdir} step {step} (resuming)')
+
+  def _check_same_model(self, saved: ModelConfig, what: str) -> None:
+    differences = saved.weight_differences(self.model_cfg)
+    if differences:
+      described = ', '.join(f'{name} {theirs} (this run {ours})'
+                            for name, (theirs, ours) in differences.items())
+      raise UserError(f'{what} is another model: {described}')
 
   def _initial_state(self) -> tuple[TrainState, int]:
     """Resume from the workdir, else start from `init_from` weights, else from scratch."""
@@ -221,10 +242,6 @@ class Trainer:
   def evaluate(self, params) -> dict:
     """Teacher-forced loss and accuracies on the held-out set, over all tasks and per task
     (every process holds all of it)."""
-    if self._eval_batches is None:
-      rows = self.config.eval.rows or self.global_rows // self.config.train.micro_batches
-      self._eval_batches = pipeline.make_eval_batches(self.config.data, rows=rows,
-                                                      seq_len=self.config.data.seq_len)
     put = lambda batch: {
         k: jax.make_array_from_callback(v.shape, self.row_sharding, lambda i, v=v: v[i])
         for k, v in batch.items()}
@@ -248,13 +265,25 @@ class Trainer:
                     params=state.params, ema=state.ema, opt_state=state.opt_state)
 
   def run(self) -> dict:
-    with sharding.activate(self.mesh):  # logical activation constraints apply while tracing
+    with sharding.activate(self.mesh), self._stop_signals():
       return self._run()
+
+  @contextlib.contextmanager
+  def _stop_signals(self):
+    """SIGTERM (preemption, a launcher stopping its processes) and SIGINT (Ctrl-C) stop the run
+    after the current step, with a save, on every process."""
+    names = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'SIGINT'}
+    previous = {sig: signal.signal(sig, lambda sig, _: self._signals.add(names[sig]))
+                for sig in names}
+    try:
+      yield
+    finally:
+      for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
   def _run(self) -> dict:
     config, tc = self.config, self.config.train
     main = distributed.is_main_process()
-    signal.signal(signal.SIGTERM, lambda *_: setattr(self, '_stop', True))
     state, start = self._initial_state()
     writer = SummaryWriter(os.path.join(self.workdir, 'tb')) if main else None
     if main:
@@ -272,49 +301,52 @@ class Trainer:
     t0, logged_step = time.time(), start
     saved_time, minutes = time.monotonic(), config.checkpoint.every_minutes
     bar = tqdm(total=self.total_steps, initial=start, unit='step', disable=not main, leave=False)
-    stop = False
-    for step in range(start + 1, self.total_steps + 1):  # the step each update is logged as
-      profile.before(step)
-      bp = schedules.bp_steps(step - 1, self.total_steps, tc.bp_min, tc.bp_max,
-                              tc.bp_warmup_ratio)
-      with waits.timing('data'):
-        batch = self._global_batch(next(self.data))
-      horizon = credit_horizon(self.model_cfg, bp)
-      state, metrics = self._train_step(horizon)(state, batch)
-      profile.after(step, state)
-      # Decided by all processes together: a SIGTERM seen by any of them stops all after this
-      # step; a time-based checkpoint is due when any process's clock says so.
-      stop, save_due = distributed.any_process(
-          self._stop, minutes > 0 and time.monotonic() - saved_time >= 60 * minutes)
-      bar.update()
-      if step % config.log_every_steps == 0 or step == self.total_steps:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        elapsed, t0 = time.time() - t0, time.time()
-        tokens_per_s = tokens_per_step * (step - logged_step) / elapsed
-        flops = train_flops_per_token(self.model_cfg, horizon, config.data.seq_len)
-        metrics.update(lr=float(self.schedule(step - 1)), bp_steps=horizon.differentiable,
-                       tokens_per_s=tokens_per_s,
-                       **waits.report(elapsed, step - logged_step))
-        logged_step = step
-        if device_peak:
-          metrics['mfu'] = flops * tokens_per_s / (device_peak * jax.device_count())
-        self._log(writer, step, metrics)
-        bar.set_postfix(loss=f'{metrics["loss"]:.3f}', refresh=False)
-        last.update(metrics)
-      if step % config.eval.every_steps == 0 or step == self.total_steps:
-        with waits.timing('eval'):
-          eval_metrics = self.evaluate(state.ema)
-        self._log(writer, step, eval_metrics)
-        last.update(eval_metrics)
-      if (step % config.checkpoint.every_steps == 0 or step == self.total_steps or save_due or
-          stop):
-        with waits.timing('checkpoint'):
-          self.save(state, step)
-        saved_time = time.monotonic()
-      if stop:  # every process says so: in a multi-host log, each host's own line
-        tqdm.write(f'SIGTERM: saved step {step}, exiting')
-        sys.stdout.flush()
-        break
+    with distributed.StepAgreement(first_step=start + 1) as agreement:
+      for step in range(start + 1, self.total_steps + 1):  # the step each update is logged as
+        profile.before(step)
+        bp = schedules.bp_steps(step - 1, self.total_steps, tc.bp_min, tc.bp_max,
+                                tc.bp_warmup_ratio)
+        with waits.timing('data'):
+          batch = self._global_batch(next(self.data))
+        horizon = credit_horizon(self.model_cfg, bp)
+        state, metrics = self._train_step(horizon)(state, batch)
+        profile.after(step, state)
+        # Decided by all processes together, at one step: a signal to any of them stops all; a
+        # time-based checkpoint is due when any process's clock says so.
+        agreed = agreement.at_step(
+            step, last=step == self.total_steps,
+            save=minutes > 0 and time.monotonic() - saved_time >= 60 * minutes,
+            **dict.fromkeys(self._signals, True))
+        stop = sorted(agreed - {'save'})
+        bar.update()
+        if step % config.log_every_steps == 0 or step == self.total_steps:
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          elapsed, t0 = time.time() - t0, time.time()
+          tokens_per_s = tokens_per_step * (step - logged_step) / elapsed
+          flops = train_flops_per_token(self.model_cfg, horizon, config.data.seq_len)
+          metrics.update(lr=float(self.schedule(step - 1)), bp_steps=horizon.differentiable,
+                         tokens_per_s=tokens_per_s,
+                         **waits.report(elapsed, step - logged_step))
+          logged_step = step
+          if device_peak:
+            metrics['mfu'] = flops * tokens_per_s / (device_peak * jax.device_count())
+          self._log(writer, step, metrics)
+          bar.set_postfix(loss=f'{metrics["loss"]:.3f}', refresh=False)
+          last.update(metrics)
+        # Saved before the eval of the same step: a failing eval loses no checkpoint.
+        if (step % config.checkpoint.every_steps == 0 or step == self.total_steps or agreed):
+          with waits.timing('checkpoint'):
+            self.save(state, step)
+          saved_time = time.monotonic()
+        if (step % config.eval.every_steps == 0 or step == self.total_steps) and not stop:
+          with waits.timing('eval'):
+            eval_metrics = self.evaluate(state.ema)
+          self._log(writer, step, eval_metrics)
+          last.update(eval_metrics)
+        if stop:  # every process says so: in a multi-host log, each host's own line
+          tqdm.write(f'{"/".join(stop)}: saved step {step}, exiting')
+          sys.stdout.flush()
+          break
     profile.close(state)
     bar.close()
     self.mngr.wait_until_finished()
@@ -330,14 +362,18 @@ class Trainer:
     return tb if jax.process_count() == 1 else os.path.join(tb, f'process_{jax.process_index()}')
 
   def _drop_metrics_after(self, step: int) -> None:
-    """A run killed after its last checkpoint logged steps it will now redo: forget them."""
+    """A run killed after its last checkpoint logged steps it will now redo: forget them, and
+    a last line cut short (a process killed, or a full disk, mid-append)."""
     path = os.path.join(self.workdir, 'metrics.jsonl')
     if not os.path.exists(path):
       return
     with open(path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+      rows = [(line, _json_or_none(line)) for line in f if line.strip()]
+    kept = [line for line, row in rows if row and row['step'] <= step]
+    if any(row is None for _, row in rows):
+      self._say(f'{path}: dropping {sum(row is None for _, row in rows)} unreadable line(s)')
     with atomic_open(path) as f:
-      f.writelines(kept)
+      f.writelines(line if line.endswith('\n') else line + '\n' for line in kept)
 
   def _log(self, writer, step: int, metrics: dict) -> None:
     if not writer or not metrics:
