@@ -9,9 +9,11 @@ Helpers for other test files (keep these names stable):
   TINY: override flags of a tiny model and schedule; tiny_overrides(data_dir, *more) adds the data
   make_fixture_data(path): the small learnable dataset (reference layout) the tests train on
 """
+import ast
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,19 +253,22 @@ def test_resume_after_kill_9_is_exact(reference_run, data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_the_current_step_and_exits_then_resumes(reference_run, data_dir, tmp_path):
+@pytest.mark.parametrize('name', ['SIGTERM', 'SIGINT'])
+def test_a_signal_saves_the_current_step_and_exits_then_resumes(reference_run, data_dir, tmp_path,
+                                                                 name):
+  """SIGTERM (preemption) and SIGINT (Ctrl-C) alike: save the step, exit 0, no traceback."""
   workdir = tmp_path / 'preempted'
   overrides = tiny_overrides(data_dir, *REF)
   proc = start_train(workdir, *overrides)
   wait_for(lambda: len(metric_rows(workdir)) >= 3, proc, 'three logged steps')
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(getattr(signal, name))
   proc.wait(timeout=120)
   log = log_of(workdir)
   assert proc.returncode == 0, log[-5000:]
   assert 'Traceback' not in log, log[-5000:]
   stopped = max(read_metrics(workdir))
-  assert 3 <= stopped < REF_STEPS, f'run ended before SIGTERM took effect: {stopped}'
-  assert f'SIGTERM: saved step {stopped}, exiting' in log, log[-3000:]
+  assert 3 <= stopped < REF_STEPS, f'run ended before {name} took effect: {stopped}'
+  assert f'{name}: saved step {stopped}, exiting' in log, log[-3000:]
   assert finalized_steps(workdir)[-1] == stopped  # saved on the spot, not at the last multiple
   logged = len(metric_rows(workdir))
 
@@ -318,6 +323,93 @@ def test_init_from_errors_are_one_line(reference_run, data_dir, tmp_path):
   missing = run_train(tmp_path / 'nothing', *tiny_overrides(
       data_dir, f'--config.init_from={tmp_path / "nowhere"}'))
   assert_one_line_error(missing, 'init_from', str(tmp_path / 'nowhere'))
+
+
+def literal(text: str):
+  """A flag's value as Python: 32 -> int, 1e-2 -> float, a path stays a string."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def copy_run(source, workdir, steps):
+  """`source`'s metrics and the checkpoints of `steps` in a new workdir (a run interrupted
+  after them)."""
+  os.makedirs(workdir / 'checkpoints')
+  for step in steps:
+    shutil.copytree(source / 'checkpoints' / str(step), workdir / 'checkpoints' / str(step))
+  shutil.copy(source / 'metrics.jsonl', workdir / 'metrics.jsonl')
+
+
+def test_resume_refuses_another_model(reference_run, data_dir, tmp_path):
+  """A resume with other weights' config stops with one line, the checkpoints untouched (a
+  change of how it runs, e.g. its remat policy, does not count)."""
+  workdir = tmp_path / 'run'
+  copy_run(reference_run, workdir, [35])
+  for flag, fragment in [('--config.model.H_cycles=2', 'H_cycles 1 (this run 2)'),
+                         ('--config.model.hidden_size=64', 'hidden_size 32 (this run 64)')]:
+    result = run_train(workdir, *tiny_overrides(data_dir, *REF, flag))
+    assert_one_line_error(result, 'resuming', 'is another model', fragment)
+    assert finalized_steps(workdir) == [35]
+  assert metric_rows(workdir) == metric_rows(reference_run)
+
+
+@pytest.mark.slow
+def test_resume_after_a_metrics_line_cut_short(reference_run, data_dir, tmp_path):
+  """A full disk or a kill mid-append leaves half a line: the resume drops it and redoes the
+  steps after its checkpoint, exactly."""
+  workdir = tmp_path / 'run'
+  copy_run(reference_run, workdir, [35])
+  with open(workdir / 'metrics.jsonl') as f:
+    text = f.read()
+  with open(workdir / 'metrics.jsonl', 'w') as f:
+    f.write(text[:-40])
+  assert_ok(run_train(workdir, *tiny_overrides(data_dir, *REF)))
+  assert [row['step'] for row in metric_rows(workdir)] == list(range(1, REF_STEPS + 1))
+  assert_same_steps(read_metrics(workdir), read_metrics(reference_run), range(1, REF_STEPS + 1))
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(reference_run, data_dir, tmp_path):
+  """Bytes flipped in the largest file of step 40: the rerun warns, sets it aside, resumes from
+  step 35 and ends where the uninterrupted run did."""
+  workdir = tmp_path / 'run'
+  copy_run(reference_run, workdir, [35, 40])
+  files = [p for p in (workdir / 'checkpoints' / '40').rglob('*') if p.is_file()]
+  largest = max(files, key=lambda p: p.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  largest.write_bytes(bytes(data))
+  result = run_train(workdir, *tiny_overrides(data_dir, *REF))
+  assert_ok(result)
+  assert 'warning: checkpoint' in result.stderr and 'is damaged' in result.stderr, result.stderr
+  assert f'resuming from {workdir / "checkpoints"} step 35' in result.stdout
+  assert finalized_steps(workdir) == [35, 40]
+  assert_same_steps(read_metrics(workdir), read_metrics(reference_run), range(1, REF_STEPS + 1))
+  for use_ema in (False, True):
+    assert_trees_equal(load(workdir, use_ema)[1], load(reference_run, use_ema)[1])
+
+
+def test_a_failing_eval_loses_no_checkpoint(data_dir, tmp_path, monkeypatch):
+  """The checkpoint of a step is saved before its eval: an eval that fails at step 4 leaves
+  step 4 saved (in-process, the eval replaced by one that raises)."""
+  from hrmtext.training import loop
+  from hrmtext.training.config import experiment_config
+  config = experiment_config(CONFIG)
+  config.update_from_flattened_dict({
+      name[len('--config.'):]: literal(value)
+      for name, value in (arg.split('=', 1) for arg in tiny_overrides(data_dir))})
+  config.eval.every_steps = config.checkpoint.every_steps = 4
+
+  def failing_eval(self, params):
+    raise RuntimeError('eval failed')
+
+  monkeypatch.setattr(loop.Trainer, 'evaluate', failing_eval)
+  workdir = tmp_path / 'run'
+  with pytest.raises(RuntimeError, match='eval failed'):
+    loop.Trainer(config, str(workdir)).run()
+  assert finalized_steps(workdir) == [4]
 
 
 def test_help_and_missing_data_dir(tmp_path):

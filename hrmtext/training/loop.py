@@ -129,13 +129,15 @@ class Trainer:
         self.mesh, jax.sharding.PartitionSpec(None, *self.row_sharding.spec))
     self.mngr = checkpoint.manager(workdir, max_to_keep=config.checkpoint.keep,
                                    async_save=config.checkpoint.async_save)
+    # Where this run resumes (None: it starts): the newest step whose files are as saved.
+    self.resume_step = checkpoint.latest_intact_step(self.mngr)
     # Batch i of the pipeline is global batch i whatever the process count, and a step takes
     # one: a resumed run (on any number of processes) continues from its step.
     data_index, data_count = sharding.process_data_shard(self.mesh)
     self.data = pipeline.make_train_iterator(
         config.data, rows_per_process=self.global_rows // data_count, seq_len=seq_len,
         process_index=data_index, process_count=data_count, seed=tc.seed,
-        start=self.mngr.latest_step() or 0)
+        start=self.resume_step or 0)
     self._steps = {}  # credit horizon -> compiled train step (baselines: one fixed horizon)
     self.loss_chunk_len = loss_chunk_len(tc.loss_chunk_len, self.model_cfg.vocab_size, seq_len)
     self._eval_step = jax.jit(make_eval_step(self.model, self.loss_chunk_len),
@@ -150,7 +152,7 @@ class Trainer:
     if config.eval.generate_per_task and not self._generate_per_task:
       self._say('eval.generate_per_task is skipped in multi-process runs; use hrmtext.evaluate')
     self._signals = set()  # names of the stop signals this process got
-    if self.mngr.latest_step() is not None:
+    if self.resume_step is not None:
       self._check_resume()
     elif config.init_from:
       self._check_init_from()  # user errors surface here, before any training starts
@@ -176,7 +178,7 @@ class Trainer:
 
   def _check_resume(self) -> None:
     """UserError unless the workdir's checkpoint is of this model (e.g. not another H_cycles)."""
-    step = self.mngr.latest_step()
+    step = self.resume_step
     saved = ModelConfig(**checkpoint.read_meta(self.mngr, step)['model'])
     self._check_same_model(saved, f'{self.workdir} step {step} (resuming)')
 
@@ -189,7 +191,7 @@ class Trainer:
 
   def _initial_state(self) -> tuple[TrainState, int]:
     """Resume from the workdir, else start from `init_from` weights, else from scratch."""
-    step = self.mngr.latest_step()
+    step = self.resume_step
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             jax.eval_shape(self._init_fn), self.state_shardings)
     if step is not None:
@@ -266,7 +268,11 @@ class Trainer:
 
   def run(self) -> dict:
     with sharding.activate(self.mesh), self._stop_signals():
-      return self._run()
+      try:
+        return self._run()
+      finally:  # a save in flight completes, also when what followed it failed
+        self.mngr.wait_until_finished()
+        self.mngr.close()
 
   @contextlib.contextmanager
   def _stop_signals(self):
@@ -349,8 +355,6 @@ class Trainer:
           break
     profile.close(state)
     bar.close()
-    self.mngr.wait_until_finished()
-    self.mngr.close()
     if writer:
       writer.close()
     return last
