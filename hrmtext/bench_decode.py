@@ -24,7 +24,7 @@ import time
 import flax.linen as nn
 import jax
 import numpy as np
-from absl import flags
+from absl import app, flags
 
 from hrmtext import cli
 from hrmtext.infer.engine import Engine, bucket
@@ -161,8 +161,10 @@ def load_hf(hf_dir):
 
 
 def main(_):
+  if not all(b.isdigit() for b in BATCH.value):
+    raise app.UsageError(f'--batch {",".join(BATCH.value)}: give integer batch sizes, e.g. 1,32')
   batches = [int(b) for b in BATCH.value]
-  if min(batches) < 1 or NEW_TOKENS.value < 2 or PROMPT_LEN.value < 1:
+  if not batches or min(batches) < 1 or NEW_TOKENS.value < 2 or PROMPT_LEN.value < 1:
     raise cli.UserError('--batch sizes and --prompt_len must be >= 1, --new_tokens >= 2')
   if CHECKPOINT.value:
     from hrmtext.training import checkpoint

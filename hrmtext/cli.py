@@ -58,6 +58,8 @@ def _parse_flags(argv):
       flags.FLAGS[name].value  # pylint: disable=expression-not-assigned
   except flags.Error as e:
     fail(f'{one_line(e)} (--help lists the flags)', USAGE_EXIT)
+  except SyntaxError as e:  # in the config file (or a module it imports): say where
+    fail(f'bad --config: {e.filename}:{e.lineno}: {e.msg}', USAGE_EXIT)
   except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
     # Raised only by ml_collections while applying --config.a.b=value overrides or loading the
     # config file: a field that does not exist, a value of the wrong type, a missing file.

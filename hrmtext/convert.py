@@ -13,12 +13,12 @@ tokenizer converts too: token-id rows still work (EOA from the config's eos_toke
 hrmtext -> HF writes the tokenizer files and tokenizer_info.json back next to the weights.
 """
 import os
-import shutil
 
 from absl import app, flags
 
 from hrmtext import cli
 from hrmtext import hf
+from hrmtext.files import atomic_path, check_writable
 
 _SRC = flags.DEFINE_string('src',
     None, 'HF hrm_text directory or hrmtext run/checkpoint directory.')
@@ -35,29 +35,26 @@ def main(_):
   src, dst = _SRC.value, _DST.value
   if not src or not dst:
     raise app.UsageError('both --src and --dst are required')
-  if os.path.exists(dst):
+  if os.path.lexists(dst):
     raise cli.UserError(f'--dst {dst} already exists; refusing to overwrite')
   if not os.path.isdir(src):
     raise cli.UserError(f'--src {src} is not a directory')
+  check_writable(dst, folder=True)
   prompt_tokens = hf.parse_prompt_tokens(_PROMPT_TOKENS.value)
-  partial = dst.rstrip('/') + '.partial'  # renamed into place only once complete
-  shutil.rmtree(partial, ignore_errors=True)
+  to_hrmtext = hf.is_hf_dir(src)
+  if prompt_tokens and not to_hrmtext:
+    raise cli.UserError('--prompt_tokens applies to HF -> hrmtext only')
+  print(f'HF hrm_text -> hrmtext: {src} -> {dst}' if to_hrmtext else
+        f'hrmtext -> HF hrm_text: {src} -> {dst}')
+  os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
   try:
-    if hf.is_hf_dir(src):
-      print(f'HF hrm_text -> hrmtext: {src} -> {dst}')
-      hf.hf_to_hrmtext(src, partial, prompt_tokens=prompt_tokens)
-    else:
-      if prompt_tokens:
-        raise cli.UserError('--prompt_tokens applies to HF -> hrmtext only')
-      print(f'hrmtext -> HF hrm_text: {src} -> {dst}')
-      hf.hrmtext_to_hf(src, partial, use_ema=_EMA.value)
+    with atomic_path(dst) as tmp:  # renamed into place only once complete
+      if to_hrmtext:
+        hf.hf_to_hrmtext(src, tmp, prompt_tokens=prompt_tokens)
+      else:
+        hf.hrmtext_to_hf(src, tmp, use_ema=_EMA.value)
   except cli.USER_ERRORS as e:
-    shutil.rmtree(partial, ignore_errors=True)
     raise cli.UserError(f'cannot convert {src}: {cli.one_line(e)}') from None
-  except BaseException:
-    shutil.rmtree(partial, ignore_errors=True)
-    raise
-  os.rename(partial, dst)
   print(f'wrote {dst}')
 
 

@@ -22,7 +22,7 @@ from hrmtext import cli
 from hrmtext.evals import (BENCHMARKS, FEW_SHOT, PAPER_TABLE, evaluate, format_paper_table,
                            format_table, heldout_tasks, load_benchmark, paper_table)
 from hrmtext.evals.engine import model_fns
-from hrmtext.files import atomic_open
+from hrmtext.files import atomic_open, check_writable
 from hrmtext.infer import flags as infer_flags
 from hrmtext.infer.engine import Engine
 
@@ -92,17 +92,6 @@ def fitting_engine(engine: Engine, tasks) -> Engine:
                 cache_dtype=engine.cache_dtype)
 
 
-def check_output_dir(path: str | None) -> None:
-  """Fails early (before any work) when `path` could not be created or written into."""
-  if path is None:
-    return
-  parent = os.path.dirname(os.path.abspath(path))
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise cli.UserError(f'cannot write into {path}: it is a file')
-  if not os.path.isdir(parent):
-    raise cli.UserError(f'cannot write into {path}: no folder {parent}')
-
-
 def write_json(path: str, obj, lines: bool = False) -> None:
   with atomic_open(path) as f:
     if lines:
@@ -114,7 +103,8 @@ def write_json(path: str, obj, lines: bool = False) -> None:
 def main(_):
   if LIMIT.value is not None and LIMIT.value < 1:
     raise cli.UserError('--limit must be >= 1')
-  check_output_dir(OUTPUT_DIR.value)
+  if OUTPUT_DIR.value:
+    check_writable(OUTPUT_DIR.value, folder=True)
   tasks = benchmark_tasks()
   engine, tok, meta = infer_flags.load()
   if HELDOUT.value != 'none' and (HELDOUT.value or not tasks):

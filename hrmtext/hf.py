@@ -23,6 +23,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.flax import load_file, save_file
 
 from hrmtext.cli import UserError
@@ -49,12 +50,35 @@ RELEASE_PROMPT_TOKENS = dict(
                            noisy='<|quad_start|>', synth='<|quad_end|>'))
 
 
+def read_hf_config(path: str) -> dict:
+  """The config.json of HF directory `path`; a UserError says why when it is missing, is not
+  JSON or describes another model."""
+  file = os.path.join(path, 'config.json')
+  if not os.path.isfile(file):
+    raise UserError(f'{path} has no config.json (a HF hrm_text directory) and no checkpoints/ '
+                    f'(an hrmtext run)')
+  try:
+    with open(file, encoding='utf-8') as f:
+      hf = json.load(f)
+  except ValueError as e:  # not JSON, not UTF-8
+    raise UserError(f'{file}: not valid JSON ({e})') from None
+  if not isinstance(hf, dict):
+    raise UserError(f'{file}: expected a JSON object')
+  if hf.get('model_type') != 'hrm_text':
+    raise UserError(f'{file}: model_type {hf.get("model_type")!r} is not an hrm_text model '
+                    f'(HrmTextForCausalLM); hrmtext converts only those')
+  return hf
+
+
 def is_hf_dir(path: str) -> bool:
-  config = os.path.join(path, 'config.json')
-  if not os.path.isfile(config):
-    return False
-  with open(config) as f:
-    return json.load(f).get('model_type') == 'hrm_text'
+  """Whether `convert` reads `path` as a HF directory: its config.json is an hrm_text model's, or
+  it has no hrmtext checkpoints (then reading it says what is wrong). A run keeps its experiment
+  config in a config.json too."""
+  try:
+    read_hf_config(path)
+    return True
+  except UserError:
+    return not os.path.isdir(checkpoint.checkpoint_dir(path))
 
 
 def resolve_hf_config(hf: dict) -> dict:
@@ -151,22 +175,30 @@ def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
   return hf
 
 
+_SPLIT = re.compile(r'(.*)\.(self_attn|mlp)\.(gate|q|k|v|up|o)_proj\.weight$')
+_FUSED = {'self_attn': ('attn.gqkv_proj', ('gate', 'q', 'k', 'v')),
+          'mlp': ('mlp.gate_up_proj', ('gate', 'up'))}
+
+
 def fused_tensors(tensors: dict) -> dict:
   """The file layout (fused gqkv_proj / gate_up_proj, attn.o_proj) of HF tensors in either the
-  file layout or transformers' split in-memory layout."""
+  file layout or transformers' split in-memory layout. Names of neither pass through as they are
+  (`params_from_hf` refuses them)."""
   out = {}
   for name, w in tensors.items():
-    if '.self_attn.gate_proj.' in name:
-      base = name.replace('.self_attn.gate_proj.weight', '')
-      out[f'{base}.attn.gqkv_proj.weight'] = jnp.concatenate(
-          [tensors[f'{base}.self_attn.{p}_proj.weight'] for p in ('gate', 'q', 'k', 'v')])
-    elif '.mlp.gate_proj.' in name:
-      base = name.replace('.mlp.gate_proj.weight', '')
-      out[f'{base}.mlp.gate_up_proj.weight'] = jnp.concatenate(
-          [tensors[f'{base}.mlp.{p}_proj.weight'] for p in ('gate', 'up')])
-    elif '.self_attn.o_proj.' in name:
+    match = _SPLIT.match(name)
+    base, module, part = match.groups() if match else (None, None, None)
+    if (module, part) == ('self_attn', 'o'):
       out[name.replace('.self_attn.', '.attn.')] = w
-    elif not re.search(r'\.(self_attn\.[qkv]_proj|mlp\.up_proj)\.', name):
+    elif match and part in _FUSED[module][1]:  # joined when its gate comes, so skipped on its own
+      fused, parts = _FUSED[module]
+      names = [f'{base}.{module}.{p}_proj.weight' for p in parts]
+      missing = [n for n in names if n not in tensors]
+      if missing:
+        raise UserError(f'the weights have {name} but no {missing[0]}')
+      if part == 'gate':
+        out[f'{base}.{fused}.weight'] = jnp.concatenate([tensors[n] for n in names])
+    else:
       out[name] = w
   return out
 
@@ -180,10 +212,12 @@ def layers_per_stack(tensors: dict) -> int:
 def params_from_hf(tensors: dict, cfg: ModelConfig) -> dict:
   d, h, k, f = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.mlp_size
   tensors = fused_tensors(tensors)
+  used = set()
 
   def f32(name, shape):
     if name not in tensors:
       raise UserError(f'the weights have no {name}')
+    used.add(name)
     if tuple(tensors[name].shape) != shape:
       raise UserError(f'{name} has shape {tuple(tensors[name].shape)}; the config implies {shape}')
     return np.asarray(tensors[name].astype(jnp.float32))
@@ -203,15 +237,37 @@ def params_from_hf(tensors: dict, cfg: ModelConfig) -> dict:
             'down': np.stack([layer(i, 'mlp.down_proj', (d, f)).T for i in layers])}}}
 
   v = cfg.vocab_size
-  return {'embed': {'embedding': f32('model.embed_tokens.weight', (v, d))},
-          'lm_head': {'kernel': f32('lm_head.weight', (v, d)).T},
-          'L': stack('L'), 'H': stack('H'), 'z_L_init': f32('model.z_L_init', (d,))}
+  params = {'embed': {'embedding': f32('model.embed_tokens.weight', (v, d))},
+            'lm_head': {'kernel': f32('lm_head.weight', (v, d)).T},
+            'L': stack('L'), 'H': stack('H'), 'z_L_init': f32('model.z_L_init', (d,))}
+  unknown = sorted(set(tensors) - used)
+  if unknown:  # dropping it would make the round trip lose it
+    more = f' and {len(unknown) - 3} more' if len(unknown) > 3 else ''
+    raise UserError(f'the weights hold tensors this hrm_text config has no place for: '
+                    f'{", ".join(unknown[:3])}{more}; refusing to drop them')
+  return params
+
+
+# The parameters `params_to_hf` writes out: any other would be lost in the export.
+EXPORTED_LEAVES = {'embed/embedding', 'lm_head/kernel', 'z_L_init'} | {
+    f'{stack}/layers/{w}' for stack in 'LH'
+    for w in ('attn/gqkv', 'attn/o', 'mlp/gate_up', 'mlp/down')}
+
+
+def leaf_names(params) -> list[str]:
+  """'L/layers/attn/o'-style names of the leaves of a params tree."""
+  return ['/'.join(str(getattr(k, 'key', k)) for k in path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
 def params_to_hf(params: dict, cfg: ModelConfig, dtypes) -> dict:
   """File-layout tensors; `dtypes(name)` gives each one's dtype."""
   d = cfg.hidden_size
   p = jax.tree.map(np.asarray, params)
+  unknown = sorted(set(leaf_names(p)) - EXPORTED_LEAVES)
+  if unknown:
+    raise UserError(f'the checkpoint has parameters HF hrm_text has no tensor for: '
+                    f'{", ".join(unknown)}')
   out = {'model.embed_tokens.weight': p['embed']['embedding'],
          'lm_head.weight': p['lm_head']['kernel'].T, 'model.z_L_init': p['z_L_init']}
   for name in ('L', 'H'):
@@ -228,15 +284,21 @@ def params_to_hf(params: dict, cfg: ModelConfig, dtypes) -> dict:
 def _read_hf_tensors(src: str) -> dict:
   index = os.path.join(src, WEIGHTS + '.index.json')
   if os.path.isfile(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)['weight_map'].values()))
+    try:
+      with open(index, encoding='utf-8') as f:
+        files = sorted(set(json.load(f)['weight_map'].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise UserError(f'{index}: not a safetensors index ({type(e).__name__}: {e})') from None
   elif os.path.isfile(os.path.join(src, WEIGHTS)):
     files = [WEIGHTS]
   else:
     raise FileNotFoundError(f'{src} has no {WEIGHTS} (or {WEIGHTS}.index.json)')
   tensors = {}
   for name in files:
-    tensors.update(load_file(os.path.join(src, name)))
+    try:
+      tensors.update(load_file(os.path.join(src, name)))
+    except (SafetensorError, ValueError) as e:  # not safetensors, or cut short
+      raise UserError(f'{os.path.join(src, name)}: not a readable safetensors file ({e})') from None
   return tensors
 
 
@@ -289,8 +351,7 @@ def import_tokenizer(src: str, dst: str, prompt_tokens: dict | None = None) -> T
 
 
 def hf_to_hrmtext(src: str, dst: str, *, prompt_tokens: dict | None = None) -> None:
-  with open(os.path.join(src, 'config.json')) as f:
-    hf = json.load(f)
+  hf = read_hf_config(src)
   tensors = fused_tensors(_read_hf_tensors(src))
   cfg = config_from_hf(hf, layers_per_stack(tensors))
   params = params_from_hf(tensors, cfg)

@@ -10,15 +10,19 @@ Inputs are JSONL/Parquet rows {"instruction", "response", "condition"} (conditio
   tokenizer/                         trained sentencepiece model + tokenizer_info.json
   tokenized/{train,heldout}/<name>/  reference tokenized layout, one folder per source file
   sampled/                           reference sampled training set (what training reads)
-Re-running skips finished outputs; every output is written to a temporary name and renamed.
+Re-running skips finished outputs; every output is written to a temporary name and renamed. A run
+into a fresh DIR that stops on bad input (a malformed row, no example left) removes what it made.
+The summary counts the examples dropped (too long, response too short, malformed) by reason.
 """
 
+import collections
 import contextlib
 import itertools
 import json
 import math
 import multiprocessing
 import os
+import shutil
 import sys
 
 from absl import flags
@@ -30,7 +34,7 @@ from hrmtext.cli import UserError
 from hrmtext.data import layout, mixture, packing
 from hrmtext.data.sources import read_rows, source_name, write_jsonl
 from hrmtext.data.tokenizer import Tokenizer, train_tokenizer
-from hrmtext.files import atomic_open
+from hrmtext.files import atomic_open, check_writable
 
 _DATA_CONFIG = os.path.join(os.path.dirname(__file__), 'data', 'config.py')
 _CHUNK_ROWS = 1024
@@ -63,24 +67,44 @@ def _data_config():
   return cfg.data if 'data' in cfg else cfg
 
 
-def _check_settings(out, cfg):
-  """Refuses to mix outputs of different settings in one root (re-runs must be no-ops)."""
+def _settings(cfg) -> dict:
   settings = dict(seq_len=cfg.seq_len, epochs=cfg.epochs, seed=cfg.seed,
                   tokenizer=cfg.tokenizer.to_dict(), builtin=cfg.builtin.to_dict(),
                   mixture=cfg.mixture.to_dict(), inputs=_INPUTS.value,
                   heldout_inputs=_HELDOUT_INPUTS.value, use_builtin=_BUILTIN.value,
                   tokenizer_path=_TOKENIZER.value, tokenized=_TOKENIZED.value)
-  settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back
-  path = os.path.join(out, 'prepare_settings.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      if json.load(f) != settings:
-        raise UserError(
-            f'{out} was prepared with other settings ({path}); use a new --output or delete it')
-  else:
-    os.makedirs(out, exist_ok=True)
-    with atomic_open(path) as f:
-      json.dump(settings, f, indent=2)
+  return json.loads(json.dumps(settings))  # tuples -> lists, as read back
+
+
+def _check_settings(path, settings) -> bool:
+  """Refuses to mix outputs of different settings in one root (re-runs must be no-ops); whether
+  the root has settings already."""
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    if json.load(f) != settings:
+      raise UserError(f'{os.path.dirname(path)} was prepared with other settings ({path}); use a '
+                      'new --output or delete it')
+  return True
+
+
+@contextlib.contextmanager
+def _undone_on_user_error(out):
+  """What the block creates in `out` is removed when it fails on a user error (a bad row, no
+  examples left): a fresh root's settings must not outlive the run that could not use them,
+  nor its half-made outputs. An interrupted run keeps them, to resume."""
+  before = set(os.listdir(out)) if os.path.isdir(out) else None
+  try:
+    yield
+  except cli.USER_ERRORS:
+    made = [out] if before is None else [os.path.join(out, name)
+                                         for name in set(os.listdir(out)) - before]
+    for path in made:
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+      elif os.path.lexists(path):
+        os.remove(path)
+    raise
 
 
 def _copy_heldout_inputs(raw_heldout):
@@ -155,7 +179,7 @@ def _named(paths):
   files = {}
   for path in paths:
     name = source_name(path)
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
       raise FileNotFoundError(f'{path}: no such file')
     if name in files:
       raise UserError(f'two input files named {name!r}: {files[name]} and {path}')
@@ -170,9 +194,26 @@ def _jsonl_files(directory):
   }
 
 
-def prepare(out, cfg):
-  """Runs every unfinished step; returns the sampled set's folder."""
-  _check_settings(out, cfg)
+def prepare(out, cfg, counts: collections.Counter):
+  """Runs every unfinished step; returns the sampled set's folder. `counts` gets the examples
+  dropped by reason (`mixture.eligible`'s, 'malformed' with --skip_bad_rows) when it samples.
+  A fresh root gets its settings once the inputs are checked; a failure on a user error removes
+  what the run made."""
+  settings, settings_path = _settings(cfg), os.path.join(out, 'prepare_settings.json')
+  if _check_settings(settings_path, settings):
+    return _prepare(out, cfg, counts)
+  with _undone_on_user_error(out):
+    _named(_INPUTS.value)  # each file exists, has a known suffix and its own name
+    _named(_HELDOUT_INPUTS.value)
+    if _TOKENIZER.value or _TOKENIZED.value:
+      Tokenizer.load(_TOKENIZER.value or _TOKENIZED.value)
+    os.makedirs(out, exist_ok=True)
+    with atomic_open(settings_path) as f:
+      json.dump(settings, f, indent=2)
+    return _prepare(out, cfg, counts)
+
+
+def _prepare(out, cfg, counts):
   use_builtin = _BUILTIN.value if _BUILTIN.value is not None else not (_INPUTS.value or
                                                                      _TOKENIZED.value)
   raw_heldout = layout.heldout_dir(out, 'raw')
@@ -206,7 +247,9 @@ def prepare(out, cfg):
     if _TOKENIZED.value:
       sources.update(layout.tokenized_sources(_TOKENIZED.value))
     print(f'sampling {cfg.epochs} epochs from {len(sources)} sources ...', file=sys.stderr)
-    mixture.write_mixture(sources, sampled, cfg, tokenizer)
+    mixture.write_mixture(sources, sampled, cfg, tokenizer, counts)
+  if bad_rows:
+    counts['malformed (--skip_bad_rows)'] += len(bad_rows)
   return sampled
 
 
@@ -223,9 +266,15 @@ def summary(sampled, seq_len, window_rows):
 
 def main(_):
   cfg = _data_config()
+  if cfg.seq_len < 1 or cfg.epochs < 1:
+    raise UserError(f'config seq_len={cfg.seq_len}, epochs={cfg.epochs}: both must be >= 1')
   out = _OUTPUT.value or cfg.dir
-  sampled = prepare(out, cfg)
+  check_writable(out, folder=True)
+  counts = collections.Counter()
+  sampled = prepare(out, cfg, counts)
   summary(sampled, cfg.seq_len, cfg.pack_window_rows)
+  if any(counts.values()):
+    print(f'examples: {mixture.describe_dropped(counts)}')
   print(f'prepared {out}; train with data.dir={out}')
 
 

@@ -5,7 +5,8 @@ Log-likelihood of given responses (multiple-choice evals, reranking). Rows hold 
 or token ids {"instruction_ids", "response_ids"} (scored as given; these need no tokenizer).
 Each output row is the input row plus "logprob" (summed over the response tokens), "num_tokens"
 (response tokens scored) and "greedy" (whether greedy decoding reproduces the response token for
-token).
+token). A row longer than --max_len + 1 tokens (default --max_len: the training row length) is
+refused before any scoring.
 """
 
 from absl import app, flags
@@ -13,6 +14,7 @@ from tqdm import tqdm
 
 from hrmtext import cli
 from hrmtext.data.sources import write_jsonl
+from hrmtext.files import check_writable
 from hrmtext.infer import flags as infer_flags, text
 
 INPUT = flags.DEFINE_string('input', None, 'JSONL/Parquet of (instruction, response) rows.')
@@ -25,7 +27,7 @@ def main(argv):
     raise app.UsageError('--input and --output are required')
   if BATCH.value < 1:
     raise cli.UserError('--batch_size must be >= 1')
-  infer_flags.check_output(OUTPUT.value)
+  check_writable(OUTPUT.value)
   engine, tok, _ = infer_flags.load(need_tokenizer=False)
   rows, pairs = text.read_requests(INPUT.value, engine, tok, with_response=True)
   with tqdm(total=len(pairs), desc='scoring', unit='row') as bar:

@@ -204,11 +204,11 @@ def test_bad_input_is_one_line_and_writes_nothing(run_dir, tmp_path):
                             '--output', out), 'ids.jsonl:1', 'token ids')
   assert_one_line_error(cli('generate', *checkpoint_flag, '--prompt', 'x ' * 200), '--max_len')
   assert_one_line_error(cli('evaluate', '--checkpoint', tmp_path / 'nowhere'), 'no checkpoint')
-  assert_one_line_error(cli('evaluate', *checkpoint_flag, '--output_dir', tmp_path / 'no' / 'out'),
-                        'cannot write')
+  assert_one_line_error(cli('evaluate', *checkpoint_flag, '--output_dir',
+                            tmp_path / 'bad.jsonl' / 'out'), 'cannot write')  # under a file
   assert_one_line_error(cli('evaluate', *checkpoint_flag, '--benchmarks', 'gsm8k=g.jsonl',
                             '--shots', 'gsm8k=s.jsonl'), 'only few-shot')
-  assert not out.exists() and not os.path.exists(str(out) + '.tmp')
+  assert sorted(os.listdir(tmp_path)) == ['bad.jsonl', 'ids.jsonl', 'noresp.jsonl']
 
 
 @pytest.mark.parametrize('name', ['generate', 'score', 'evaluate'])

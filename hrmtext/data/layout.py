@@ -62,9 +62,17 @@ def save_index(directory: str, index: Index) -> None:
     np.save(os.path.join(directory, f'{name}.npy'), np.asarray(array, np.int64))
 
 
+def load_npy(path: str, mmap_mode: str | None = None) -> np.ndarray:
+  """`np.load`, with a damaged file (truncated, not .npy) as a one-line UserError naming it."""
+  try:
+    return np.load(path, mmap_mode=mmap_mode)
+  except (ValueError, EOFError) as e:  # numpy says "mmap length is greater than file size", ...
+    raise UserError(f'{path}: not a complete .npy file ({e})') from None
+
+
 def load_index(directory: str) -> Index:
-  return Index(
-      *(np.load(os.path.join(directory, f'{name}.npy')).astype(np.int64) for name in Index._fields))
+  return Index(*(load_npy(os.path.join(directory, f'{name}.npy')).astype(np.int64)
+                 for name in Index._fields))
 
 
 def token_dtype(vocab_size: int):
@@ -76,12 +84,14 @@ def token_dtype(vocab_size: int):
 
 
 def load_tokens(directory: str) -> np.ndarray:
-  return np.load(os.path.join(directory, 'tokens.npy'), mmap_mode='r')
+  return load_npy(os.path.join(directory, 'tokens.npy'), mmap_mode='r')
 
 
 @contextlib.contextmanager
 def temp_dir(path):
-  """A folder written under `<path>.tmp` and renamed to `path` only when the block succeeds."""
+  """A folder written under a temporary name and renamed to `path` (its parents created) only
+  when the block succeeds."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with atomic_path(path) as tmp:
     os.makedirs(tmp)
     yield tmp

@@ -8,6 +8,7 @@ sequence of per-pass permutations: successive epochs of a capped source see diff
 every row is used before any repeats. Deterministic by seed.
 """
 
+import collections
 import zlib
 
 import ml_collections
@@ -18,6 +19,7 @@ from hrmtext.data.layout import Index, concatenate_sources, load_index, load_tok
 from hrmtext.data.tokenizer import Tokenizer
 
 LONG_CONTEXT = ('truncate', 'drop')
+CUT = 'cut to fit'  # the count of examples `eligible` keeps, cut: not a drop reason
 
 
 def rule_for(name: str, rules) -> dict:
@@ -29,14 +31,29 @@ def rule_for(name: str, rules) -> dict:
   raise UserError(f'source {name!r} matches no mixture rule prefix {[r["prefix"] for r in rules]}')
 
 
-def eligible(index: Index, rule: dict, context: int, min_resp_length: int) -> Index:
-  """The source's usable examples, cut to `context` tokens (instruction + response)."""
+def eligible(index: Index, rule: dict, context: int, min_resp_length: int,
+             counts: collections.Counter | None = None) -> Index:
+  """The source's usable examples, cut to `context` tokens (instruction + response); `counts`
+  gets the examples dropped (by reason) and cut."""
   too_long = index.inst_len + index.resp_len > context
   resp_len = np.where(too_long, context - index.inst_len, index.resp_len)
   keep = resp_len >= min_resp_length
   if rule['long_context'] == 'drop':
     keep &= ~too_long
+  if counts is not None:
+    counts[f'longer than seq_len + 1 = {context} tokens'] += int((too_long & ~keep).sum())
+    counts[f'with a response under min_resp_length = {min_resp_length} tokens (end-of-answer '
+           f'included)'] += int((~too_long & ~keep).sum())
+    counts[CUT] += int((too_long & keep).sum())
   return Index(index.inst_start, index.inst_len, index.resp_start, resp_len).take(keep)
+
+
+def describe_dropped(counts: collections.Counter) -> str:
+  """'12 dropped (10 longer than ..., 2 ...), 3 cut to fit' from `eligible`'s counts."""
+  reasons = [f'{n} {reason}' for reason, n in counts.items() if n and reason != CUT]
+  dropped = sum(n for reason, n in counts.items() if reason != CUT)
+  text = f'{dropped} dropped' + (f' ({", ".join(reasons)})' if reasons else '')
+  return text + (f', {counts[CUT]} {CUT}' if counts[CUT] else '')
 
 
 def epoch_rows(num_rows: int, rule: dict, epoch: int, seed: int, name: str) -> np.ndarray:
@@ -56,14 +73,16 @@ def epoch_rows(num_rows: int, rule: dict, epoch: int, seed: int, name: str) -> n
 
 
 def sample_epochs(sources: dict[str, tuple[np.ndarray, Index]], mixture: ml_collections.ConfigDict,
-                  context: int, epochs: int, seed: int) -> tuple[np.ndarray, list[Index]]:
-  """All sources' tokens concatenated, and each epoch's shuffled index into them."""
+                  context: int, epochs: int, seed: int,
+                  counts: collections.Counter | None = None) -> tuple[np.ndarray, list[Index]]:
+  """All sources' tokens concatenated, and each epoch's shuffled index into them; `counts` as
+  `eligible`'s."""
   names = list(sources)
   tokens, shifted = concatenate_sources(sources[name] for name in names)
   parts = []
   for name, index in zip(names, shifted):
     rule = rule_for(name, mixture.rules)
-    parts.append((name, rule, eligible(index, rule, context, mixture.min_resp_length)))
+    parts.append((name, rule, eligible(index, rule, context, mixture.min_resp_length, counts)))
   indices = []
   for epoch in range(epochs):
     index = Index.concatenate([
@@ -76,11 +95,21 @@ def sample_epochs(sources: dict[str, tuple[np.ndarray, Index]], mixture: ml_coll
 
 
 def write_mixture(source_dirs: dict[str, str], out_dir: str, data_cfg: ml_collections.ConfigDict,
-                  tokenizer: Tokenizer) -> list[Index]:
-  """Samples `data_cfg.epochs` epochs of the tokenized sources into a sampled set at out_dir."""
+                  tokenizer: Tokenizer, counts: collections.Counter | None = None) -> list[Index]:
+  """Samples `data_cfg.epochs` epochs of the tokenized sources into a sampled set at out_dir;
+  `counts` as `eligible`'s. A UserError, with nothing written, when no example is left."""
   sources = {name: (load_tokens(d), load_index(d)) for name, d in source_dirs.items()}
   context = data_cfg.seq_len + 1
-  tokens, epochs = sample_epochs(sources, data_cfg.mixture, context, data_cfg.epochs, data_cfg.seed)
+  counts = collections.Counter() if counts is None else counts
+  tokens, epochs = sample_epochs(sources, data_cfg.mixture, context, data_cfg.epochs, data_cfg.seed,
+                                 counts)
+  if not any(len(epoch.inst_len) for epoch in epochs):
+    total = sum(len(index.inst_len) for _, index in sources.values())
+    kept = total - sum(n for reason, n in counts.items() if reason != CUT)
+    rest = '; the mixture rules (repeat, max_per_file) take none of the rest' if kept else ''
+    raise UserError(f'no examples to sample: of the {total} examples in {len(sources)} sources, '
+                    f'{describe_dropped(counts)}{rest}' if total else
+                    f'no examples to sample: the {len(sources)} sources are empty')
   write_sampled(out_dir, tokens, epochs, tokenizer.info_relative_to(out_dir), tokenizer.vocab_size,
                 max_seq_len=context)
   return epochs

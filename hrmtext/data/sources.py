@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hrmtext.cli import UserError
@@ -48,21 +49,31 @@ def _checked(row, where, conditions):
 def raw_rows(path):
   """Yields (where, parsed row or the exception that parsing raised)."""
   if path.endswith('.parquet'):
-    index = 0
-    for batch in pq.ParquetFile(path).iter_batches():
-      for row in batch.to_pylist():
-        yield f'{path}: row {index}', row
-        index += 1
+    yield from _parquet_rows(path)
     return
-  with open(path, encoding='utf-8') as f:
+  with open(path, 'rb') as f:  # decoded per line: a non-UTF-8 line is one bad row, named
     for line_no, line in enumerate(f, 1):
       if not line.strip():
         continue
       try:
-        row = json.loads(line)
+        row = json.loads(line.decode('utf-8'))
+      except UnicodeDecodeError as e:
+        row = BadRowError(f'not UTF-8 text (byte {line[e.start]:#04x} at column {e.start + 1})')
       except json.JSONDecodeError as e:
         row = BadRowError(f'invalid JSON ({e.msg})')
       yield f'{path}:{line_no}', row
+
+
+def _parquet_rows(path):
+  """A file pyarrow cannot read (corrupt, or not Parquet) is a user error, not a crash."""
+  index = 0
+  try:
+    for batch in pq.ParquetFile(path).iter_batches():
+      for row in batch.to_pylist():
+        yield f'{path}: row {index}', row
+        index += 1
+  except pa.ArrowException as e:
+    raise BadRowError(f'{path}: not a readable Parquet file ({e})') from None
 
 
 def read_objects(path: str) -> list[dict]:

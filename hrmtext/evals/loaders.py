@@ -379,4 +379,9 @@ def load_benchmark(name: str, path, **kwargs):
   """`BENCHMARKS[name](path, **kwargs)`, with a clear error for an unknown name."""
   if name not in BENCHMARKS:
     raise UserError(f'unknown benchmark {name!r}; known: {", ".join(BENCHMARKS)}')
-  return BENCHMARKS[name](path, **kwargs)
+  task = BENCHMARKS[name](path, **kwargs)
+  if not task.examples:  # an empty file, or every row taken as a shot
+    shots = '' if kwargs.get('shots_path') or name not in FEW_SHOT else (
+        ' (without a shots file its first rows are the shots)')
+    raise UserError(f'{name}={path}: no examples to evaluate{shots}')
+  return task

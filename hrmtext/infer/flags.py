@@ -1,6 +1,4 @@
 """Flags shared by the inference entry points (generate, score, evaluate)."""
-import os
-
 from absl import flags
 
 from hrmtext.cli import UserError
@@ -29,6 +27,8 @@ def load(need_tokenizer: bool = True):
     raise UserError('--checkpoint is required')
   if SLOTS.value < 1 or MAX_LEN.value < 0:
     raise UserError('--slots must be >= 1 and --max_len >= 0')
+  if EOA_ID.value is not None and EOA_ID.value < 0:
+    raise UserError(f'--eoa_id {EOA_ID.value}: a token id is >= 0')
   return text.load(CHECKPOINT.value, tokenizer=TOKENIZER.value, use_ema=EMA.value,
                    slots=SLOTS.value, max_len=MAX_LEN.value, eoa_id=EOA_ID.value,
                    need_tokenizer=need_tokenizer, cycles=cycles())
@@ -41,13 +41,3 @@ def cycles() -> tuple[int, int] | None:
   if len(CYCLES.value) != 2 or not all(c.isdigit() and int(c) > 0 for c in CYCLES.value):
     raise UserError(f'--cycles {",".join(CYCLES.value)}: give two counts >= 1 as H,L (e.g. 3,4)')
   return int(CYCLES.value[0]), int(CYCLES.value[1])
-
-
-def check_output(path: str | None) -> None:
-  """Fails early (before any work) when `path` could not be written."""
-  if path is None:
-    return
-  folder = os.path.dirname(os.path.abspath(path))
-  if os.path.isdir(path) or not os.path.isdir(folder):
-    raise UserError(f'cannot write {path}: ' +
-                    ('it is a directory' if os.path.isdir(path) else f'no folder {folder}'))

@@ -31,6 +31,8 @@ def load(path: str, *, tokenizer: str = '', use_ema: bool = True, slots: int = 8
   if tok is not None and tok.vocab_size > cfg.vocab_size:
     raise UserError(f'tokenizer {tokenizer_path} has {tok.vocab_size} tokens, the model '
                     f'only {cfg.vocab_size}')
+  if eoa_id is not None and not 0 <= eoa_id < cfg.vocab_size:
+    raise UserError(f'--eoa_id {eoa_id} is not a token id of the model (0 to {cfg.vocab_size - 1})')
   if eoa_id is None:
     eos = meta.get('hf_config', {}).get('eos_token_id')
     eoa_id = tok.eoa if tok is not None else (eos[0] if isinstance(eos, list) and eos else eos)
@@ -75,12 +77,21 @@ def check_prompt(engine: Engine, prompt: list[int]) -> None:
                     f'{engine.max_len} leaves room for (raise --max_len)')
 
 
+def check_scored_row(engine: Engine, instruction: list[int], response: list[int]) -> None:
+  """Scoring feeds every token but the last: a longer row than max_len would be computed on (and
+  allocated for) a context the model never had."""
+  length = len(instruction) + len(response) - 1
+  if length > engine.max_len:
+    raise UserError(f'the row has {length + 1} tokens: scoring it takes {length} positions, more '
+                    f'than --max_len {engine.max_len} (raise --max_len)')
+
+
 def read_requests(path: str, engine: Engine, tok: Tokenizer, *, with_response: bool
                   ) -> tuple[list[dict], list[tuple[list[int], list[int] | None]]]:
   """The JSONL/Parquet rows of `path` and their (instruction ids, response ids) from text fields
   {"instruction", "condition"?, "response"?} or token ids {"instruction_ids", "response_ids"?}.
-  A malformed row raises ValueError naming the file and line; so does a prompt too long to
-  generate from (unless `with_response`: scoring has no length limit)."""
+  A malformed row raises ValueError naming the file and line; so does a row longer than the
+  engine's max_len (a prompt that leaves no room to generate; a scored row that would not fit)."""
   from hrmtext.data.sources import raw_rows
   rows, pairs = [], []
   for where, row in raw_rows(path):
@@ -90,7 +101,9 @@ def read_requests(path: str, engine: Engine, tok: Tokenizer, *, with_response: b
       if not isinstance(row, dict):
         raise UserError(f'expected a JSON object, got {type(row).__name__}')
       pair = _encode_row(tok, row, engine.vocab_size, with_response)
-      if not with_response:
+      if with_response:
+        check_scored_row(engine, *pair)
+      else:
         check_prompt(engine, pair[0])
     except ValueError as e:
       raise UserError(f'{where}: {e}') from None

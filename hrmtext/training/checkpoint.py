@@ -157,7 +157,8 @@ def _item_files(folder: str) -> list[str]:
   """Paths (with '/') of the files of the step's items: Orbax changes its own files at the top
   level (step metadata, commit marker) after this."""
   return sorted(os.path.relpath(os.path.join(parent, name), folder).replace(os.sep, '/')
-                for item in os.listdir(folder) if os.path.isdir(os.path.join(folder, item))
+                for item in os.listdir(folder)
+                if os.path.isdir(os.path.join(folder, item)) and not item.startswith('.')
                 for parent, _, names in os.walk(os.path.join(folder, item)) for name in names)
 
 
@@ -189,8 +190,9 @@ def step_dir(mngr: Manager, step: int) -> str:
 
 
 def saved_items(mngr: Manager, step: int) -> set:
-  path = step_dir(mngr, step)
-  return {name for name in os.listdir(path) if os.path.isdir(os.path.join(path, name))}
+  path = step_dir(mngr, step)  # hidden folders are temporary (files.atomic_path), not items
+  return {name for name in os.listdir(path)
+          if os.path.isdir(os.path.join(path, name)) and not name.startswith('.')}
 
 
 def _checksums(path: str) -> dict | None:

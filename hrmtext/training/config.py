@@ -6,6 +6,7 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from hrmtext.cli import UserError
 from hrmtext.data.config import data_config
 from hrmtext.model.config import ModelConfig
 
@@ -66,3 +67,54 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ''
   c.init_mode = 'continue'
   return c
+
+
+def _at_least(low):
+  return (lambda value, _: value >= low), f'>= {low}'
+
+
+_FRACTION = (lambda value, _: 0 <= value < 1), 'in [0, 1)'
+
+# (field, (is the value fine given the config, what it must be)). Model fields are ModelConfig's.
+_RULES = (
+    ('train.steps', (lambda v, _: v >= 0, '>= 0 (0: train.epochs epochs)')),
+    ('train.epochs', (lambda v, c: v >= 1 or c.train.steps > 0, '>= 1 when train.steps is 0')),
+    ('data.seq_len', _at_least(1)),
+    ('train.global_batch_tokens', (lambda v, c: v >= c.data.seq_len, '>= data.seq_len (one row)')),
+    ('train.micro_batches', _at_least(1)),
+    ('train.lr', _at_least(0)),
+    ('train.warmup_steps', _at_least(0)),
+    ('train.lr_min_ratio', _at_least(0)),
+    ('train.b1', _FRACTION),
+    ('train.b2', _FRACTION),
+    ('train.weight_decay', _at_least(0)),
+    ('train.ema_decay', (lambda v, _: 0 <= v <= 1, 'in [0, 1]')),
+    ('train.bp_min', _at_least(1)),
+    ('train.bp_max', (lambda v, c: v >= c.train.bp_min, '>= train.bp_min')),
+    ('train.bp_warmup_ratio', _at_least(0)),
+    ('train.loss_chunk_len', (lambda v, _: v >= -1, '>= 0, or -1 (auto)')),
+    ('data.worker_count', _at_least(0)),
+    ('data.worker_buffer_size', _at_least(1)),
+    ('data.pack_window_rows', _at_least(1)),
+    ('checkpoint.every_steps', _at_least(1)),
+    ('checkpoint.every_minutes', (lambda v, _: v >= 0, '>= 0 (0: off)')),
+    ('checkpoint.keep', _at_least(1)),  # 0 would delete every checkpoint, old ones too
+    ('eval.every_steps', _at_least(1)),
+    ('eval.rows', (lambda v, _: v >= 0, ">= 0 (0: the train step's rows)")),
+    ('eval.generate_per_task', _at_least(0)),
+    ('profile.start_step', _at_least(1)),
+    ('profile.num_steps', _at_least(0)),
+    ('log_every_steps', _at_least(1)),
+)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """UserError naming the first field of an experiment config (base_config's schema) whose value
+  cannot work, e.g. checkpoint.keep=0 (which would delete every checkpoint) or train.steps=-1
+  (which would train nothing and exit 0). Call it before any work."""
+  for field, (fine, requirement) in _RULES:
+    value = config
+    for key in field.split('.'):
+      value = value.get(key) if value is not None else None
+    if value is not None and not fine(value, config):
+      raise UserError(f'config {field}={value!r}: must be {requirement}')

@@ -22,6 +22,7 @@ from hrmtext.model.flops import peak_flops, train_flops_per_token
 from hrmtext.parallel import distributed, sharding
 from hrmtext.parallel.mesh import make_mesh
 from hrmtext.training import checkpoint, optimizer, schedules
+from hrmtext.training.config import validate
 from hrmtext.training.step import (TrainState, heldout_metrics, init_state, loss_chunk_len,
                                    make_eval_step, make_train_step, state_shardings)
 
@@ -107,6 +108,7 @@ class Trainer:
   """Everything a run needs, built from the config; `run()` trains to the end."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    validate(config)
     distributed.initialize()
     self.config, self.workdir = config, workdir
     self.mesh = make_mesh(config.mesh)
