@@ -412,6 +412,19 @@ def test_a_failing_eval_loses_no_checkpoint(data_dir, tmp_path, monkeypatch):
   assert finalized_steps(workdir) == [4]
 
 
+def test_a_broken_heldout_set_fails_before_any_training(data_dir, tmp_path):
+  """The held-out batches are built at start-up: a cut tokens.npy is one line, before step 1."""
+  from hrmtext.data import layout
+  data = tmp_path / 'data'
+  shutil.copytree(data_dir, data)
+  source = data / 'tokenized' / 'heldout' / 'task'
+  layout.write_tokenized_source(str(source), np.arange(40) % 250 + 5, [5, 5], [15, 15])
+  (source / 'tokens.npy').write_bytes((source / 'tokens.npy').read_bytes()[:-50])
+  result = run_train(tmp_path / 'run', *tiny_overrides(data), timeout=120)
+  assert_one_line_error(result, 'tokens.npy')
+  assert finalized_steps(tmp_path / 'run') == [] and not metric_rows(tmp_path / 'run')
+
+
 def test_help_and_missing_data_dir(tmp_path):
   result = run_train(tmp_path / 'help', '--help', timeout=120)
   assert result.returncode in (0, 1)  # absl exits 1 after printing --help
