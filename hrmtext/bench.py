@@ -39,22 +39,19 @@ import time
 import jax
 import numpy as np
 from absl import flags
-from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 from tqdm import tqdm
 
 from hrmtext import cli
 from hrmtext.cli import UserError
 from hrmtext.data import packing
-from hrmtext.data.packing import FIELDS
 from hrmtext.data.layout import Index
-from hrmtext.model import build_model, credit_horizon
+from hrmtext.model import credit_horizon
 from hrmtext.model.flops import compiled_matmul_flops, peak_flops, train_flops_per_token
 from hrmtext.parallel import distributed, sharding, targets
 from hrmtext.parallel.mesh import make_mesh
-from hrmtext.training import optimizer, schedules
 from hrmtext.training.loop import check_batch_split, model_config
-from hrmtext.training.step import init_state, loss_chunk_len, make_train_step, state_shardings
+from hrmtext.training.program import TrainProgram
 
 # Each flag exists in the XLA of jax 0.10.2 and 0.11.2 (NVIDIA JAX-Toolbox / MaxText practice,
 # not yet A/B-measured here: set XLA_FLAGS yourself to compare). The collective ones pay off with
@@ -71,6 +68,7 @@ GPU_XLA_FLAGS = (
     '--xla_gpu_all_reduce_combine_threshold_bytes=134217728',
 )
 CUDA_PLUGINS = ('jax_cuda13_plugin', 'jax_cuda12_plugin')
+BENCH_STEPS = 1000  # the learning-rate schedule's length when config.train.steps is 0
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', os.path.join(os.path.dirname(__file__), '..', 'experiments', 'tiny_cpu.py'),
@@ -153,21 +151,11 @@ def peak_memory_gib() -> float | None:
   return None if None in peaks else max(peaks) / 2**30
 
 
-def jitted_train_step(config, model, mesh, horizon):
-  """(optimizer, state shardings, batch sharding, jitted train step), as hrmtext.training.loop's
-  Trainer builds them."""
-  tc = config.train
-  tx = optimizer.adam_atan2(
-      schedules.warmup_cosine(tc.lr, tc.warmup_steps, max(1, tc.steps), tc.lr_min_ratio),
-      tc.b1, tc.b2, tc.weight_decay)
-  shardings = state_shardings(model, mesh)
-  batch_sharding = NamedSharding(  # [micro_batches, rows, len]
-      mesh, PartitionSpec(None, *sharding.batch_sharding(mesh).spec))
-  chunk = loss_chunk_len(tc.loss_chunk_len, model.cfg.vocab_size, config.data.seq_len)
-  train_step = jax.jit(make_train_step(model, tx, horizon, tc.ema_decay, chunk),
-                       in_shardings=(shardings, batch_sharding),
-                       out_shardings=(shardings, None), donate_argnums=0)
-  return tx, shardings, batch_sharding, train_step
+def build_program(config, mesh, vocab_size: int) -> TrainProgram:
+  """The Trainer's program for `config` (vocab_size: when config.model leaves it unset). Without
+  train.steps (no data here to count epochs in) the schedule spans BENCH_STEPS."""
+  return TrainProgram(config, model_config(config, vocab_size), mesh,
+                      config.train.steps or BENCH_STEPS)
 
 
 def compile_report(train_step, abstract_state, abstract_batch, flops_per_token: float) -> dict:
@@ -261,20 +249,18 @@ def run(config) -> dict:
   tc, seq_len, micro = config.train, config.data.seq_len, config.train.micro_batches
   mesh = make_mesh(config.mesh, targets.devices(_TARGET.value) if _TARGET.value else None)
   device_kind = mesh.devices.flat[0].device_kind
-  model_cfg = model_config(config, _VOCAB.value)
-  model = build_model(model_cfg)
   rows = _ROWS.value or tc.global_batch_tokens // seq_len
   check_flags(config, rows, mesh.shape['data'] * mesh.shape['fsdp'])
+  program = build_program(config, mesh, _VOCAB.value)
+  model_cfg = program.model_cfg
   bp = _BP_STEPS.value or tc.bp_max
   horizon = credit_horizon(model_cfg, bp)
   flops_per_token = train_flops_per_token(model_cfg, horizon, seq_len)
-  tx, shardings, batch_sharding, train_step = jitted_train_step(config, model, mesh, horizon)
+  train_step = program.train_step(horizon)
   devices = mesh.devices.size
   applications = ((1, 1) if model_cfg.architecture == 'transformer' else
                   (sum(horizon.L) + sum(horizon.H), len(horizon.L) + len(horizon.H)))
-  init = lambda: init_state(model, tx, jax.random.key(tc.seed))
-  abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                jax.eval_shape(init), shardings)
+  abstract_state = program.abstract_state()
   results = {
       'architecture': model_cfg.architecture,
       'attention': model_cfg.attention,
@@ -288,7 +274,7 @@ def run(config) -> dict:
       'bp_steps': bp,
       'differentiable_applications': '{}/{}'.format(*applications),
       'remat_policy': model_cfg.remat_policy,
-      'loss_chunk_len': loss_chunk_len(tc.loss_chunk_len, model_cfg.vocab_size, seq_len),
+      'loss_chunk_len': program.loss_chunk_len,
       'flops_per_token': flops_per_token,
   }
   if distributed.is_main_process():
@@ -298,16 +284,14 @@ def run(config) -> dict:
   shape = (micro, rows // micro, seq_len)
   with sharding.activate(mesh):  # logical activation constraints apply while tracing
     if _COMPILE_ONLY.value:
-      abstract_batch = {name: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding)
-                        for name in FIELDS}
-      return {**results, **compile_report(train_step, abstract_state, abstract_batch,
+      return {**results, **compile_report(train_step, abstract_state, program.abstract_batch(rows),
                                           flops_per_token)}
     rows_batch = synthetic_rows(rows, seq_len, model_cfg.vocab_size, _MIN_LEN.value,
                                 _MAX_LEN.value, _INSTRUCTION.value, config.data.pack_window_rows,
                                 _SEED.value)
-    state = jax.jit(init, out_shardings=shardings)()
+    state = program.init_state()
     batch = {name: jax.make_array_from_callback(
-        shape, batch_sharding, lambda index, x=x.reshape(shape): x[index])
+        shape, program.batch_sharding, lambda index, x=x.reshape(shape): x[index])
              for name, x in rows_batch.items()}
     compile_s, step_s, metrics = time_train_step(train_step, state, batch)
 

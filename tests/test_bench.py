@@ -87,3 +87,26 @@ def test_decode_bench_matches_transformers():
     assert float(line['decode_tokens_per_s']) > 0 and line['new_tokens'] == '5'
   # Greedy tokens of the weights exported to transformers are those hrmtext generated.
   assert all(line['same_tokens_as_hrmtext'] == '1.000' for line in lines if line['engine'] == 'hf')
+
+
+def test_bench_and_train_compile_the_same_program(tmp_path):
+  """For one config, the Trainer's train step and bench's lower to the same module: both come
+  from training.program.TrainProgram, with the same schedule, shardings and loss chunking."""
+  from hrmtext.model import credit_horizon
+  from hrmtext.parallel import sharding
+  from hrmtext.training.loop import Trainer
+  from tests.test_train import make_fixture_data, tiny_config
+  make_fixture_data(tmp_path / 'data')
+  config = tiny_config(tmp_path / 'data')
+  trainer = Trainer(config, str(tmp_path / 'run'))
+  bench_program = bench.build_program(config, trainer.mesh, vocab_size=300)  # the fixture's
+  rows = trainer.global_rows
+  texts = []
+  for program in (trainer.program, bench_program):
+    horizon = credit_horizon(program.model_cfg, config.train.bp_max)
+    with sharding.activate(program.mesh):
+      lowered = program.train_step(horizon).lower(program.abstract_state(),
+                                                  program.abstract_batch(rows))
+    texts.append(lowered.as_text())
+  assert texts[0] == texts[1]
+  assert trainer.program.model_cfg == bench_program.model_cfg

@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from hrmtext.model import ModelConfig, build_model, credit_horizon
+from hrmtext.model import ModelConfig, credit_horizon
 from hrmtext.model.attention import auto_implementation
 from hrmtext.parallel import sharding, targets
 from hrmtext.parallel.mesh import make_mesh
-from hrmtext.training import optimizer
-from hrmtext.training.step import init_state, make_train_step, state_shardings
+from hrmtext.training.config import base_config
+from hrmtext.training.program import TrainProgram
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU_TARGET, GPU_TARGET = 'v5p:2x2x1', 'h100:2'
@@ -48,30 +48,22 @@ def small_config(attention: str) -> ModelConfig:
                      attention=attention)
 
 
-def train_step_for(cfg: ModelConfig, devices, rows: int):
-  """The jitted train step of `cfg` with fsdp over `devices`, its abstract inputs, and the mesh."""
-  model = build_model(cfg)
+def program_for(cfg: ModelConfig, devices, rows: int) -> TrainProgram:
+  """The train program of `cfg` with fsdp over `devices`, one micro-batch of `rows` rows."""
+  config = base_config()
+  config.data.seq_len = SEQ_LEN
+  config.train.update(global_batch_tokens=rows * SEQ_LEN, lr=1e-3, warmup_steps=10,
+                      ema_decay=0.999)
   mesh = make_mesh(SimpleNamespace(data=1, fsdp=-1, tensor=1), devices)
-  tx = optimizer.adam_atan2(1e-3)
-  shardings = state_shardings(model, mesh)
-  batch_sharding = jax.sharding.NamedSharding(  # [micro_batches, rows, len]
-      mesh, jax.sharding.PartitionSpec(None, *sharding.batch_sharding(mesh).spec))
-  step = jax.jit(make_train_step(model, tx, credit_horizon(cfg, 3), ema_decay=0.999),
-                 in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                 donate_argnums=0)
-  init = lambda: init_state(model, tx, jax.random.key(0))
-  state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                       jax.eval_shape(init), shardings)
-  fields = ('inputs', 'labels', 'positions', 'segment_ids', 'is_instruction')
-  batch = {name: jax.ShapeDtypeStruct((1, rows, SEQ_LEN), jnp.int32, sharding=batch_sharding)
-           for name in fields}
-  return step, (state, batch), mesh
+  return TrainProgram(config, cfg, mesh, total_steps=100)
 
 
 def lower(attention: str, devices, rows: int):
-  step, args, mesh = train_step_for(small_config(attention), devices, rows)
-  with sharding.activate(mesh):  # the mesh in context: the kernels trace for its devices
-    return step.lower(*args)
+  cfg = small_config(attention)
+  program = program_for(cfg, devices, rows)
+  with sharding.activate(program.mesh):  # the mesh in context: the kernels trace for its devices
+    return program.train_step(credit_horizon(cfg, 3)).lower(program.abstract_state(),
+                                                            program.abstract_batch(rows))
 
 
 def module_text(lowered) -> str:

@@ -6,7 +6,8 @@ Helpers for other test files (keep these names stable):
   start_train(workdir, *overrides, env=None) -> subprocess.Popen (output to <workdir>.log)
   read_metrics(workdir) -> {step: row} of <workdir>/metrics.jsonl, train and eval rows merged
   finalized_steps(workdir) -> sorted steps of the committed checkpoints in <workdir>/checkpoints
-  TINY: override flags of a tiny model and schedule; tiny_overrides(data_dir, *more) adds the data
+  TINY: override flags of a tiny model and schedule; tiny_overrides(data_dir, *more) adds the data;
+  tiny_config(data_dir): the same as a config, for an in-process Trainer
   make_fixture_data(path): the small learnable dataset (reference layout) the tests train on
 """
 import ast
@@ -325,6 +326,16 @@ def test_init_from_errors_are_one_line(reference_run, data_dir, tmp_path):
   assert_one_line_error(missing, 'init_from', str(tmp_path / 'nowhere'))
 
 
+def tiny_config(data_dir):
+  """The config `tiny_overrides(data_dir)` gives the CLI, for an in-process Trainer."""
+  from hrmtext.training.config import experiment_config
+  config = experiment_config(CONFIG)
+  config.update_from_flattened_dict({
+      name[len('--config.'):]: literal(value)
+      for name, value in (arg.split('=', 1) for arg in tiny_overrides(data_dir))})
+  return config
+
+
 def literal(text: str):
   """A flag's value as Python: 32 -> int, 1e-2 -> float, a path stays a string."""
   try:
@@ -395,11 +406,7 @@ def test_a_failing_eval_loses_no_checkpoint(data_dir, tmp_path, monkeypatch):
   """The checkpoint of a step is saved before its eval: an eval that fails at step 4 leaves
   step 4 saved (in-process, the eval replaced by one that raises)."""
   from hrmtext.training import loop
-  from hrmtext.training.config import experiment_config
-  config = experiment_config(CONFIG)
-  config.update_from_flattened_dict({
-      name[len('--config.'):]: literal(value)
-      for name, value in (arg.split('=', 1) for arg in tiny_overrides(data_dir))})
+  config = tiny_config(data_dir)
   config.eval.every_steps = config.checkpoint.every_steps = 4
 
   def failing_eval(self, params):

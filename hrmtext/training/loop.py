@@ -17,14 +17,14 @@ from hrmtext.data import pipeline
 from hrmtext.data.layout import SampledSet
 from hrmtext.evals.engine import heldout_generation_eval
 from hrmtext.files import atomic_open
-from hrmtext.model import ModelConfig, build_model, credit_horizon
+from hrmtext.model import ModelConfig, credit_horizon
 from hrmtext.model.flops import peak_flops, train_flops_per_token
 from hrmtext.parallel import distributed, sharding
 from hrmtext.parallel.mesh import make_mesh
 from hrmtext.training import checkpoint, optimizer, schedules
 from hrmtext.training.config import validate
-from hrmtext.training.step import (TrainState, heldout_metrics, init_state, loss_chunk_len,
-                                   make_eval_step, make_train_step, state_shardings)
+from hrmtext.training.program import TrainProgram
+from hrmtext.training.step import TrainState, heldout_metrics
 
 
 # How `init_from` starts a run (DESIGN §3, SFT): 'continue' (the reference default) takes the
@@ -113,8 +113,6 @@ class Trainer:
     self.config, self.workdir = config, workdir
     self.mesh = make_mesh(config.mesh)
     sampled = SampledSet(pipeline.sampled_dir(config.data))
-    self.model_cfg = model_config(config, sampled.metadata['tokenizer_info']['vocab_size'])
-    self.model = build_model(self.model_cfg)
     tc, seq_len = config.train, config.data.seq_len
     self.global_rows = tc.global_batch_tokens // seq_len
     # The mesh spans all processes' devices: batch_shards already counts every process.
@@ -122,13 +120,10 @@ class Trainer:
     check_batch_split(self.global_rows, tc.micro_batches, batch_shards)
     self.total_steps = tc.steps or max(1, tc.epochs * sampled.metadata['total_length']
                                        // tc.global_batch_tokens)
-    self.schedule = schedules.warmup_cosine(tc.lr, tc.warmup_steps, self.total_steps,
-                                            tc.lr_min_ratio)
-    self.tx = optimizer.adam_atan2(self.schedule, tc.b1, tc.b2, tc.weight_decay)
-    self.state_shardings = state_shardings(self.model, self.mesh)
-    self.row_sharding = sharding.batch_sharding(self.mesh)  # [rows, len]
-    self.batch_sharding = jax.sharding.NamedSharding(  # [micro_batches, rows, len]
-        self.mesh, jax.sharding.PartitionSpec(None, *self.row_sharding.spec))
+    self.program = TrainProgram(
+        config, model_config(config, sampled.metadata['tokenizer_info']['vocab_size']),
+        self.mesh, self.total_steps)
+    self.model_cfg = self.program.model_cfg
     self.mngr = checkpoint.manager(workdir, max_to_keep=config.checkpoint.keep,
                                    async_save=config.checkpoint.async_save)
     # Where this run resumes (None: it starts): the newest step whose files are as saved.
@@ -140,10 +135,6 @@ class Trainer:
         config.data, rows_per_process=self.global_rows // data_count, seq_len=seq_len,
         process_index=data_index, process_count=data_count, seed=tc.seed,
         start=self.resume_step or 0)
-    self._steps = {}  # credit horizon -> compiled train step (baselines: one fixed horizon)
-    self.loss_chunk_len = loss_chunk_len(tc.loss_chunk_len, self.model_cfg.vocab_size, seq_len)
-    self._eval_step = jax.jit(make_eval_step(self.model, self.loss_chunk_len),
-                              in_shardings=(self.state_shardings.params, self.row_sharding))
     # Built now, so a broken held-out set fails before any training, not at the first eval.
     self._eval_batches = pipeline.make_eval_batches(
         config.data, rows=config.eval.rows or self.global_rows // tc.micro_batches,
@@ -194,15 +185,14 @@ class Trainer:
   def _initial_state(self) -> tuple[TrainState, int]:
     """Resume from the workdir, else start from `init_from` weights, else from scratch."""
     step = self.resume_step
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            jax.eval_shape(self._init_fn), self.state_shardings)
+    abstract = self.program.abstract_state()
     if step is not None:
       self._say(f'resuming from {self.mngr.directory} step {step}')
       items = checkpoint.restore(self.mngr, step, params=abstract.params, ema=abstract.ema,
                                  opt_state=abstract.opt_state)
       return TrainState(jnp.asarray(step, jnp.int32), items['params'], items['ema'],
                         items['opt_state']), step
-    state = jax.jit(self._init_fn, out_shardings=self.state_shardings)()
+    state = self.program.init_state()
     source, mode = self.config.init_from, self.config.init_mode  # checked in __init__
     if source and mode == 'continue':
       mngr = checkpoint.manager(source, create=False)
@@ -216,23 +206,12 @@ class Trainer:
       state = state.replace(params=items['params'], ema=items['ema'], opt_state=opt_state)
     elif source:
       _, params, _ = checkpoint.load_weights(source, use_ema=mode == 'ema',
-                                             shardings=self.state_shardings.params)
+                                             shardings=self.program.state_shardings.params)
       which = 'its EMA' if mode == 'ema' else 'its params'
       self._say(f'starting from the weights of {source} ({which}), fresh optimizer')
       # The EMA must not share the params' buffers: the train step donates both.
       state = state.replace(params=params, ema=optimizer.ema_init(params))
     return state, 0
-
-  def _init_fn(self):
-    return init_state(self.model, self.tx, jax.random.key(self.config.train.seed))
-
-  def _train_step(self, horizon):
-    if horizon not in self._steps:
-      fn = make_train_step(self.model, self.tx, horizon, self.config.train.ema_decay,
-                           self.loss_chunk_len)
-      self._steps[horizon] = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
-                                     out_shardings=(self.state_shardings, None), donate_argnums=0)
-    return self._steps[horizon]
 
   def _global_batch(self, local: dict) -> dict:
     micro = self.config.train.micro_batches
@@ -240,16 +219,16 @@ class Trainer:
     for name, x in local.items():
       x = x.reshape(micro, -1, *x.shape[1:])
       shape = (micro, self.global_rows // micro) + x.shape[2:]
-      out[name] = jax.make_array_from_process_local_data(self.batch_sharding, x, shape)
+      out[name] = jax.make_array_from_process_local_data(self.program.batch_sharding, x, shape)
     return out
 
   def evaluate(self, params) -> dict:
     """Teacher-forced loss and accuracies on the held-out set, over all tasks and per task
     (every process holds all of it)."""
     put = lambda batch: {
-        k: jax.make_array_from_callback(v.shape, self.row_sharding, lambda i, v=v: v[i])
+        k: jax.make_array_from_callback(v.shape, self.program.row_sharding, lambda i, v=v: v[i])
         for k, v in batch.items()}
-    metrics = heldout_metrics(self._eval_step, params, self._eval_batches, put)
+    metrics = heldout_metrics(self.program.eval_step, params, self._eval_batches, put)
     if metrics and self._generate_per_task:
       metrics.update(self._generation_eval(params))
     return metrics
@@ -258,7 +237,7 @@ class Trainer:
     """Greedy exact match per held-out task, as `hrmtext.evaluate` scores it."""
     if self._generation is None:
       self._generation = heldout_generation_eval(
-          self.model, self.config.data.dir, pipeline.sampled_dir(self.config.data),
+          self.program.model, self.config.data.dir, pipeline.sampled_dir(self.config.data),
           limit=self._generate_per_task, max_new_tokens=self.config.data.seq_len) or (lambda _: {})
     return self._generation(params)
 
@@ -317,7 +296,7 @@ class Trainer:
         with waits.timing('data'):
           batch = self._global_batch(next(self.data))
         horizon = credit_horizon(self.model_cfg, bp)
-        state, metrics = self._train_step(horizon)(state, batch)
+        state, metrics = self.program.train_step(horizon)(state, batch)
         profile.after(step, state)
         # Decided by all processes together, at one step: a signal to any of them stops all; a
         # time-based checkpoint is due when any process's clock says so.
@@ -332,7 +311,7 @@ class Trainer:
           elapsed, t0 = time.time() - t0, time.time()
           tokens_per_s = tokens_per_step * (step - logged_step) / elapsed
           flops = train_flops_per_token(self.model_cfg, horizon, config.data.seq_len)
-          metrics.update(lr=float(self.schedule(step - 1)), bp_steps=horizon.differentiable,
+          metrics.update(lr=float(self.program.schedule(step - 1)), bp_steps=horizon.differentiable,
                          tokens_per_s=tokens_per_s,
                          **waits.report(elapsed, step - logged_step))
           logged_step = step
