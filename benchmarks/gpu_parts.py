@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hrmtext.model.attention import AttentionMask, attention
+from hrmtext.model.kernels import PackedRuns, cudnn
 
 
 def environment() -> dict:
@@ -109,7 +110,12 @@ def attention_check(batch, seq_len, heads, head_dim, max_segments, repeats, seed
   """'cudnn' and 'xla' in bf16 against 'xla' in fp32 (matmuls at HIGHEST) on packed rows."""
   rng = np.random.default_rng(seed)
   segment_ids, is_instruction = packed_rows(rng, batch, seq_len, max_segments)
-  mask = AttentionMask.packed(jnp.asarray(segment_ids), jnp.asarray(is_instruction))
+  # The runs as the packer gives them to training (tests/test_kernels.py: the packer's runs are
+  # these), sized by the bound: the cuDNN path training runs.
+  segments, instruction = jnp.asarray(segment_ids), jnp.asarray(is_instruction)
+  runs = PackedRuns(*cudnn._runs(segments, jnp.ones_like(instruction), max_segments + 1),
+                    *cudnn._runs(segments, instruction, max_segments + 1))
+  mask = AttentionMask.packed(segments, instruction, runs)
   shape = (batch, seq_len, heads, head_dim)
   inputs = [jax.random.normal(key, shape, jnp.float32)
             for key in jax.random.split(jax.random.key(seed), 4)]  # q, k, v, cotangent

@@ -17,8 +17,8 @@ parameters unless said:
 Switches on the HRM arm:
   no_magicnorm      no final RMSNorm on either stack (model.final_norm none)
   post_norm         post-norm blocks, as the reference's norm_type post (model.norm_type post)
-  full_bptt         every application differentiable (model.full_bptt)
-  fixed_bp          bp_steps 5 from the first step, no warmup (train.bp_min = bp_max = 5)
+  full_bptt         every application differentiable (train.horizon.schedule full)
+  fixed_bp          bp_steps 5 from the first step, no warmup (train.horizon.bp_min = bp_max = 5)
   causal            instruction tokens attend causally too (model.attn_type causal)
   all_tokens_loss   loss on the instruction tokens too (data.target_only False)
 
@@ -39,8 +39,8 @@ ARCHITECTURE_ARMS = ('hrm', 'transformer', 'transformer_deep', 'ut', 'trm', 'trm
 SWITCHES = {
     'no_magicnorm': {'model.final_norm': 'none'},
     'post_norm': {'model.norm_type': 'post'},
-    'full_bptt': {'model.full_bptt': True},
-    'fixed_bp': {'train.bp_min': 5, 'train.bp_max': 5},
+    'full_bptt': {'train.horizon.schedule': 'full'},
+    'fixed_bp': {'train.horizon.bp_min': 5, 'train.horizon.bp_max': 5},
     'causal': {'model.attn_type': 'causal'},
     'all_tokens_loss': {'data.target_only': False},
 }
@@ -65,9 +65,7 @@ def get_config(arm: str = 'hrm'):
     architecture = 'transformer' if arm == 'transformer_deep' else arm
     layers = 4 * N_LAYERS if arm == 'transformer_deep' else stack_layers(N_LAYERS, architecture)
     c.model.update(architecture=architecture, layers_per_stack=layers)
-  for path, value in SWITCHES.get(arm, {}).items():
-    group, name = path.split('.')
-    c[group][name] = value
+  c.update_from_flattened_dict(SWITCHES.get(arm, {}))
   # One held-out evaluation, at the end, with greedy generation (set per run by the runner).
   c.eval.update(every_steps=10**9, generate_per_task=32)
   return c
@@ -93,7 +91,7 @@ def arm_result(arm: str, workdir: str, wall_s: float) -> dict:
   import jax
   import ml_collections
   from hrmtext.data import pipeline
-  from hrmtext.model import build_model, credit_horizon
+  from hrmtext.model import build_model
   from hrmtext.model.flops import forward_flops_per_token, train_flops_per_token
   from hrmtext.training import checkpoint, schedules
   from hrmtext.training.step import heldout_metrics, make_eval_step
@@ -103,15 +101,14 @@ def arm_result(arm: str, workdir: str, wall_s: float) -> dict:
     rows = [json.loads(line) for line in f if line.strip()]
   last_eval = [row for row in rows if 'eval/loss' in row][-1]
   steps = max(row['step'] for row in rows)
-  bp = schedules.bp_steps(steps - 1, steps, train['bp_min'], train['bp_max'],
-                          train['bp_warmup_ratio'])
+  horizon = schedules.horizon_schedule(train['horizon'], cfg, steps)(steps - 1)  # the last step's
   batches = pipeline.make_eval_batches(data, rows=EVAL_ROWS, seq_len=data.seq_len)
   heldout = heldout_metrics(jax.jit(make_eval_step(build_model(cfg))), params, batches)
   return {
       'arm': arm, 'steps': steps, 'wall_s': wall_s,
       'params': sum(x.size for x in jax.tree.leaves(params)),
       'forward_flops': forward_flops_per_token(cfg, data.seq_len),
-      'train_flops': train_flops_per_token(cfg, credit_horizon(cfg, bp), data.seq_len),
+      'train_flops': train_flops_per_token(cfg, horizon, data.seq_len),
       'eval_loss': heldout['eval/loss'], 'eval_exact': heldout['eval/exact_accuracy'],
       'eval_loss_per_task': {task: heldout[f'eval/{task}/loss'] for task in batches},
       'greedy_exact': last_eval.get('eval_gen/exact_match'),

@@ -15,7 +15,7 @@ from hrmtext.training.config import base_config
 # Per size: (peak lr, global batch tokens). The reference trains L at 2.5e-4 on 42 x 4096-token
 # rows, every other size at 2.2e-4 on 48 rows.
 RECIPES = {'B': (2.2e-4, 196_608), 'L': (2.5e-4, 172_032), 'XL': (2.2e-4, 196_608),
-           'XXL': (2.2e-4, 196_608)}
+           'XXL': (2.2e-4, 196_608), 'XXL_wide': (2.2e-4, 196_608)}
 
 
 def get_config(size: str = 'XL'):
@@ -23,7 +23,11 @@ def get_config(size: str = 'XL'):
     raise ValueError(f'unknown size {size!r}; have {sorted(RECIPES)}')
   lr, batch_tokens = RECIPES[size]
   c = base_config()
-  c.model.update(size=size, dtype='bfloat16')
+  c.model.size = size
+  # bf16 compute; the fewest micro-batches and the cheapest remat that fit the devices' memory
+  # (hrmtext.training.fit); the attention kernel for the devices (compute.attention 'auto').
+  c.compute.update(dtype='bfloat16', remat_policy='auto')
+  c.train.micro_batches = 0
   c.data.seq_len = 4096
   c.data.tokenizer.vocab_size = 65_536
   c.train.update(lr=lr, global_batch_tokens=batch_tokens)

@@ -26,10 +26,10 @@ from hrmtext.training.config import base_config, experiment_config
 
 def sft_recipe(c, *, lr: float, global_batch_tokens: int, epochs: int, ema_decay: float):
   """The reference SFT schedule on config `c`: no warmup, cosine to 0.1 x lr, full credit
-  horizon (bp_max) from the first step, continue from `init_from`."""
+  horizon (train.horizon.bp_max) from the first step, continue from `init_from`."""
   c.train.update(lr=lr, warmup_steps=0, lr_min_ratio=0.1, global_batch_tokens=global_batch_tokens,
-                 epochs=epochs, steps=0, weight_decay=0.1, b1=0.9, b2=0.95, ema_decay=ema_decay,
-                 bp_warmup_ratio=0.0)
+                 epochs=epochs, steps=0, weight_decay=0.1, b1=0.9, b2=0.95, ema_decay=ema_decay)
+  c.train.horizon.warmup_ratio = 0.0
   c.init_mode = 'continue'
   return c
 

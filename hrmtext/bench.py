@@ -1,14 +1,14 @@
 r"""Train-step speed, cost and memory of an experiment config, on synthetic packed rows.
 
-  python -m hrmtext.bench --config experiments/hrm.py:XL --config.model.attention=cudnn
+  python -m hrmtext.bench --config experiments/hrm.py:XL
   python -m hrmtext.bench --config experiments/hrm.py:L --config.model.architecture=transformer
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m hrmtext.bench \
       --config experiments/hrm.py:XL --config.mesh.fsdp=8 --compile_only --json
-  python -m hrmtext.bench --config experiments/hrm.py:XL --config.model.attention=auto \
-      --compile_only --target v5p:2x2x2
+  python -m hrmtext.bench --config experiments/hrm.py:XL --compile_only --target v5p:2x2x2
 
-Builds the model, optimizer, shardings and jitted train step as training does (hrmtext.training.step:
-the config's mesh, micro-batches, remat policy and loss chunking, the state donated) and feeds it
+Builds the model, optimizer, shardings and jitted train step as training does (the one builder,
+hrmtext.training.program.build_program: the config's mesh, micro-batches and remat fitted to the
+devices, loss chunking, the state donated) and feeds it
 rows packed, as the data pipeline packs, from random examples: lengths uniform in
 [--min_example_len, --max_example_len], instructions about --instruction_fraction of each. The
 same batch every step, so data loading is not measured (see hrmtext.bench_data for that).
@@ -27,16 +27,19 @@ counts: hrmtext.model.flops.compiled_matmul_flops) and the per-device memory of 
 treat its bytes as an estimate of what the step needs, not a measurement of another backend.
 With --target the step is compiled by the target's own compiler for devices that are not here
 (hrmtext.parallel.targets: TPU slices through libtpu, H100/H200 GPUs deviceless), so its memory
-is that compiler's buffer assignment; --config.model.attention=auto takes the target's kernel.
+is that compiler's buffer assignment. The attention kernel is the config's compute.attention,
+'auto' by default: the one for the devices compiled for (XLA on CPU, cuDNN on H100 in bf16,
+splash on TPU).
 
-On GPU, unless XLA_FLAGS is set, XLA_FLAGS becomes GPU_XLA_FLAGS below (suggested for H100).
+XLA flags and the GPU memory fraction are those every entry point runs with
+(hrmtext.parallel.accelerator): bench and train compile the same program.
 """
-import importlib.util
 import json
 import os
 import time
 
 import jax
+import ml_collections
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
@@ -46,28 +49,15 @@ from hrmtext import cli
 from hrmtext.cli import UserError
 from hrmtext.data import packing
 from hrmtext.data.layout import Index
-from hrmtext.model import credit_horizon
+from hrmtext.model import architecture_horizon
 from hrmtext.model.flops import compiled_matmul_flops, peak_flops, train_flops_per_token
-from hrmtext.parallel import distributed, sharding, targets
+from hrmtext.parallel import distributed, roofline, sharding, targets
 from hrmtext.parallel.mesh import make_mesh
-from hrmtext.training.loop import check_batch_split, model_config
+from hrmtext.training import schedules
+from hrmtext.training.loop import check_batch_split
+from hrmtext.training import program as program_lib
 from hrmtext.training.program import TrainProgram
 
-# Each flag exists in the XLA of jax 0.10.2 and 0.11.2 (NVIDIA JAX-Toolbox / MaxText practice,
-# not yet A/B-measured here: set XLA_FLAGS yourself to compare). The collective ones pay off with
-# FSDP over several GPUs.
-GPU_XLA_FLAGS = (
-    '--xla_gpu_enable_latency_hiding_scheduler=true',  # overlap collectives with compute
-    '--xla_gpu_enable_triton_gemm=false',  # cuBLAS for the GEMMs
-    '--xla_gpu_enable_while_loop_double_buffering=true',  # layer and L-step scans
-    '--xla_gpu_enable_pipelined_all_gather=true',  # FSDP: next layer's weights during this one
-    '--xla_gpu_enable_pipelined_reduce_scatter=true',
-    '--xla_gpu_enable_pipelined_all_reduce=true',
-    '--xla_gpu_all_gather_combine_threshold_bytes=134217728',
-    '--xla_gpu_reduce_scatter_combine_threshold_bytes=67108864',
-    '--xla_gpu_all_reduce_combine_threshold_bytes=134217728',
-)
-CUDA_PLUGINS = ('jax_cuda13_plugin', 'jax_cuda12_plugin')
 BENCH_STEPS = 1000  # the learning-rate schedule's length when config.train.steps is 0
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -75,7 +65,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     'Experiment config file (experiments/*.py); fields overridable as --config.a.b=value.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Train steps to time.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed train steps after compiling.')
-_BP_STEPS = flags.DEFINE_integer('bp_steps', 0, 'Credit horizon; 0: config.train.bp_max.')
+_BP_STEPS = flags.DEFINE_integer(
+    'bp_steps', 0, 'HRM\'s credit horizon (bp_steps; the baselines keep their reference ones); 0: '
+    'the config\'s at the end of training (train.horizon).')
 _ROWS = flags.DEFINE_integer('rows', 0, 'Rows per step; 0: global_batch_tokens / seq_len.')
 _VOCAB = flags.DEFINE_integer('vocab', 65536, 'Vocabulary size when config.model.vocab_size is 0.')
 _MIN_LEN = flags.DEFINE_integer('min_example_len', 64, 'Shortest synthetic example (tokens).')
@@ -100,19 +92,9 @@ _JSON = flags.DEFINE_bool('json', False, 'Also print the results as one JSON obj
                           'stdout line.')
 
 
-def use_gpu_xla_flags() -> bool:
-  """Sets XLA_FLAGS to GPU_XLA_FLAGS when unset and JAX may use CUDA (its plugin is installed,
-  JAX_PLATFORMS allows it); call before anything initializes a JAX backend."""
-  platforms = set(filter(None, os.environ.get('JAX_PLATFORMS', '').split(',')))
-  if ('XLA_FLAGS' in os.environ or (platforms and not platforms & {'cuda', 'gpu'})
-      or not any(importlib.util.find_spec(plugin) for plugin in CUDA_PLUGINS)):
-    return False
-  os.environ['XLA_FLAGS'] = ' '.join(GPU_XLA_FLAGS)
-  return True
-
-
 def synthetic_rows(rows: int, seq_len: int, vocab_size: int, min_len: int, max_len: int,
-                   instruction_fraction: float, window_rows: int, seed: int) -> dict:
+                   instruction_fraction: float, window_rows: int, max_segments: int,
+                   seed: int) -> dict:
   """A packed batch [rows, seq_len] of random examples, planned as the data pipeline plans rows."""
   rng = np.random.default_rng(seed)
   max_len = min(max_len, seq_len)
@@ -125,24 +107,22 @@ def synthetic_rows(rows: int, seq_len: int, vocab_size: int, min_len: int, max_l
     resp_len = length - inst_len + 1  # packed inputs: instruction ++ response[:-1]
     index = Index.from_lengths(inst_len, resp_len)
     lengths = packing.packed_lengths(index, seq_len)
-    plan = packing.pack(lengths, seq_len, window_rows)
+    plan = packing.pack(lengths, seq_len, window_rows, max_segments)
     if plan.num_rows >= rows:
       break
     count *= 2
   tokens = rng.integers(1, vocab_size, int(index.resp_start[-1] + resp_len[-1]))
   return packing.pack_rows(tokens.astype(np.int32), index, lengths, plan.rows(range(rows)),
-                           seq_len)
+                           seq_len, max_segments=max_segments)
 
 
-def check_flags(config, rows: int, batch_shards: int) -> None:
-  tc = config.train
+def check_flags() -> None:
   if _STEPS.value < 1 or _WARMUP.value < 0:
     raise UserError('--steps must be >= 1 and --warmup >= 0')
   if not 2 <= _MIN_LEN.value <= _MAX_LEN.value:
     raise UserError('need 2 <= --min_example_len <= --max_example_len')
   if not 0 < _INSTRUCTION.value < 1:
     raise UserError('--instruction_fraction must be in (0, 1)')
-  check_batch_split(rows, tc.micro_batches, batch_shards)
 
 
 def peak_memory_gib() -> float | None:
@@ -154,8 +134,10 @@ def peak_memory_gib() -> float | None:
 def build_program(config, mesh, vocab_size: int) -> TrainProgram:
   """The Trainer's program for `config` (vocab_size: when config.model leaves it unset). Without
   train.steps (no data here to count epochs in) the schedule spans BENCH_STEPS."""
-  return TrainProgram(config, model_config(config, vocab_size), mesh,
-                      config.train.steps or BENCH_STEPS)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.train.steps = config.train.steps or BENCH_STEPS
+  return program_lib.build_program(config, mesh, vocab_size=vocab_size, epoch_tokens=None,
+                                   log=lambda line: print(line, flush=True))
 
 
 def compile_report(train_step, abstract_state, abstract_batch, flops_per_token: float) -> dict:
@@ -165,8 +147,8 @@ def compile_report(train_step, abstract_state, abstract_batch, flops_per_token: 
   compile_s = time.perf_counter() - start
   tokens = abstract_batch['inputs'].size
   # The compiled module is one device's program (SPMD): all devices together do this times N.
-  compiled_flops = (compiled_matmul_flops(compiled.as_text())
-                    * abstract_batch['inputs'].sharding.mesh.size)
+  mesh = abstract_batch['inputs'].sharding.mesh
+  compiled_flops = compiled_matmul_flops(compiled.as_text()) * mesh.size
   memory = compiled.memory_analysis()
   per_device = None
   if memory is not None:
@@ -182,6 +164,9 @@ def compile_report(train_step, abstract_state, abstract_batch, flops_per_token: 
       'compiled_flops_per_token': compiled_flops / tokens or None,
       'compiled_to_analytic_flops': compiled_flops / tokens / flops_per_token or None,
       'per_device_memory_bytes': per_device,
+      # Roofline: predicted step time, tokens/s, MFU and the ops that dominate.
+      **roofline.predict(compiled.as_text(), mesh.devices.flat[0].device_kind, tokens,
+                         flops_per_token, mesh.size),
   }
 
 
@@ -246,15 +231,20 @@ def time_hf_train_step(cfg, horizon, rows: int, seq_len: int) -> float:
 def run(config) -> dict:
   """Builds, compiles and (unless --compile_only) times the train step; the results (None: not
   measurable here)."""
-  tc, seq_len, micro = config.train, config.data.seq_len, config.train.micro_batches
+  check_flags()
+  config, seq_len = ml_collections.ConfigDict(config.to_dict()), config.data.seq_len
+  if _ROWS.value:
+    config.train.global_batch_tokens = _ROWS.value * seq_len
   mesh = make_mesh(config.mesh, targets.devices(_TARGET.value) if _TARGET.value else None)
   device_kind = mesh.devices.flat[0].device_kind
-  rows = _ROWS.value or tc.global_batch_tokens // seq_len
-  check_flags(config, rows, mesh.shape['data'] * mesh.shape['fsdp'])
+  rows = config.train.global_batch_tokens // seq_len
   program = build_program(config, mesh, _VOCAB.value)
+  micro = program.config.train.micro_batches
+  check_batch_split(rows, micro, mesh.shape['data'] * mesh.shape['fsdp'])
   model_cfg = program.model_cfg
-  bp = _BP_STEPS.value or tc.bp_max
-  horizon = credit_horizon(model_cfg, bp)
+  horizon = (architecture_horizon(model_cfg, _BP_STEPS.value) if _BP_STEPS.value else
+             schedules.final_horizon(program.config.train.horizon, model_cfg))
+  bp = horizon.differentiable
   flops_per_token = train_flops_per_token(model_cfg, horizon, seq_len)
   train_step = program.train_step(horizon)
   devices = mesh.devices.size
@@ -263,7 +253,7 @@ def run(config) -> dict:
   abstract_state = program.abstract_state()
   results = {
       'architecture': model_cfg.architecture,
-      'attention': model_cfg.attention,
+      'attention': program.compute.attention,
       'devices': devices,
       'device_kind': device_kind.replace(' ', '_'),
       'mesh': 'x'.join(map(str, mesh.devices.shape)),
@@ -273,7 +263,7 @@ def run(config) -> dict:
       'seq_len': seq_len,
       'bp_steps': bp,
       'differentiable_applications': '{}/{}'.format(*applications),
-      'remat_policy': model_cfg.remat_policy,
+      'remat_policy': program.compute.remat_policy,
       'loss_chunk_len': program.loss_chunk_len,
       'flops_per_token': flops_per_token,
   }
@@ -281,17 +271,17 @@ def run(config) -> dict:
     print(f'compiling the train step ({model_cfg.architecture}, bp_steps {bp}, {rows} rows x '
           f'{seq_len} tokens in {micro} micro-batches, {devices} x '
           f'{device_kind})', flush=True)
-  shape = (micro, rows // micro, seq_len)
   with sharding.activate(mesh):  # logical activation constraints apply while tracing
     if _COMPILE_ONLY.value:
       return {**results, **compile_report(train_step, abstract_state, program.abstract_batch(rows),
                                           flops_per_token)}
     rows_batch = synthetic_rows(rows, seq_len, model_cfg.vocab_size, _MIN_LEN.value,
                                 _MAX_LEN.value, _INSTRUCTION.value, config.data.pack_window_rows,
-                                _SEED.value)
+                                config.data.max_segments_per_row, _SEED.value)
     state = program.init_state()
     batch = {name: jax.make_array_from_callback(
-        shape, program.batch_sharding, lambda index, x=x.reshape(shape): x[index])
+        (micro, rows // micro, *x.shape[1:]), program.batch_sharding,
+        lambda index, x=x.reshape(micro, rows // micro, *x.shape[1:]): x[index])
              for name, x in rows_batch.items()}
     compile_s, step_s, metrics = time_train_step(train_step, state, batch)
 
@@ -336,7 +326,9 @@ def report(results: dict) -> None:
     memory = results['per_device_memory_bytes'] or {}
     print('per-device memory: ' + (', '.join(f'{k} {v / 2**30:.2f} GiB' for k, v in
                                               memory.items()) or 'n/a'))
-    flat = {k: v for k, v in r.items() if k != 'per_device_memory_bytes'}
+    print('\n'.join(roofline.report_lines(results)))
+    flat = {k: v for k, v in r.items()
+            if k not in ('per_device_memory_bytes', *roofline.NOT_FLAT)}
     flat.update({f'memory_{k}_bytes': v for k, v in memory.items()})
   else:
     mfu = r['mfu'] if results['mfu'] is None else f'{r["mfu"]:.1%}'
@@ -360,8 +352,6 @@ def report(results: dict) -> None:
 
 def main(argv):
   del argv  # cli.run refuses stray arguments
-  if use_gpu_xla_flags():
-    print(f'XLA_FLAGS={os.environ["XLA_FLAGS"]}')
   if _TARGET.value:  # before a JAX backend starts: the target's compiler reads its environment
     if not _COMPILE_ONLY.value:
       raise UserError('--target needs --compile_only (the target\'s devices are not here)')

@@ -28,6 +28,7 @@ from absl import app, flags
 
 from hrmtext import cli
 from hrmtext.infer.engine import Engine, bucket
+from hrmtext.parallel import sharding
 from hrmtext.infer.sampling import Sampling
 from hrmtext.model import ModelConfig, build_model
 
@@ -100,8 +101,9 @@ def decode_step_copies(engine: Engine, window: int) -> float:
   """MiB written per decode step by the compiled chunk's copy-like ops (the profile behind the
   README's decode note): what is not matmul work grows with batch x window when it copies the
   cache."""
-  compiled = Engine._decode.lower(engine, engine.params, engine._init_state(), Sampling(),
-                                  window, False).compile()
+  with sharding.activate(engine.mesh):  # as generate() traces it
+    compiled = engine._decode.lower(engine.params, engine._init_state(), Sampling(), window,
+                                    False).compile()
   hlo = compiled.as_text()
   computations = {}
   for block in hlo.split('\n\n'):

@@ -79,6 +79,8 @@ def run(main, *, multi_process: bool = False, extra_args: bool = False) -> None:
     if len(argv) > 1 and not extra_args:
       fail(f'unexpected arguments: {" ".join(argv[1:])} (--help lists the flags)', USAGE_EXIT)
     quiet_logs()
+    from hrmtext.parallel import accelerator  # pylint: disable=g-import-not-at-top
+    accelerator.configure_environment()  # before JAX starts a backend
     try:
       if multi_process:
         from hrmtext.parallel import distributed  # pylint: disable=g-import-not-at-top (jax)

@@ -26,6 +26,7 @@ from hrmtext.files import atomic_open, check_writable
 from hrmtext.infer import flags as infer_flags
 from hrmtext.infer.engine import Engine
 
+flags.adopt_module_key_flags(infer_flags)  # --help lists the shared flags too
 HELDOUT = flags.DEFINE_string('heldout', '', 'Prepared data root with raw/heldout/ to evaluate '
                               '(default without --benchmarks: the checkpoint\'s training data); '
                               '"none" to skip.')
@@ -89,7 +90,7 @@ def fitting_engine(engine: Engine, tasks) -> Engine:
     return engine
   return Engine(engine.model, engine.params, eoa=engine.eoa, slots=engine.slots,
                 max_len=max(contexts), vocab_size=engine.vocab_size,
-                cache_dtype=engine.cache_dtype)
+                cache_dtype=engine.cache_dtype, mesh=engine.mesh)
 
 
 def write_json(path: str, obj, lines: bool = False) -> None:

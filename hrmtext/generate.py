@@ -16,6 +16,7 @@ from hrmtext.data.sources import write_jsonl
 from hrmtext.files import check_writable
 from hrmtext.infer import Sampling, flags as infer_flags, text
 
+flags.adopt_module_key_flags(infer_flags)  # --help lists the shared flags too
 PROMPT = flags.DEFINE_string('prompt', None, 'Instruction text (single-prompt mode).')
 CONDITION = flags.DEFINE_string('condition', 'direct', 'Condition tags, e.g. direct or synth,cot.')
 INPUT = flags.DEFINE_string('input', None, 'JSONL/Parquet of prompts (batch mode).')

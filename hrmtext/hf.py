@@ -118,11 +118,10 @@ def config_from_hf(hf: dict, layers_in_weights: int | None = None) -> ModelConfi
   rope = r['rope_parameters']
   if rope['rope_type'] != 'default' or r['hidden_act'] != 'silu':
     raise UserError('only default RoPE and silu MLPs are supported')
-  layers, L_bp_cycles = r['num_layers_per_stack'], r['L_bp_cycles']
-  if is_reference_export(hf):  # n_layers of both stacks; the horizon per H cycle
-    L_bp_cycles = hf['L_bp_steps']
-    if layers_in_weights is not None and layers == 2 * layers_in_weights:
-      layers = layers_in_weights
+  layers = r['num_layers_per_stack']
+  if is_reference_export(hf) and layers_in_weights is not None and (
+      layers == 2 * layers_in_weights):  # n_layers of both stacks
+    layers = layers_in_weights
   if layers_in_weights is not None and layers != layers_in_weights:
     raise UserError(f'config.json gives {layers} blocks per stack (num_layers_per_stack, or '
                     f'num_hidden_layers in a legacy file) but the weights hold {layers_in_weights}')
@@ -130,9 +129,25 @@ def config_from_hf(hf: dict, layers_in_weights: int | None = None) -> ModelConfi
       architecture='hrm', vocab_size=r['vocab_size'], hidden_size=r['hidden_size'],
       num_heads=r['num_attention_heads'], head_dim=r['head_dim'],
       intermediate_size=r['intermediate_size'], layers_per_stack=layers, H_cycles=r['H_cycles'],
-      L_cycles=r['L_cycles'], L_bp_cycles=tuple(L_bp_cycles),
-      rope_theta=float(rope['rope_theta']), rms_norm_eps=r['rms_norm_eps'],
-      embedding_scale=float(r['embedding_scale']), z_L_init='zeros')
+      L_cycles=r['L_cycles'], rope_theta=float(rope['rope_theta']),
+      rms_norm_eps=r['rms_norm_eps'], embedding_scale=float(r['embedding_scale']))
+
+
+def horizon_from_hf(hf: dict) -> dict:
+  """The release's credit horizon as a run's train.horizon: per H cycle, its trailing L steps
+  (L_bp_cycles; the authors' export calls it L_bp_steps). A fine-tune trains as released with
+  --config.train.horizon.schedule=per_cycle and these L_bp_cycles."""
+  steps = hf['L_bp_steps'] if is_reference_export(hf) else resolve_hf_config(hf)['L_bp_cycles']
+  return {'schedule': 'per_cycle', 'L_bp_cycles': list(steps)}
+
+
+def release_L_bp_cycles(meta: dict) -> list:
+  """L_bp_cycles to export for a checkpoint: an imported one's, a run's that trained per_cycle,
+  else transformers' default [2] (a no-op at inference)."""
+  horizon = meta.get('horizon') or meta.get('config', {}).get('train', {}).get('horizon', {})
+  if horizon.get('schedule') == 'per_cycle' and horizon.get('L_bp_cycles'):
+    return list(horizon['L_bp_cycles'])
+  return [2]
 
 
 def _hf_shape(cfg: ModelConfig) -> tuple:
@@ -142,10 +157,10 @@ def _hf_shape(cfg: ModelConfig) -> tuple:
           cfg.scale)
 
 
-def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
-  """config.json of `cfg`. `base`, the config.json it was imported from, comes back verbatim
-  when it still describes the model (legacy and reference-export files stay as they were);
-  otherwise its other fields are kept."""
+def config_to_hf(cfg: ModelConfig, base: dict | None = None, L_bp_cycles=(2,)) -> dict:
+  """config.json of `cfg` (with the release horizon `L_bp_cycles`). `base`, the config.json it
+  was imported from, comes back verbatim when it still describes the model (legacy and
+  reference-export files stay as they were); otherwise its other fields are kept."""
   if cfg.architecture != 'hrm':
     raise UserError('only HRM models have a transformers counterpart')
   if (cfg.norm_type, cfg.attn_type) != ('pre', 'prefixlm') or not all(
@@ -167,7 +182,7 @@ def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
       num_layers_per_stack=cfg.layers_per_stack,
       num_hidden_layers=cfg.layers_per_stack * cfg.H_cycles * (cfg.L_cycles + 1),
       H_cycles=cfg.H_cycles, L_cycles=cfg.L_cycles,
-      L_bp_cycles=list(cfg.L_bp_cycles) or [2],  # HF's default; a no-op at inference
+      L_bp_cycles=list(L_bp_cycles),
       rope_parameters={'rope_theta': cfg.rope_theta, 'rope_type': 'default'},
       rms_norm_eps=cfg.rms_norm_eps, embedding_scale=cfg.scale)
   if 'num_key_value_heads' in hf:
@@ -367,7 +382,8 @@ def hf_to_hrmtext(src: str, dst: str, *, prompt_tokens: dict | None = None) -> N
     raise UserError(f'{HF_TOKENIZER} has {tokenizer.vocab_size} tokens, the model only '
                     f'{cfg.vocab_size}')
   mngr = checkpoint.manager(dst, async_save=False)
-  checkpoint.save(mngr, 0, meta={'model': cfg.to_dict(), 'hf_config': hf, 'hf_dtypes': dtypes},
+  checkpoint.save(mngr, 0, meta={'model': cfg.to_dict(), 'horizon': horizon_from_hf(hf),
+                                 'hf_config': hf, 'hf_dtypes': dtypes},
                   params=params)
   mngr.wait_until_finished()
   mngr.close()
@@ -376,7 +392,7 @@ def hf_to_hrmtext(src: str, dst: str, *, prompt_tokens: dict | None = None) -> N
 def hrmtext_to_hf(src: str, dst: str, *, use_ema: bool = True) -> None:
   cfg, params, meta = checkpoint.load_weights(src, use_ema=use_ema)
   base = meta.get('hf_config')
-  hf = config_to_hf(cfg, base)
+  hf = config_to_hf(cfg, base, release_L_bp_cycles(meta))
   default_dtype = jnp.dtype((base or {}).get('dtype') or 'float32')
   saved_dtypes = meta.get('hf_dtypes', {})
   dtypes = lambda name: jnp.dtype(saved_dtypes.get(name, default_dtype))

@@ -253,12 +253,12 @@ def _prepare(out, cfg, counts):
   return sampled
 
 
-def summary(sampled, seq_len, window_rows):
+def summary(sampled, seq_len, window_rows, max_segments):
   data = layout.SampledSet(sampled)
   for k in range(data.num_epochs):
     index = data.epoch(k)
     lengths = packing.packed_lengths(index, seq_len)
-    plan = packing.pack(lengths, seq_len, window_rows)
+    plan = packing.pack(lengths, seq_len, window_rows, max_segments)
     print(
         f'epoch {k}: {len(lengths)} examples, {int(lengths.sum())} tokens, {plan.num_rows} rows of '
         f'{seq_len}, packing efficiency {packing.packing_efficiency(plan, lengths, seq_len):.4f}')
@@ -272,7 +272,7 @@ def main(_):
   check_writable(out, folder=True)
   counts = collections.Counter()
   sampled = prepare(out, cfg, counts)
-  summary(sampled, cfg.seq_len, cfg.pack_window_rows)
+  summary(sampled, cfg.seq_len, cfg.pack_window_rows, cfg.max_segments_per_row)
   if any(counts.values()):
     print(f'examples: {mixture.describe_dropped(counts)}')
   print(f'prepared {out}; train with data.dir={out}')

@@ -17,6 +17,7 @@ from hrmtext.data.sources import write_jsonl
 from hrmtext.files import check_writable
 from hrmtext.infer import flags as infer_flags, text
 
+flags.adopt_module_key_flags(infer_flags)  # --help lists the shared flags too
 INPUT = flags.DEFINE_string('input', None, 'JSONL/Parquet of (instruction, response) rows.')
 OUTPUT = flags.DEFINE_string('output', None, 'JSONL to write.')
 BATCH = flags.DEFINE_integer('batch_size', 16, 'Rows scored per forward pass.')

@@ -30,17 +30,17 @@ _ACCOUNT = flags.DEFINE_string('account', None, 'sbatch --account.')
 _OUTPUT = flags.DEFINE_string('output', '%x-%j.out', 'sbatch --output (log file pattern).')
 _SBATCH_ARGS = flags.DEFINE_multi_string('sbatch_arg', [],
                                          'Extra sbatch option, e.g. --sbatch_arg=--qos=high.')
-_XLA_FLAGS = flags.DEFINE_string('xla_flags', '--xla_gpu_enable_latency_hiding_scheduler=true',
-                                 'XLA_FLAGS for every task.')
+_XLA_FLAGS = flags.DEFINE_string(
+    'xla_flags', '', 'XLA_FLAGS for every task, beside (and winning over) the GPU flags every '
+    'hrmtext entry point sets itself (hrmtext.parallel.accelerator).')
 _ENV = flags.DEFINE_multi_string('env', [], 'Extra KEY=VALUE env for every task, e.g. '
                                  '--env=NCCL_SOCKET_IFNAME=ib0.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the script and per-task env; submit nothing.')
 
 COORDINATOR_HOST_VAR = 'HRMTEXT_COORDINATOR_HOST'
-BASE_ENV = {
-    'NCCL_DEBUG': 'WARN',
-    'XLA_PYTHON_CLIENT_MEM_FRACTION': '0.90',  # dedicated nodes: leave JAX most of the memory
-}
+# The XLA flags and GPU memory fraction come from the entry point itself
+# (hrmtext.parallel.accelerator), as on one host.
+BASE_ENV = {'NCCL_DEBUG': 'WARN'}
 
 
 def task_env(coordinator_host: str, num_tasks, task_id, local_id, per_gpu: bool) -> dict:
@@ -89,7 +89,8 @@ def main(argv):
   if _NODES.value < 1 or _GPUS_PER_NODE.value < 1:
     raise app.UsageError('--nodes and --gpus_per_node must be at least 1')
   try:
-    job_env = {'XLA_FLAGS': _XLA_FLAGS.value, **BASE_ENV, **common.parse_env_flags(_ENV.value)}
+    job_env = {**({'XLA_FLAGS': _XLA_FLAGS.value} if _XLA_FLAGS.value else {}), **BASE_ENV,
+               **common.parse_env_flags(_ENV.value)}
   except ValueError as e:
     raise app.UsageError(str(e))
   per_gpu = _PROCESS_PER.value == 'gpu'

@@ -237,9 +237,9 @@ BAD_CONFIG = {
     'data.seq_len': 0,
     'train.global_batch_tokens': 100,  # less than one row of data.seq_len 512
     'log_every_steps': 0,
-    'train.micro_batches': 0,
+    'train.micro_batches': -1,
     'train.ema_decay': 1.5,
-    'train.bp_max': 1,  # below bp_min
+    'train.horizon.bp_max': 1,  # below bp_min
 }
 
 

@@ -15,7 +15,8 @@ import pytest
 
 from hrmtext.data.layout import Index
 from hrmtext.data.packing import IGNORE_LABEL, pack_rows
-from hrmtext.model import AttentionMask, ModelConfig, build_model, credit_horizon
+from hrmtext.model import (AttentionMask, ComputeConfig, ModelConfig, architecture_horizon,
+                           build_model, fixed_horizon, full_horizon)
 from hrmtext.model import cache as kv_cache
 from hrmtext.model.flops import (compiled_matmul_flops, forward_flops_per_token,
                                  train_flops_per_token)
@@ -29,13 +30,13 @@ BP_STEPS = 4  # HRM's horizon in these tests (H_bp 2, L_bp 2); the baselines hav
 def small_config(architecture='hrm', **kw):
   return ModelConfig(**{**dict(architecture=architecture, vocab_size=97, hidden_size=32,
                                num_heads=2, head_dim=16, intermediate_size=64,
-                               layers_per_stack=1, remat_policy='none'), **kw})
+                               layers_per_stack=1), **kw})
 
 
 @functools.lru_cache(maxsize=None)
 def init(cfg, seed=1):
   """(model, params); cached: the tests share the models they build."""
-  model = build_model(cfg)
+  model = build_model(cfg, ComputeConfig(remat_policy='none'))
   return model, nn.unbox(jax.jit(model.init)(jax.random.key(seed)))
 
 
@@ -88,10 +89,10 @@ def reference_hidden(model, params, batch, full_bptt=False):
     *((a, False) for a in ARCHITECTURES),
     *(pytest.param(a, True, marks=pytest.mark.slow) for a in ('hrm', 'ut'))])
 def test_gradients_flow_through_exactly_the_reference_applications(architecture, full_bptt):
-  cfg = small_config(architecture, full_bptt=full_bptt)
+  cfg = small_config(architecture)
   model, params = init(cfg, seed=2)
   batch = random_batch(cfg)
-  horizon = credit_horizon(cfg, BP_STEPS)
+  horizon = full_horizon(cfg) if full_bptt else architecture_horizon(cfg, BP_STEPS)
   weights = jax.random.normal(jax.random.key(3), (1, 8, cfg.vocab_size))
   loss = lambda f: lambda p: jnp.sum(f(p) * weights)
   got = jax.jit(jax.grad(loss(lambda p: model.logits(p, batch, horizon))))(params)
@@ -116,20 +117,18 @@ def test_architecture_defaults_and_horizons():
   }
   for arch, (H, L, L_diff, H_diff) in expected.items():
     cfg = ModelConfig(architecture=arch)
-    for bp in (2, 5, None):  # HRM's schedule does not move a baseline's horizon (None: no cut)
-      horizon = credit_horizon(cfg, bp)
+    for bp in (2, 5):  # HRM's schedule does not move a baseline's horizon
+      horizon = architecture_horizon(cfg, bp)
       assert (cfg.H_cycles, cfg.L_cycles) == (H, L), arch
-      if bp is None:
-        assert all(horizon.L) and all(horizon.H)
-      else:
-        assert horizon.L == tuple(map(bool, L_diff)) and horizon.H == tuple(map(bool, H_diff))
+      assert horizon.L == tuple(map(bool, L_diff)) and horizon.H == tuple(map(bool, H_diff))
+    horizon = full_horizon(cfg)
+    assert all(horizon.L) and all(horizon.H)
   hrm = ModelConfig()
-  assert credit_horizon(hrm, 3).H == (True, True) and sum(credit_horizon(hrm, 3).L) == 1
-  fixed = ModelConfig(H_bp=1, L_bp=3)  # a fixed HRM horizon bp_steps cannot express
-  assert credit_horizon(fixed, 2) == credit_horizon(fixed, 8)
-  assert credit_horizon(fixed, 2).H == (False, True) and sum(credit_horizon(fixed, 2).L) == 3
+  assert architecture_horizon(hrm, 3).H == (True, True) and sum(architecture_horizon(hrm, 3).L) == 1
+  fixed = fixed_horizon(hrm, 1, 3)  # a fixed HRM horizon bp_steps cannot express
+  assert fixed.H == (False, True) and sum(fixed.L) == 3
   with pytest.raises(ValueError, match='H_bp'):
-    credit_horizon(ModelConfig(architecture='ut', L_bp=5), 2)  # more than its 4 applications
+    fixed_horizon(ModelConfig(architecture='ut'), 0, 5)  # more than its 4 applications
   with pytest.raises(ValueError, match='one H cycle'):
     ModelConfig(architecture='rins', H_cycles=2)
   with pytest.raises(ValueError, match='final_norm'):
@@ -238,9 +237,10 @@ def test_post_norm_blocks_and_final_norms_are_the_reference_s():
   want = x
   for layer in range(2):
     p = jax.tree.map(lambda a: a[layer], params['L']['layers'])
-    attn = Attention(cfg).apply({'params': p['attn']}, want, rope, mask)[0]
+    attn = Attention(cfg, model.compute).apply({'params': p['attn']}, want, rope, mask)[0]
     want = rms_norm(want + attn, cfg.rms_norm_eps)
-    want = rms_norm(want + Mlp(cfg).apply({'params': p['mlp']}, want), cfg.rms_norm_eps)
+    mlp = Mlp(cfg, model.compute).apply({'params': p['mlp']}, want)
+    want = rms_norm(want + mlp, cfg.rms_norm_eps)
   got = model._apply_stack('L', params['L'], x, rope, mask, None)[0]
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   assert not cfg.has_final_norm('L') and not cfg.has_final_norm('H')
@@ -316,7 +316,7 @@ def test_xl_parameters_and_flops_are_the_analytic_counts(architecture):
   # row); backward is twice the forward, for the differentiable applications only.
   block_flops = 2 * per_block + 2 * XL_SEQ * inner
   head = 2 * d * XL_VOCAB
-  horizon = credit_horizon(cfg, 5)
+  horizon = architecture_horizon(cfg, 5)
   assert train_flops_per_token(cfg, horizon, XL_SEQ) == (
       layers * block_flops * (applications + 2 * differentiable) + 3 * head)
   assert forward_flops_per_token(cfg, XL_SEQ) == layers * block_flops * applications + head
@@ -325,8 +325,8 @@ def test_xl_parameters_and_flops_are_the_analytic_counts(architecture):
 def test_trm_match_has_hrm_s_flops_and_half_its_blocks():
   make = lambda a: ModelConfig.from_dict(dict(size='XL', architecture=a, vocab_size=XL_VOCAB))
   hrm, trm_match = make('hrm'), make('trm_match')
-  assert train_flops_per_token(hrm, credit_horizon(hrm, 5), XL_SEQ) == train_flops_per_token(
-      trm_match, credit_horizon(trm_match, 5), XL_SEQ)
+  assert train_flops_per_token(hrm, architecture_horizon(hrm, 5), XL_SEQ) == (
+      train_flops_per_token(trm_match, architecture_horizon(trm_match, 5), XL_SEQ))
 
 
 @pytest.mark.parametrize('architecture', ARCHITECTURES)

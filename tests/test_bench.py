@@ -27,7 +27,7 @@ def run_bench(*args):
 def test_bench_reports_positive_numbers(config, architecture):
   tiny = ['--config.model.size=', '--config.model.layers_per_stack=1',
           '--config.model.hidden_size=64', '--config.model.num_heads=2',
-          '--config.model.head_dim=32', '--config.model.dtype=float32']
+          '--config.model.head_dim=32', '--config.compute.dtype=float32']
   result = run_bench(f'--config={config}', *tiny, f'--config.model.architecture={architecture}',
                      '--config.data.seq_len=128', '--rows=2',
                      '--steps=2', '--warmup=1', '--vocab=256', '--bp_steps=3',
@@ -57,7 +57,8 @@ def test_bench_rejects_rows_that_do_not_split():
 
 def test_synthetic_rows_are_packed_examples():
   batch = bench.synthetic_rows(rows=6, seq_len=512, vocab_size=100, min_len=64, max_len=300,
-                               instruction_fraction=0.3, window_rows=4, seed=0)
+                               instruction_fraction=0.3, window_rows=4, max_segments=64,
+                               seed=0)
   segment_ids, is_instruction = batch['segment_ids'], batch['is_instruction'].astype(bool)
   assert segment_ids.shape == (6, 512) and (segment_ids > 0).mean() > 0.8
   for row in range(6):
@@ -92,7 +93,6 @@ def test_decode_bench_matches_transformers():
 def test_bench_and_train_compile_the_same_program(tmp_path):
   """For one config, the Trainer's train step and bench's lower to the same module: both come
   from training.program.TrainProgram, with the same schedule, shardings and loss chunking."""
-  from hrmtext.model import credit_horizon
   from hrmtext.parallel import sharding
   from hrmtext.training.loop import Trainer
   from tests.test_train import make_fixture_data, tiny_config
@@ -103,10 +103,11 @@ def test_bench_and_train_compile_the_same_program(tmp_path):
   rows = trainer.global_rows
   texts = []
   for program in (trainer.program, bench_program):
-    horizon = credit_horizon(program.model_cfg, config.train.bp_max)
+    horizon = program.horizon(0)
     with sharding.activate(program.mesh):
       lowered = program.train_step(horizon).lower(program.abstract_state(),
                                                   program.abstract_batch(rows))
     texts.append(lowered.as_text())
   assert texts[0] == texts[1]
   assert trainer.program.model_cfg == bench_program.model_cfg
+  assert trainer.config.to_dict() == bench_program.config.to_dict()  # resolved alike

@@ -117,9 +117,11 @@ def test_reference_export_imports_and_exports_unchanged(tmp_path):
   model = hf_oracle.make_hf_model(vocab=300, layers=2)
   reference_export(model, tmp_path / 'ref')
   hf.hf_to_hrmtext(str(tmp_path / 'ref'), str(tmp_path / 'ours'))
-  cfg, params, _ = checkpoint.load_weights(str(tmp_path / 'ours'))
+  cfg, params, meta = checkpoint.load_weights(str(tmp_path / 'ours'))
   want_cfg, want = hf_oracle.to_hrmtext(model)
-  assert cfg.layers_per_stack == 2 and cfg.L_bp_cycles == (0, 3)  # the export's own horizon
+  assert cfg.layers_per_stack == 2
+  # The export's own horizon, as a run's train.horizon to fine-tune with.
+  assert meta['horizon'] == {'schedule': 'per_cycle', 'L_bp_cycles': [0, 3]}
   assert cfg.scale == want_cfg.scale and cfg.mlp_size == want_cfg.mlp_size
   z = want['z_L_init']
   want['z_L_init'] = np.asarray(hf_oracle.torch.from_numpy(z).to(hf_oracle.torch.bfloat16).float())

@@ -42,14 +42,14 @@ def test_pack_rows_matches_the_format_definition():
   tokens, index = _random_examples(rng, 40)
   seq_len = 32
   lengths = packing.packed_lengths(index, seq_len)
-  plan = packing.pack(lengths, seq_len, window_rows=4).padded(3)
+  plan = packing.pack(lengths, seq_len, window_rows=4, max_segments=64).padded(3)
   rows = plan.rows(range(plan.num_rows))
-  batch = packing.pack_rows(tokens, index, lengths, rows, seq_len)
-  assert all(batch[k].dtype == np.int32 and batch[k].shape == (plan.num_rows, seq_len)
-             for k in packing.FIELDS)
+  batch = packing.pack_rows(tokens, index, lengths, rows, seq_len, max_segments=64)
+  shapes = packing.field_shapes(plan.num_rows, seq_len, 64)
+  assert all(batch[k].dtype == np.int32 and batch[k].shape == shapes[k] for k in packing.FIELDS)
   for r, example_ids in enumerate(rows):
     want = _naive_row(tokens, index, example_ids, seq_len)
-    for name in packing.FIELDS:
+    for name in packing.TOKEN_FIELDS:
       np.testing.assert_array_equal(batch[name][r], want[name], err_msg=f'{name} of row {r}')
 
 
@@ -65,6 +65,11 @@ def test_known_row():
   np.testing.assert_array_equal(batch['positions'][0], [0, 1, 2, 3, 4, 0, 1, 2, 0, 0])
   np.testing.assert_array_equal(batch['segment_ids'][0], [1, 1, 1, 1, 1, 2, 2, 2, 0, 0])
   np.testing.assert_array_equal(batch['is_instruction'][0], [1, 1, 1, 0, 0, 1, 1, 0, 0, 0])
+  # Runs (cuDNN's packed layout): the two examples and the padding; the two instructions.
+  np.testing.assert_array_equal(batch['causal_offsets'][0], [0, 5, 8, -1])
+  np.testing.assert_array_equal(batch['causal_lengths'][0], [5, 3, 2])
+  np.testing.assert_array_equal(batch['prefix_offsets'][0], [0, 5, -1, -1])
+  np.testing.assert_array_equal(batch['prefix_lengths'][0], [3, 2, -1])
 
 
 def test_unpackable_examples_are_skipped():
@@ -76,7 +81,7 @@ def test_unpackable_examples_are_skipped():
 @pytest.mark.parametrize('seq_len,window_rows', [(64, 1), (64, 8), (512, 16)])
 def test_plan_places_every_example_once_within_row_length(seq_len, window_rows):
   lengths = np.random.default_rng(1).integers(0, 60, 3000)  # zeros: unpackable, left out
-  plan = packing.pack(lengths, seq_len, window_rows)
+  plan = packing.pack(lengths, seq_len, window_rows, max_segments=64)
   np.testing.assert_array_equal(np.sort(plan.order), np.flatnonzero(lengths > 0))
   row_tokens = np.add.reduceat(lengths[plan.order], plan.row_splits[:-1])
   assert row_tokens.max() <= seq_len and (np.diff(plan.row_splits) > 0).all()
@@ -84,18 +89,28 @@ def test_plan_places_every_example_once_within_row_length(seq_len, window_rows):
   assert efficiency == pytest.approx(lengths.sum() / (plan.num_rows * seq_len))
 
 
+def test_rows_hold_at_most_max_segments_examples():
+  """Many tiny examples: the bound, not the row length, ends a row."""
+  lengths = np.random.default_rng(3).integers(1, 4, 2000)
+  plan = packing.pack(lengths, 512, 8, max_segments=16)
+  per_row = np.diff(plan.row_splits)
+  assert per_row.max() == 16 and (per_row == 16).mean() > 0.9
+  np.testing.assert_array_equal(np.sort(plan.order), np.arange(len(lengths)))
+
+
 def test_wider_windows_pack_tighter():
   lengths = np.random.default_rng(1).integers(1, 60, 3000)
   efficiency = [
-      packing.packing_efficiency(packing.pack(lengths, 512, w), lengths, 512) for w in (1, 8, 64)
+      packing.packing_efficiency(packing.pack(lengths, 512, w, max_segments=512), lengths, 512)
+      for w in (1, 8, 64)
   ]
   assert efficiency[0] < efficiency[1] < efficiency[2] and efficiency[2] > 0.99
 
 
 def test_plan_is_deterministic_and_padding_rows_are_empty():
   lengths = np.random.default_rng(2).integers(1, 30, 500)
-  plan = packing.pack(lengths, 64, 8)
-  again = packing.pack(lengths, 64, 8)
+  plan = packing.pack(lengths, 64, 8, 64)
+  again = packing.pack(lengths, 64, 8, 64)
   np.testing.assert_array_equal(plan.order, again.order)
   np.testing.assert_array_equal(plan.row_splits, again.row_splits)
   padded = plan.padded(7)

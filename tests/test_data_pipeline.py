@@ -11,7 +11,7 @@ import pytest
 from tests.data_fixtures import unpack_batch, write_reference_dataset
 from hrmtext.data import pipeline
 from hrmtext.data.config import data_config
-from hrmtext.data.packing import FIELDS
+from hrmtext.data.packing import FIELDS, field_shapes
 
 SEQ_LEN = 64
 
@@ -34,15 +34,17 @@ def _iterator(cfg, rows=2, process_index=0, process_count=1, seed=0):
 def _source(cfg, rows=1, process_index=0, process_count=1):
   return pipeline.TrainBatches(cfg.dir, seq_len=SEQ_LEN, rows_per_process=rows,
                                process_index=process_index, process_count=process_count, seed=0,
-                               window_rows=cfg.pack_window_rows)
+                               window_rows=cfg.pack_window_rows,
+                               max_segments=cfg.max_segments_per_row)
 
 
 def test_reference_dataset_yields_its_examples_in_packed_format(reference):
   cfg, epochs = reference
   batch = next(_iterator(cfg, rows=3))
   assert set(batch) == set(FIELDS)
-  for array in batch.values():
-    assert array.dtype == np.int32 and array.shape == (3, SEQ_LEN)
+  shapes = field_shapes(3, SEQ_LEN, cfg.max_segments_per_row)
+  for name, array in batch.items():
+    assert array.dtype == np.int32 and array.shape == shapes[name], name
   examples = unpack_batch(batch)
   assert len(examples) > 3 and set(examples) <= set(
       epochs[0])  # whole examples of epoch 0, unchanged
@@ -93,7 +95,7 @@ def test_longer_examples_are_cut_to_the_row(tmp_path):
   cfg = data_config()
   cfg.dir = str(tmp_path)
   source = pipeline.TrainBatches(cfg.dir, seq_len=32, rows_per_process=1, process_index=0,
-                                 process_count=1, seed=0, window_rows=4)
+                                 process_count=1, seed=0, window_rows=4, max_segments=64)
   packed = list(
       itertools.chain.from_iterable(
           unpack_batch(source[i]) for i in range(int(source.epoch_end[0]))))

@@ -203,6 +203,8 @@ def test_bad_input_is_one_line_and_writes_nothing(run_dir, tmp_path):
   assert_one_line_error(cli('score', *checkpoint_flag, '--input', tmp_path / 'ids.jsonl',
                             '--output', out), 'ids.jsonl:1', 'token ids')
   assert_one_line_error(cli('generate', *checkpoint_flag, '--prompt', 'x ' * 200), '--max_len')
+  assert_one_line_error(cli('score', *checkpoint_flag, '--input', tmp_path / 'ids.jsonl',
+                            '--output', out, '--mesh.fsdp=2'), 'does not fit the 1 devices')
   assert_one_line_error(cli('evaluate', '--checkpoint', tmp_path / 'nowhere'), 'no checkpoint')
   assert_one_line_error(cli('evaluate', *checkpoint_flag, '--output_dir',
                             tmp_path / 'bad.jsonl' / 'out'), 'cannot write')  # under a file

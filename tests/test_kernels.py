@@ -5,10 +5,12 @@ against a stand-in for cuDNN's packed layout that, like cuDNN, leaves tokens out
 garbage (NaN) in the output and the gradients. The multi-device splash check runs once in a
 subprocess (this file as a script with 4 CPU devices), so the pytest process keeps its one device.
 """
+import contextlib
 import dataclasses
 import os
 import subprocess
 import sys
+import unittest.mock
 from types import SimpleNamespace
 
 import flax.linen as nn
@@ -17,10 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hrmtext.data import packing
+from hrmtext.data.layout import Index
 from hrmtext.data.packing import IGNORE_LABEL
-from hrmtext.model import AttentionMask, ModelConfig, build_model, loss_and_metrics
+from hrmtext.model import AttentionMask, ComputeConfig, ModelConfig, build_model, loss_and_metrics
 from hrmtext.model.attention import attention
-from hrmtext.model.kernels import cudnn, splash
+from hrmtext.model.kernels import PackedRuns, cudnn, splash
 from hrmtext.parallel import sharding
 from hrmtext.parallel.mesh import make_mesh
 
@@ -28,22 +32,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 on_gpu = pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs a GPU')
 
 
-def packed_rows(batch, length, seed=0):
-  """(segment_ids, is_instruction) of rows packed with examples of random lengths and
-  instruction prefixes, then trailing padding; row 0 holds one example of the whole row."""
+def packed_rows(batch, length, seed=0, max_segments=None):
+  """(segment_ids, is_instruction, runs) of `batch` rows packed by the data pipeline's packer
+  (at most `max_segments` examples a row; default: no bound) from examples of random lengths and
+  instruction shares: one of the whole row, one whose response is a single token (the reference's
+  FlashAttention-3 crash case), the rest short enough to leave padding in some rows."""
   rng = np.random.default_rng(seed)
-  segment_ids = np.zeros((batch, length), np.int32)
-  is_instruction = np.zeros((batch, length), bool)
-  for row in range(batch):
-    start, segment = 0, 1
-    while start < length:
-      size = length if row == 0 else int(rng.integers(2, length // 3))
-      if start + size > length - (0 if row == 0 else 7):
-        break
-      segment_ids[row, start:start + size] = segment
-      is_instruction[row, start:start + int(rng.integers(1, size))] = True
-      start, segment = start + size, segment + 1
-  return segment_ids, is_instruction
+  count = 4 * batch * (max_segments or 8)
+  length_of = np.concatenate([[length, 5], rng.integers(2, length // 3, count)])
+  inst_len = np.maximum(1, (length_of * rng.uniform(0.1, 0.9, len(length_of))).astype(int))
+  inst_len = np.minimum(inst_len, length_of)
+  inst_len[1] = length_of[1]  # the whole example is instruction: a 1-token response
+  index = Index.from_lengths(inst_len, length_of - inst_len + 1)
+  lengths = packing.packed_lengths(index, length)
+  plan = packing.pack(lengths, length, window_rows=batch, max_segments=max_segments or length)
+  rows = plan.rows(range(batch))
+  tokens = np.ones(int(index.resp_start[-1] + index.resp_len[-1]), np.int32)
+  packed = packing.pack_rows(tokens, index, lengths, rows, length, max_segments=max_segments)
+  return packed['segment_ids'], packed['is_instruction'].astype(bool), PackedRuns.from_batch(
+      jax.tree.map(jnp.asarray, packed))
 
 
 def random_qkv(shape, dtype=jnp.float32, seed=0):
@@ -66,9 +73,12 @@ def assert_close(got, want, tolerance):
 
 
 @jax.default_matmul_precision('float32')  # no TF32 on GPUs: float32 results exact to ~1e-6
-def check_against_xla(attend, shape, dtype, tolerance, seed=0):
-  segment_ids, is_instruction = packed_rows(shape[0], shape[1], seed)
-  mask = AttentionMask.packed(jnp.asarray(segment_ids), jnp.asarray(is_instruction))
+def check_against_xla(attend, shape, dtype, tolerance, seed=0, max_segments=None,
+                      with_runs=False):
+  """`attend` (with the packer's runs in the mask, or without) against XLA in float32."""
+  segment_ids, is_instruction, runs = packed_rows(shape[0], shape[1], seed, max_segments)
+  mask = AttentionMask.packed(jnp.asarray(segment_ids), jnp.asarray(is_instruction),
+                              runs if with_runs else None)
   q, k, v = random_qkv(shape, dtype, seed)
   cotangent = jax.random.normal(jax.random.key(seed + 1), shape)
   want = jax.jit(output_and_grads, static_argnums=0)(
@@ -108,8 +118,8 @@ def splash_on_4_devices():
   print('PASS')
 
 
-def model_loss_and_grads(cfg, params, batch):
-  model = build_model(cfg)
+def model_loss_and_grads(cfg, compute, params, batch):
+  model = build_model(cfg, compute)
 
   def loss(params):
     sums = loss_and_metrics(model.logits(params, batch), batch['labels'], batch['segment_ids'])
@@ -119,7 +129,7 @@ def model_loss_and_grads(cfg, params, batch):
 
 
 def tiny_batch(batch, length, vocab):
-  segment_ids, is_instruction = packed_rows(batch, length)
+  segment_ids, is_instruction, _ = packed_rows(batch, length)
   rng = np.random.default_rng(0)
   positions = np.zeros_like(segment_ids)
   for row in range(batch):
@@ -136,11 +146,12 @@ def tiny_batch(batch, length, vocab):
 @jax.default_matmul_precision('float32')
 def check_model_against_xla(attention_impl, dtype, tolerance):
   cfg = ModelConfig(architecture='transformer', vocab_size=64, hidden_size=64, num_heads=2,
-                    head_dim=32, layers_per_stack=1, dtype=dtype, attention=attention_impl)
-  params = nn.unbox(build_model(cfg).init(jax.random.key(0)))  # init traces the xla path
+                    head_dim=32, layers_per_stack=1)
+  compute = ComputeConfig(dtype=dtype, attention=attention_impl)
+  params = nn.unbox(build_model(cfg, compute).init(jax.random.key(0)))  # init traces xla
   batch = tiny_batch(2, 128, cfg.vocab_size)
-  want = model_loss_and_grads(dataclasses.replace(cfg, attention='xla'), params, batch)
-  got = model_loss_and_grads(cfg, params, batch)
+  want = model_loss_and_grads(cfg, dataclasses.replace(compute, attention='xla'), params, batch)
+  got = model_loss_and_grads(cfg, compute, params, batch)
   assert abs(float(got[0]) - float(want[0])) <= tolerance * abs(float(want[0]))
   assert_close(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), tolerance)
 
@@ -185,15 +196,36 @@ nan_gradient.defvjp(lambda x, where: (x, where),
 @pytest.fixture
 def cudnn_stand_in(monkeypatch):
   monkeypatch.setattr(cudnn.cudnn_fmha, 'dot_product_attention', packed_layout_stand_in)
-  real = jax.nn.dot_product_attention
-  monkeypatch.setattr(cudnn.jax.nn, 'dot_product_attention',
-                      lambda q, k, v, mask, implementation: real(q, k, v, mask=mask))
 
 
-@pytest.mark.parametrize('max_runs', [cudnn.MAX_RUNS, 3])  # 3: rows with more runs -> dense mask
-def test_cudnn_passes_match_xla_on_cpu(cudnn_stand_in, max_runs):
-  attend = lambda q, k, v, mask: cudnn._two_passes(q, k, v, mask, max_runs)
-  check_against_xla(attend, (3, 96, 2, 16), jnp.bfloat16, 2e-2)
+# The packer's runs with rows at their bound of 3 examples, or 8; or none (computed in the kernel).
+@pytest.mark.parametrize('max_segments, with_runs', [(3, True), (8, True), (None, False)])
+def test_cudnn_passes_match_xla_on_cpu(cudnn_stand_in, max_segments, with_runs):
+  attend = lambda q, k, v, mask: cudnn.cudnn_attention(q, k, v, mask)
+  with fake_gpu_target():
+    check_against_xla(attend, (4, 96, 2, 16), jnp.bfloat16, 2e-2, max_segments=max_segments,
+                      with_runs=with_runs)
+
+
+@pytest.mark.parametrize('max_segments', [1, 3, 8])
+def test_packer_runs_are_the_runs_of_the_mask(max_segments):
+  """The packer's runs, made from the examples it packs, are the kernel's own reading of the
+  mask (runs of one segment id; the instruction tokens of each), slot for slot, at the bound."""
+  segment_ids, is_instruction, runs = packed_rows(4, 96, seed=1, max_segments=max_segments)
+  assert (segment_ids.max(axis=1) == max_segments).any()  # some row at its bound
+  device_runs = jax.jit(cudnn._runs, static_argnums=2)
+  want = (*device_runs(segment_ids, np.ones_like(is_instruction), max_segments + 1),
+          *device_runs(segment_ids, is_instruction, max_segments + 1))
+  for name, got, expected in zip(packing.RUN_FIELDS, jax.tree.leaves(runs), want):
+    np.testing.assert_array_equal(got, expected, err_msg=name)
+
+
+@contextlib.contextmanager
+def fake_gpu_target():
+  """The kernel's device check passes on CPU (the stand-in computes what cuDNN would)."""
+  gpu = SimpleNamespace(platform='gpu', device_kind='stand-in', compute_capability='9.0')
+  with unittest.mock.patch.object(cudnn, 'target_device', lambda: gpu):
+    yield
 
 
 def test_cudnn_runs_layout():
@@ -206,8 +238,6 @@ def test_cudnn_runs_layout():
   offsets, lengths = runs(segment_ids, is_instruction, 2)
   np.testing.assert_array_equal(offsets, [[0, 3, -1], [0, -1, -1]])
   np.testing.assert_array_equal(lengths, [[2, 1], [3, -1]])
-  offsets, _ = runs(segment_ids, jnp.ones_like(is_instruction), 2)
-  assert offsets[0, 2] == 5  # the overflow slot: this row has more than 2 runs
 
 
 @pytest.mark.parametrize('dtype, error', [(jnp.float32, 'bfloat16 or float16'),
@@ -224,11 +254,12 @@ def test_cudnn_rejects_what_it_cannot_run(dtype, error):
 
 @on_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize('max_runs', [cudnn.MAX_RUNS, 3])
+@pytest.mark.parametrize('max_segments, with_runs', [(3, True), (64, True), (None, False)])
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
-def test_cudnn_matches_xla(max_runs, dtype):
-  attend = lambda q, k, v, mask: cudnn.cudnn_attention(q, k, v, mask, max_runs=max_runs)
-  check_against_xla(attend, (3, 512, 4, 128), dtype, 2e-2)
+def test_cudnn_matches_xla(max_segments, with_runs, dtype):
+  attend = lambda q, k, v, mask: cudnn.cudnn_attention(q, k, v, mask)
+  check_against_xla(attend, (3, 512, 4, 128), dtype, 2e-2, max_segments=max_segments,
+                    with_runs=with_runs)
 
 
 @on_gpu

@@ -166,12 +166,13 @@ FAKE_SCONTROL = '''#!/bin/bash
 def test_slurm_script_gives_each_task_its_env(tmp_path, process_per, tasks_per_node):
   print_env = f'import os; print("task", *(f"{{k}}={{os.environ.get(k)}}" for k in {ENV_KEYS}))'
   result = launcher('slurm', '--nodes=2', '--gpus_per_node=2', f'--process_per={process_per}',
-                    '--partition=gpu', '--dry_run', '--', sys.executable, '-c', print_env)
+                    '--partition=gpu', '--xla_flags=--xla_dump_to=/tmp/hlo', '--dry_run', '--',
+                    sys.executable, '-c', print_env)
   assert result.returncode == 0, result.stderr
   script = result.stdout
   for line in ['#SBATCH --nodes=2', f'#SBATCH --ntasks-per-node={tasks_per_node}',
                '#SBATCH --gpus-per-node=2', '#SBATCH --partition=gpu',
-               '--xla_gpu_enable_latency_hiding_scheduler=true']:
+               'XLA_FLAGS=--xla_dump_to=/tmp/hlo']:
     assert line in script
 
   num_tasks = 2 * tasks_per_node

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hrmtext.model import AttentionMask, ModelConfig, build_model, credit_horizon
+from hrmtext.model import (AttentionMask, ComputeConfig, ModelConfig, bp_steps_horizon, build_model,
+                           per_cycle_horizon)
 from tests import hf_oracle
 from tests.hf_oracle import torch
 
@@ -63,16 +64,16 @@ def test_mask_rule():
 
 def test_horizon_definition():
   cfg = ModelConfig(H_cycles=2, L_cycles=3)
-  h = credit_horizon(cfg, 2)
+  h = bp_steps_horizon(cfg, 2)
   assert h.H == (False, True) and h.L == (False,) * 5 + (True,)
   assert not build_model(cfg).has_gradient(h)['embed']  # the reference quirk
-  h = credit_horizon(cfg, 4)
+  h = bp_steps_horizon(cfg, 4)
   assert h.H == (True, True) and h.L == (False,) * 4 + (True,) * 2
   assert build_model(cfg).has_gradient(h)['embed']
-  h = credit_horizon(ModelConfig(H_cycles=2, L_cycles=3, L_bp_cycles=(2,)))
+  h = per_cycle_horizon(cfg, (2,))  # the HF release's L_bp_cycles [2]
   assert h.H == (True, True) and h.L == (False, False, True, False, True, True)
   with pytest.raises(ValueError):
-    credit_horizon(cfg, 9)
+    bp_steps_horizon(cfg, 9)
 
 
 def naive_logits(model, params, batch, horizon):
@@ -97,15 +98,17 @@ def random_batch(cfg, rows=2, length=16, seed=0):
               is_instruction=np.tile(np.arange(length) < 5, (rows, 1)))
 
 
-# 8 and None (every application differentiable) run on the CI leg that runs `slow` tests.
+# 8 (every application differentiable) and the per-cycle horizon (the HF release's L_bp_cycles,
+# here [1, 2]) run on the CI leg that runs `slow` tests.
 @pytest.mark.parametrize('bp_steps', [2, 3, 5, pytest.param(8, marks=pytest.mark.slow),
-                                      pytest.param(None, marks=pytest.mark.slow)])
+                                      pytest.param('per_cycle', marks=pytest.mark.slow)])
 def test_horizon_gradients_match_naive_stop_gradient(bp_steps):
-  cfg = small_config(L_bp_cycles=(1, 2)) if bp_steps is None else small_config()
+  cfg = small_config()
   model = build_model(cfg)
   params = nn.unbox(model.init(jax.random.key(2)))
   batch = random_batch(cfg, rows=1, length=8)
-  horizon = credit_horizon(cfg, bp_steps)
+  horizon = (per_cycle_horizon(cfg, (1, 2)) if bp_steps == 'per_cycle' else
+             bp_steps_horizon(cfg, bp_steps))
   weights = jax.random.normal(jax.random.key(3), (1, 8, cfg.vocab_size))
   loss = lambda f: lambda p: jnp.sum(f(p) * weights)
   got = jax.jit(jax.grad(loss(lambda p: model.logits(p, batch, horizon))))(params)
@@ -126,12 +129,12 @@ def flops(fn, *args):
 @pytest.mark.slow  # traces the train step once per horizon
 def test_forward_only_applications_do_no_backward_work():
   """Each extra differentiable application adds exactly one application's backward cost."""
-  cfg = small_config(unroll_loops=True, remat_policy='none')
-  model = build_model(cfg)
+  cfg = small_config()
+  model = build_model(cfg, ComputeConfig(unroll_loops=True, remat_policy='none'))
   params = nn.unbox(model.init(jax.random.key(2)))
   batch = jax.tree.map(jnp.asarray, random_batch(cfg, rows=2, length=32))
   loss = lambda p, h: jnp.sum(model.logits(p, batch, h)**2)
-  step = {b: flops(jax.grad(lambda p, b=b: loss(p, credit_horizon(cfg, b))), params)
+  step = {b: flops(jax.grad(lambda p, b=b: loss(p, bp_steps_horizon(cfg, b))), params)
           for b in range(2, 9)}
   # Backward cost of one stack application, measured on the stack alone.
   x, rope, mask = model._inputs(params, batch)

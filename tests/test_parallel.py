@@ -159,3 +159,25 @@ def test_on_8_cpu_devices(name, device_check_output):
 
 if __name__ == '__main__':
   run_device_checks()
+
+
+def test_accelerator_environment_keeps_the_user_s_settings(monkeypatch):
+  """Where a CUDA plugin is installed: the GPU flags and memory fraction join what the user set,
+  and the user's own value of a flag wins; elsewhere nothing changes."""
+  from hrmtext.parallel import accelerator
+  monkeypatch.setenv('XLA_FLAGS', '--xla_gpu_enable_triton_gemm=true --xla_dump_to=/tmp/x')
+  monkeypatch.delenv('XLA_PYTHON_CLIENT_MEM_FRACTION', raising=False)
+  monkeypatch.setattr(accelerator, 'cuda_installed', lambda: False)
+  assert accelerator.configure_environment() == {}
+  monkeypatch.setattr(accelerator, 'cuda_installed', lambda: True)
+  changed = accelerator.configure_environment()
+  flags = os.environ['XLA_FLAGS'].split()
+  assert flags[:2] == ['--xla_gpu_enable_triton_gemm=true', '--xla_dump_to=/tmp/x']
+  assert '--xla_gpu_enable_triton_gemm=false' not in flags
+  assert '--xla_gpu_enable_latency_hiding_scheduler=true' in flags
+  assert os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION'] == '0.9'
+  assert accelerator.memory_fraction() == 0.9
+  assert set(changed) == {'XLA_FLAGS', 'XLA_PYTHON_CLIENT_MEM_FRACTION'}
+  monkeypatch.setenv('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.5')
+  accelerator.configure_environment()
+  assert accelerator.memory_fraction() == 0.5 and os.environ['XLA_FLAGS'].split() == flags

@@ -15,12 +15,12 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from hrmtext.model import ModelConfig, attention, build_model
+from hrmtext.model import ComputeConfig, ModelConfig, attention, build_model
 from hrmtext.model.loss import IGNORE_LABEL
-from hrmtext.training.loop import model_config
+from hrmtext.training.config import model_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZES = ('B', 'L', 'XL', 'XXL')
+SIZES = ('B', 'L', 'XL', 'XXL', 'XXL_wide')
 VOCAB = 65_536
 
 
@@ -60,7 +60,7 @@ def transformers_param_count(cfg: ModelConfig) -> int:
 @pytest.mark.parametrize('size', SIZES)
 def test_size_configs_match_transformers_parameter_count(size):
   cfg = model_config(load_config(f'experiments/hrm.py:{size}'), VOCAB)
-  assert cfg.architecture == 'hrm' and cfg.vocab_size == VOCAB and cfg.dtype == 'bfloat16'
+  assert cfg.architecture == 'hrm' and cfg.vocab_size == VOCAB
   assert param_count(cfg) == transformers_param_count(cfg)
 
 
@@ -91,10 +91,22 @@ def test_transformer_baseline_has_hrm_non_embedding_size(size):
 FLAG_VALUES = dict(
     architecture='transformer', vocab_size=1000, hidden_size=256, num_heads=4, head_dim=32,
     intermediate_size=384, expansion=3.0, layers_per_stack=3, H_cycles=3, L_cycles=2,
-    H_bp=1, L_bp=2, full_bptt=True, norm_type='post', final_norm='H', attn_type='causal',
-    L_bp_cycles=(2, 1), rope_theta=500000.0, rms_norm_eps=1e-5, embedding_scale=7.5,
-    z_L_init='zeros', dtype='float32', remat_policy='dots_saveable', attention='splash',
-    unroll_loops=True)
+    norm_type='post', final_norm='H', attn_type='causal', rope_theta=500000.0, rms_norm_eps=1e-5,
+    embedding_scale=7.5)
+# The same per ComputeConfig field.
+COMPUTE_FLAG_VALUES = dict(dtype='float16', remat_policy='dots_saveable', attention='splash',
+                           unroll_loops=True)
+
+
+def test_every_compute_field_is_a_flag_that_reaches_the_compute_config():
+  fields = {f.name for f in dataclasses.fields(ComputeConfig)}
+  assert fields == set(COMPUTE_FLAG_VALUES), 'give new ComputeConfig fields a test value'
+  reference = ComputeConfig.from_dict(load_config('experiments/hrm.py:XL').compute)
+  assert reference.dtype == 'bfloat16'  # the experiment's
+  for name, value in COMPUTE_FLAG_VALUES.items():
+    flag = f'--config.compute.{name}={value}'
+    got = ComputeConfig.from_dict(load_config('experiments/hrm.py:XL', flag).compute)
+    assert got == dataclasses.replace(reference, **{name: value}), flag
 
 
 def test_every_model_field_is_a_flag_that_reaches_the_model():
@@ -164,7 +176,7 @@ def test_compile_only_reports_the_configured_step_on_fake_devices():
 def test_compiled_flops_match_the_analytic_count():
   """Without remat the compiled step's matmul FLOPs (loops counted by trip count) are the analytic
   count except attention, which XLA computes densely where the count takes the causal half."""
-  report = compile_only('--config.model.remat_policy=none', '--config.model.layers_per_stack=2',
+  report = compile_only('--config.compute.remat_policy=none', '--config.model.layers_per_stack=2',
                         '--config.data.seq_len=256', '--vocab=1024', '--rows=4')
   cfg = model_config(load_config('experiments/tiny_cpu.py', '--config.model.layers_per_stack=2'),
                      1024)
@@ -239,11 +251,10 @@ def test_query_blocked_attention_equals_dense():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_weight_differences_ignore_how_a_model_runs():
+def test_weight_differences_compare_resolved_values():
   imported = ModelConfig(hidden_size=64, num_heads=2, head_dim=32, embedding_scale=8.0,
-                         intermediate_size=256, z_L_init='zeros', L_bp_cycles=(2,))
-  trained_here = ModelConfig(hidden_size=64, num_heads=2, head_dim=32, dtype='bfloat16',
-                             remat_policy='none', attention='auto', unroll_loops=True)
+                         intermediate_size=256)
+  trained_here = ModelConfig(hidden_size=64, num_heads=2, head_dim=32)
   assert imported.weight_differences(trained_here) == {}  # the same weights, spelled otherwise
   wider = dataclasses.replace(trained_here, hidden_size=128, embedding_scale=8.0)
   assert trained_here.weight_differences(wider) == {'hidden_size': (64, 128),

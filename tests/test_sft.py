@@ -32,14 +32,16 @@ def load_config(spec: str, *overrides: str):
   return values.config
 
 
-def tiny_config(data_dir, **train):
-  """A ~0.1M-parameter HRM (2 H x 2 L cycles) on the fixture data; `train` overrides c.train."""
+def tiny_config(data_dir, horizon=None, **train):
+  """A ~0.1M-parameter HRM (2 H x 2 L cycles) on the fixture data; `train` overrides c.train,
+  `horizon` c.train.horizon."""
   from hrmtext.training.config import base_config
   c = base_config()
   c.model.update(hidden_size=32, num_heads=2, head_dim=16, layers_per_stack=1, H_cycles=2,
                  L_cycles=2, vocab_multiple=64)
   c.data.update(dir=str(data_dir), seq_len=SEQ_LEN)
   c.train.update(global_batch_tokens=ROWS * SEQ_LEN, **train)
+  c.train.horizon.update(horizon or {})
   c.checkpoint.update(every_steps=1, keep=None, async_save=False)
   c.log_every_steps = 1
   return c
@@ -78,7 +80,7 @@ def pretrain(tmp_path_factory):
 def pretrain_config(data_dir):
   """bp_steps 2, 2, 3, 3; lr warms up over 2 steps, then cosine to half; saved every step."""
   return tiny_config(data_dir, steps=PRETRAIN_STEPS, lr=1e-2, warmup_steps=2, lr_min_ratio=0.5,
-                     ema_decay=0.5, bp_min=2, bp_max=3, bp_warmup_ratio=0.5)
+                     ema_decay=0.5, horizon=dict(bp_min=2, bp_max=3, warmup_ratio=0.5))
 
 
 def test_pretrain_run_follows_the_oracle_for_its_first_3_steps(pretrain):
@@ -91,7 +93,7 @@ def test_pretrain_run_follows_the_oracle_for_its_first_3_steps(pretrain):
   import jax.numpy as jnp
   import optax
   from hrmtext.data import pipeline
-  from hrmtext.model import build_model, credit_horizon, loss_and_metrics
+  from hrmtext.model import bp_steps_horizon, build_model, loss_and_metrics
   from hrmtext.training import checkpoint
   from hrmtext.training.step import grad_mask, init_state
   from tests.test_optimizer import torch_oracle
@@ -119,7 +121,7 @@ def test_pretrain_run_follows_the_oracle_for_its_first_3_steps(pretrain):
   @functools.partial(jax.jit, static_argnums=2)
   def gradients(p, batch, bp):  # as the train step: the grad of the summed loss / tokens
     def loss_sum(p):
-      sums = loss_and_metrics(model.logits(p, batch, credit_horizon(cfg, bp)), batch['labels'],
+      sums = loss_and_metrics(model.logits(p, batch, bp_steps_horizon(cfg, bp)), batch['labels'],
                               batch['segment_ids'])
       return sums['loss_sum'], sums['tokens']
     grads, tokens = jax.grad(loss_sum, has_aux=True)(p)
@@ -132,7 +134,7 @@ def test_pretrain_run_follows_the_oracle_for_its_first_3_steps(pretrain):
   for step, bp in enumerate([2, 2, 3]):
     current = jax.tree.unflatten(treedef, [jnp.asarray(v) for v in before['params'].values()])
     grads = flat(gradients(current, {k: jnp.asarray(v) for k, v in next(batches).items()}, bp))
-    mask = flat(grad_mask(model, credit_horizon(cfg, bp), current))
+    mask = flat(grad_mask(model, bp_steps_horizon(cfg, bp), current))
     skipped.append(sorted(k for k, keep in mask.items() if not keep))
     oracle = dict(zip(('params', 'ema', 'count', 'mu', 'nu'), torch_oracle(
         torch, before['params'], [grads], [mask], lambda _, s=step: lr_of_step(s), b1=t.b1,
@@ -155,7 +157,7 @@ def test_pretrain_run_follows_the_oracle_for_its_first_3_steps(pretrain):
 
 # The fine-tuning run's hyper-parameters, all different from the pretrain run's.
 SFT = dict(steps=3, lr=1e-3, warmup_steps=0, lr_min_ratio=0.1, b1=0.8, b2=0.9, weight_decay=0.2,
-           ema_decay=0.7, bp_min=3, bp_max=3, bp_warmup_ratio=0.0)
+           ema_decay=0.7, horizon=dict(bp_min=3, bp_max=3, warmup_ratio=0.0))
 
 
 def sft_config(data_dir, source, mode):
@@ -261,11 +263,12 @@ def test_sized_sft_configs_carry_the_reference_recipe(size):
   t = c.train
   assert (t.lr, t.warmup_steps, t.lr_min_ratio, t.global_batch_tokens, t.epochs, t.steps) == (
       3e-5, 0, 0.1, 32_768, 5, 0)
-  assert (t.weight_decay, t.b1, t.b2, t.ema_decay, t.bp_max, t.bp_warmup_ratio) == (
+  assert (t.weight_decay, t.b1, t.b2, t.ema_decay, t.horizon.bp_max, t.horizon.warmup_ratio) == (
       0.1, 0.9, 0.95, 0.999, 5, 0.0)
   assert c.init_mode == 'continue' and c.init_from == f'runs/{size.lower()}'
   from hrmtext.training import schedules
-  assert schedules.bp_steps(0, 1000, t.bp_min, t.bp_max, t.bp_warmup_ratio) == 5
+  assert schedules.bp_steps(0, 1000, t.horizon.bp_min, t.horizon.bp_max,
+                            t.horizon.warmup_ratio) == 5
 
 
 def test_tiny_sft_config_continues_the_tiny_run():

@@ -16,13 +16,13 @@ from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
-from hrmtext.model import ModelConfig, credit_horizon
 from hrmtext.model.attention import auto_implementation
 from hrmtext.parallel import sharding, targets
 from hrmtext.parallel.mesh import make_mesh
-from hrmtext.training.config import base_config
+from hrmtext.training.config import base_config, resolve
 from hrmtext.training.program import TrainProgram
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,29 +41,32 @@ def compiler_missing(target: str) -> str | None:
   return None
 
 
-def small_config(attention: str) -> ModelConfig:
-  """HRM with both stacks, recurrence and a credit horizon; head_dim 128 as the real sizes."""
-  return ModelConfig(vocab_size=512, hidden_size=256, num_heads=2, head_dim=128,
-                     layers_per_stack=1, H_cycles=2, L_cycles=2, dtype='bfloat16',
-                     attention=attention)
-
-
-def program_for(cfg: ModelConfig, devices, rows: int) -> TrainProgram:
-  """The train program of `cfg` with fsdp over `devices`, one micro-batch of `rows` rows."""
+def small_config(attention: str) -> ml_collections.ConfigDict:
+  """HRM with both stacks, recurrence and a credit horizon (bp_steps 3); head_dim 128 as the
+  real sizes; bf16 with the `attention` kernel."""
   config = base_config()
+  config.model.update(vocab_size=512, hidden_size=256, num_heads=2, head_dim=128,
+                      layers_per_stack=1, H_cycles=2, L_cycles=2)
+  config.compute.update(dtype='bfloat16', attention=attention)
+  config.train.horizon.update(bp_min=3, bp_max=3)
+  return config
+
+
+def program_for(config, devices, rows: int) -> TrainProgram:
+  """The train program of `config` with fsdp over `devices`, one micro-batch of `rows` rows."""
   config.data.seq_len = SEQ_LEN
   config.train.update(global_batch_tokens=rows * SEQ_LEN, lr=1e-3, warmup_steps=10,
-                      ema_decay=0.999)
+                      ema_decay=0.999, steps=100)
   mesh = make_mesh(SimpleNamespace(data=1, fsdp=-1, tensor=1), devices)
-  return TrainProgram(config, cfg, mesh, total_steps=100)
+  return TrainProgram(resolve(config, vocab_size=512, epoch_tokens=None,
+                              device=mesh.devices.flat[0]), mesh)
 
 
 def lower(attention: str, devices, rows: int):
-  cfg = small_config(attention)
-  program = program_for(cfg, devices, rows)
+  program = program_for(small_config(attention), devices, rows)
   with sharding.activate(program.mesh):  # the mesh in context: the kernels trace for its devices
-    return program.train_step(credit_horizon(cfg, 3)).lower(program.abstract_state(),
-                                                            program.abstract_batch(rows))
+    return program.train_step(program.horizon(0)).lower(program.abstract_state(),
+                                                        program.abstract_batch(rows))
 
 
 def module_text(lowered) -> str:

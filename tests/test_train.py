@@ -37,7 +37,7 @@ TINY = [
     f'--config.data.seq_len={SEQ_LEN}', f'--config.train.global_batch_tokens={ROWS * SEQ_LEN}',
     '--config.train.micro_batches=2',
     # One credit horizon (full backprop with 1 H x 2 L cycles): one compile per process.
-    '--config.train.bp_min=3', '--config.train.bp_max=3',
+    '--config.train.horizon.bp_min=3', '--config.train.horizon.bp_max=3',
     '--config.train.steps=12', '--config.train.lr=1e-2', '--config.train.warmup_steps=3',
     '--config.train.ema_decay=0.5',
     '--config.checkpoint.every_steps=4', '--config.checkpoint.keep=2',
@@ -206,7 +206,7 @@ def test_fixture_trains_memorizes_and_counts_its_tokens(reference_run, data_dir)
   assert np.mean(losses[-5:]) < losses[0] / 4, losses
   assert rows[REF_STEPS]['token_accuracy'] > 0.9, rows[REF_STEPS]
   batches = TrainBatches(str(data_dir), seq_len=SEQ_LEN, rows_per_process=ROWS, process_index=0,
-                         process_count=1, seed=0, window_rows=WINDOW_ROWS)
+                         process_count=1, seed=0, window_rows=WINDOW_ROWS, max_segments=64)
   expected = [int((batches[i]['labels'] != IGNORE_LABEL).sum()) for i in range(REF_STEPS)]
   assert len(set(expected)) > 1  # the batches do differ, so this pins the data order
   assert [rows[s]['tokens'] for s in sorted(rows)] == expected
@@ -289,7 +289,7 @@ def test_init_from_starts_from_the_ema_with_a_fresh_optimizer(reference_run, dat
       data_dir, f'--config.init_from={reference_run}', '--config.init_mode=ema',
       '--config.train.lr=0', '--config.train.steps=2', '--config.checkpoint.every_steps=1',
       # How the model runs may differ from the source's; its weights may not.
-      '--config.model.remat_policy=none', '--config.model.unroll_loops=true'))
+      '--config.compute.remat_policy=none', '--config.compute.unroll_loops=true'))
   assert_ok(result)
   assert f'starting from the weights of {reference_run}' in result.stdout
   rows, reference = read_metrics(workdir), read_metrics(reference_run)
@@ -382,7 +382,8 @@ def test_resume_after_a_metrics_line_cut_short(reference_run, data_dir, tmp_path
 
 
 @pytest.mark.slow
-def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(reference_run, data_dir, tmp_path):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(reference_run, data_dir,
+                                                                   tmp_path):
   """Bytes flipped in the largest file of step 40: the rerun warns, sets it aside, resumes from
   step 35 and ends where the uninterrupted run did."""
   workdir = tmp_path / 'run'
@@ -514,7 +515,7 @@ def test_generation_eval_in_the_loop_equals_the_harness(tmp_path):
       '--config.model.hidden_size=64', '--config.model.head_dim=32',
       '--config.train.steps=40', '--config.train.lr=3e-3', '--config.train.warmup_steps=4',
       '--config.train.ema_decay=0.5', f'--config.train.global_batch_tokens={8 * seq_len}',
-      '--config.train.bp_min=5', '--config.train.bp_max=5',  # one horizon: one compiled step
+      '--config.train.horizon.bp_min=5', '--config.train.horizon.bp_max=5',  # one compiled step
       '--config.eval.every_steps=40', f'--config.eval.generate_per_task={limit}')
   assert_ok(result)
   logged = {k: v for k, v in read_metrics(tmp_path / 'run')[40].items() if k.startswith('eval_gen/')}

@@ -54,8 +54,9 @@ TRAIN_FLAGS = (
     '--config.model.hidden_size=32', '--config.model.num_heads=2', '--config.model.head_dim=16',
     '--config.model.layers_per_stack=1', f'--config.model.vocab_size={FIXTURE_VOCAB}',
     f'--config.data.seq_len={SEQ_LEN}', f'--config.train.global_batch_tokens={ROWS * SEQ_LEN}',
-    f'--config.train.steps={STEPS}', '--config.train.warmup_steps=2', '--config.train.bp_min=5',
-    '--config.train.bp_max=5', '--config.log_every_steps=1', '--config.eval.every_steps=1000',
+    f'--config.train.steps={STEPS}', '--config.train.warmup_steps=2',
+    '--config.train.horizon.bp_min=5', '--config.train.horizon.bp_max=5',
+    '--config.log_every_steps=1', '--config.eval.every_steps=1000',
     f'--config.checkpoint.every_steps={RESUME_AT}', '--config.checkpoint.keep=3')
 
 MESHES = {
@@ -304,7 +305,8 @@ def test_sigterm_stops_both_processes_at_one_step_and_resumes_bitwise(data_dir, 
   output = open(f'{workdir}.log').read()
   assert launcher.returncode == 0, output[-5000:]
   assert stopped_in < STOP_BOUND_S, stopped_in
-  said = {int(i): int(step) for i, step in re.findall(r'\[(\d)\] SIGTERM: saved step (\d+)', output)}
+  said = {int(i): int(step)
+          for i, step in re.findall(r'\[(\d)\] SIGTERM: saved step (\d+)', output)}
   assert sorted(said) == [0, 1] and said[0] == said[1], output[-3000:]
   stopped = said[0]
   assert 3 <= stopped < PREEMPT_STEPS, stopped

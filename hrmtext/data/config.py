@@ -49,6 +49,9 @@ def data_config() -> ml_collections.ConfigDict:
   c.worker_count = 0  # Grain prefetch processes (0: produce batches in the training process)
   c.worker_buffer_size = 2  # batches each worker prefetches
   c.pack_window_rows = 64  # first-fit-decreasing packs windows of about this many rows of examples
+  # At most this many examples per packed row: the bound the attention kernels' run metadata is
+  # sized for (cuDNN keeps softmax statistics per run slot; packing.RUN_FIELDS).
+  c.max_segments_per_row = 64
   # Train on the response tokens only (the reference data's target_only); False: the instruction
   # tokens too, each predicting the next one. The held-out eval scores responses either way.
   c.target_only = True

@@ -2,7 +2,13 @@
 
 A packing plan is fixed per epoch (first-fit-decreasing over windows of the epoch's example order),
 so any row can be built on its own: the pipeline is random-access and its state is one index.
-Each row holds whole examples; an example longer than the row is cut to it.
+Each row holds whole examples, at most `max_segments` of them; an example longer than the row is
+cut to it.
+
+Besides the tokens, a packed batch holds what the fused attention kernels need, computed here on
+the host (the compiled step then has no per-layer integer work and no fallback branch): the row's
+runs in cuDNN's packed layout (RUN_FIELDS), for a causal pass over each example (and the
+padding) and a bidirectional pass over each instruction.
 """
 
 from typing import NamedTuple
@@ -12,7 +18,20 @@ import numpy as np
 from hrmtext.data.layout import Index
 
 IGNORE_LABEL = -100
-FIELDS = ('inputs', 'labels', 'positions', 'segment_ids', 'is_instruction')
+TOKEN_FIELDS = ('inputs', 'labels', 'positions', 'segment_ids', 'is_instruction')  # [rows, len]
+# Runs of a row (start, length), -1 past its last run: offsets [rows, max_runs + 1], lengths
+# [rows, max_runs], with max_runs = max_segments + 1 (the examples and the padding).
+RUN_FIELDS = ('causal_offsets', 'causal_lengths', 'prefix_offsets', 'prefix_lengths')
+FIELDS = TOKEN_FIELDS + RUN_FIELDS
+
+
+def field_shapes(rows: int, seq_len: int, max_segments: int) -> dict[str, tuple]:
+  """The shape of each field of a packed batch."""
+  runs = max_segments + 1
+  shapes = dict.fromkeys(TOKEN_FIELDS, (rows, seq_len))
+  shapes.update(causal_offsets=(rows, runs + 1), causal_lengths=(rows, runs),
+                prefix_offsets=(rows, runs + 1), prefix_lengths=(rows, runs))
+  return shapes
 
 
 class Plan(NamedTuple):
@@ -44,26 +63,30 @@ def packed_lengths(index: Index, seq_len: int) -> np.ndarray:
   return np.where(usable, length, 0).astype(np.int64)
 
 
-def _first_fit_decreasing(ids, lengths, seq_len):
-  """Bins (as lists of ids) of total length <= seq_len, longest examples placed first."""
+def _first_fit_decreasing(ids, lengths, seq_len, max_segments):
+  """Bins (as lists of ids) of total length <= seq_len and at most max_segments ids, longest
+  examples placed first."""
   ids = ids[np.argsort(-lengths[ids], kind='stable')]
   free = np.empty(len(ids), np.int64)  # remaining room per open bin; at most one bin per example
+  count = np.empty(len(ids), np.int64)  # examples per open bin
   bin_of = np.empty(len(ids), np.int64)
   num_bins = 0
   for i, length in enumerate(lengths[ids].tolist()):
-    fits = free[:num_bins] >= length
+    fits = (free[:num_bins] >= length) & (count[:num_bins] < max_segments)
     b = int(fits.argmax()) if num_bins and fits.any() else num_bins
     if b == num_bins:
-      free[b] = seq_len
+      free[b], count[b] = seq_len, 0
       num_bins += 1
     free[b] -= length
+    count[b] += 1
     bin_of[i] = b
   order = np.argsort(bin_of, kind='stable')
   return ids[order], np.bincount(bin_of, minlength=num_bins)
 
 
-def pack(lengths: np.ndarray, seq_len: int, window_rows: int) -> Plan:
-  """Plans rows for examples in their given order, packing windows of ~window_rows rows each.
+def pack(lengths: np.ndarray, seq_len: int, window_rows: int, max_segments: int) -> Plan:
+  """Plans rows (of at most `max_segments` examples) for examples in their given order, packing
+  windows of ~window_rows rows each.
 
   Windows keep the epoch's shuffled order at a coarse grain while leaving first-fit-decreasing
   enough examples to fill rows almost completely.
@@ -74,7 +97,7 @@ def pack(lengths: np.ndarray, seq_len: int, window_rows: int) -> Plan:
   orders, counts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
   for window_ids in np.split(ids, bounds):
     if len(window_ids):
-      order, count = _first_fit_decreasing(window_ids, lengths, seq_len)
+      order, count = _first_fit_decreasing(window_ids, lengths, seq_len, max_segments)
       orders.append(order)
       counts.append(count)
   counts = np.concatenate(counts)
@@ -87,8 +110,10 @@ def packing_efficiency(plan: Plan, lengths: np.ndarray, seq_len: int) -> float:
 
 
 def pack_rows(tokens: np.ndarray, index: Index, lengths: np.ndarray, rows: list[np.ndarray],
-              seq_len: int, target_only: bool = True) -> dict[str, np.ndarray]:
-  """Builds the packed batch [len(rows), seq_len] for rows given as arrays of example ids.
+              seq_len: int, target_only: bool = True,
+              max_segments: int | None = None) -> dict[str, np.ndarray]:
+  """Builds the packed batch [len(rows), seq_len] for rows given as arrays of example ids, with
+  run metadata for rows of up to `max_segments` examples (default: the most any row here has).
 
   Per example: inputs = instruction ++ response[:-1], labels = IGNORE * (len(instruction) - 1)
   ++ response, positions restart at 0, segment_ids count examples from 1 within the row. Without
@@ -120,10 +145,43 @@ def pack_rows(tokens: np.ndarray, index: Index, lengths: np.ndarray, rows: list[
                     tokens[label_source].astype(np.int32))
   dest = np.repeat(row_of * seq_len + start_in_row, length) + pos
 
-  batch = {name: np.zeros((len(rows), seq_len), np.int32) for name in FIELDS}
+  batch = {name: np.zeros((len(rows), seq_len), np.int32) for name in TOKEN_FIELDS}
   batch['labels'].fill(IGNORE_LABEL)
   values = dict(inputs=tokens[source], labels=labels, positions=pos,
                 segment_ids=np.repeat(segment, length), is_instruction=in_instruction)
-  for name in FIELDS:
+  for name in TOKEN_FIELDS:
     batch[name].reshape(-1)[dest] = values[name]
+  if max_segments is None:
+    max_segments = max(1, int(per_row.max(initial=0)))
+  if per_row.max(initial=0) > max_segments:
+    raise ValueError(f'a row of {per_row.max()} examples; at most {max_segments}')
+  instruction = np.minimum(index.inst_len[ids], length)  # >= 1: packed_lengths' usable examples
+  runs = lambda lengths: _runs(row_of, segment - 1, start_in_row, lengths, len(rows),
+                               max_segments)
+  batch.update(_with_padding(runs(length), row_tokens, per_row, seq_len, 'causal'))
+  batch.update(_named(runs(instruction), 'prefix'))
   return batch
+
+
+def _runs(row_of, slot, starts, lengths, num_rows, max_segments):
+  """(offsets [rows, max_segments + 2], lengths [rows, max_segments + 1]) with run `slot` of a
+  row at [start, start + length), -1 where a row has no run."""
+  offsets = np.full((num_rows, max_segments + 2), -1, np.int32)
+  run_lengths = np.full((num_rows, max_segments + 1), -1, np.int32)
+  offsets[row_of, slot] = starts
+  run_lengths[row_of, slot] = lengths
+  return offsets, run_lengths
+
+
+def _with_padding(runs, row_tokens, per_row, seq_len, name):
+  """The causal runs and, after a row's examples, its padding [row_tokens, seq_len) as one run
+  (padding attends to padding, as the mask of DESIGN §2 says: segment 0, causal)."""
+  offsets, run_lengths = runs
+  padded = np.flatnonzero(row_tokens < seq_len)
+  offsets[padded, per_row[padded]] = row_tokens[padded]
+  run_lengths[padded, per_row[padded]] = seq_len - row_tokens[padded]
+  return _named((offsets, run_lengths), name)
+
+
+def _named(runs, name):
+  return {f'{name}_offsets': runs[0], f'{name}_lengths': runs[1]}

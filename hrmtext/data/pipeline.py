@@ -41,12 +41,13 @@ class TrainBatches:
   """Random-access source whose element i is this data shard's rows of global batch i (endless)."""
 
   def __init__(self, directory: str, *, seq_len: int, rows_per_process: int, process_index: int,
-               process_count: int, seed: int, window_rows: int, target_only: bool = True):
+               process_count: int, seed: int, window_rows: int, max_segments: int,
+               target_only: bool = True):
     if not 0 <= process_index < process_count:
       raise ValueError(f'process_index {process_index} not in [0, {process_count})')
     self._dir, self._seq_len, self._rows = directory, seq_len, rows_per_process
     self._process_index, self._process_count, self._seed = process_index, process_count, seed
-    self._target_only = target_only
+    self._target_only, self._max_segments = target_only, max_segments
     sampled = SampledSet(directory)
     epochs = [sampled.epoch(k) for k in range(sampled.num_epochs)]
     # One index over all epochs (they share tokens.npy); plans hold ids into it.
@@ -54,7 +55,8 @@ class TrainBatches:
     self.lengths = packing.packed_lengths(self._index, seq_len)
     self.plans, base = [], 0
     for index in epochs:
-      plan = packing.pack(self.lengths[base:base + len(index.inst_len)], seq_len, window_rows)
+      plan = packing.pack(self.lengths[base:base + len(index.inst_len)], seq_len, window_rows,
+                          max_segments)
       self.plans.append(plan._replace(order=plan.order + base))
       base += len(index.inst_len)
     self.epoch_end = np.cumsum([plan.num_rows for plan in self.plans])  # in the global stream
@@ -84,7 +86,7 @@ class TrainBatches:
     if self._tokens is None:
       self._tokens = load_tokens(self._dir)
     return packing.pack_rows(self._tokens, self._index, self.lengths, self.batch_rows(index),
-                             self._seq_len, self._target_only)
+                             self._seq_len, self._target_only, self._max_segments)
 
   def __repr__(self):
     return (f'TrainBatches({self._dir}, rows={self._rows}, seq_len={self._seq_len}, '
@@ -98,7 +100,9 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, rows_per_process
   from global batch `start` on (a resumed run passes its step)."""
   source = TrainBatches(sampled_dir(data_cfg), seq_len=seq_len, rows_per_process=rows_per_process,
                         process_index=process_index, process_count=process_count, seed=seed,
-                        window_rows=data_cfg.pack_window_rows, target_only=data_cfg.target_only)
+                        window_rows=data_cfg.pack_window_rows,
+                        max_segments=data_cfg.max_segments_per_row,
+                        target_only=data_cfg.target_only)
   dataset = grain.MapDataset.source(source)[start:].to_iter_dataset(
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=data_cfg.worker_buffer_size))
   if data_cfg.worker_count > 0:
@@ -125,9 +129,11 @@ def make_eval_batches(data_cfg: ml_collections.ConfigDict, *, rows: int,
     if not len(index.resp_len):
       continue
     lengths = packing.packed_lengths(index, seq_len)
-    plan = packing.pack(lengths, seq_len, EVAL_WINDOW_ROWS).padded(rows)
+    plan = packing.pack(lengths, seq_len, EVAL_WINDOW_ROWS, data_cfg.max_segments_per_row)
+    plan = plan.padded(rows)
     batches[task] = [
-        packing.pack_rows(tokens, index, lengths, plan.rows(range(start, start + rows)), seq_len)
+        packing.pack_rows(tokens, index, lengths, plan.rows(range(start, start + rows)), seq_len,
+                          max_segments=data_cfg.max_segments_per_row)
         for start in range(0, plan.num_rows, rows)
     ]
   return batches

@@ -4,8 +4,6 @@ import collections
 import os
 from collections.abc import Callable
 
-import jax
-
 from hrmtext.data.tokenizer import Tokenizer
 from hrmtext.evals.harness import evaluate
 from hrmtext.evals.loaders import heldout_tasks
@@ -49,10 +47,12 @@ def model_fns(engine: Engine, tok: Tokenizer, *, top_p: float = 1.0, progress=No
 
 
 def heldout_generation_eval(model, prepared_root: str, tokenizer_dir: str, *, limit: int,
-                            max_new_tokens: int) -> Callable[[dict], dict] | None:
+                            max_new_tokens: int, mesh=None) -> Callable[[dict], dict] | None:
   """The training loop's generation eval: params -> {'eval_gen/<task>/<metric>': value,
   'eval_gen/exact_match': mean over tasks}, greedy on the first `limit` examples of each held-out
-  task, as `hrmtext.evaluate` scores them. None when the data has no held-out rows."""
+  task, as `hrmtext.evaluate` scores them. None when the data has no held-out rows. On `mesh`
+  (the trainer's; default: one device), params already on it with their shardings (the training
+  state's) are used where they lie."""
   if not os.path.isdir(os.path.join(prepared_root, 'raw', 'heldout')):
     return None
   tok = Tokenizer.load(tokenizer_dir)
@@ -60,10 +60,10 @@ def heldout_generation_eval(model, prepared_root: str, tokenizer_dir: str, *, li
   longest = max(len(tok.encode_instruction(e.instruction, e.condition))
                 for task in tasks for e in task.examples[:limit])
   engine = Engine(model, None, eoa=tok.eoa, max_len=longest + max_new_tokens,
-                  vocab_size=tok.vocab_size)
+                  vocab_size=tok.vocab_size, mesh=mesh)
 
   def run(params) -> dict:
-    engine.params = jax.device_get(params)
+    engine.params = params  # placed on the mesh, a no-op for the training state's
     results = evaluate(tasks, *model_fns(engine, tok), limit=limit, progress=False)
     metrics = {f'eval_gen/{task}/{name}': value for task, task_metrics in results.items()
                for name, value in task_metrics.items() if name not in ('n', 'subsets')}

@@ -11,6 +11,11 @@ refills them from the queue.
 Few shapes get compiled: prompts are padded to a power of two, prefill groups to a
 power-of-two number of rows, and a decode chunk attends to the smallest power-of-two window of
 cache positions that holds every row's past, plus the chunk's own tokens.
+
+The engine runs on a mesh (hrmtext.parallel.mesh; default: the first device alone). Params are
+placed on it once, sharded by their logical axes as in training; the cache's rows are split over
+('data', 'fsdp') and its heads over 'tensor' (hrmtext.parallel.sharding's cache_* rules). Row
+counts (slots, prefill groups, scored batches) are rounded up to multiples of data * fsdp.
 """
 import functools
 
@@ -24,6 +29,9 @@ from hrmtext.data.packing import pack_rows
 from hrmtext.infer.sampling import Sampling, sample
 from hrmtext.model import AttentionMask, LanguageModel
 from hrmtext.model import cache as kv_cache
+from hrmtext.model.config import round_up
+from hrmtext.parallel import sharding
+from hrmtext.parallel.mesh import inference_mesh
 
 NO_TOKEN = -1  # an empty place in the token buffers
 
@@ -33,18 +41,72 @@ def bucket(n: int, minimum: int = 16) -> int:
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
+def _on_mesh(method):
+  """`method` run with the engine's mesh and logical rules current: the device functions trace
+  (and their activations' and cache's constraints apply) for the mesh."""
+  @functools.wraps(method)
+  def run(self, *args, **kwargs):
+    with sharding.activate(self.mesh):
+      return method(self, *args, **kwargs)
+  return run
+
+
 class Engine:
   """`max_len`: prompt + response tokens per row. `vocab_size` (default: the model's) masks padded
   vocabulary rows out of token choices. `cache_dtype` (default: the model's compute dtype) is
-  the KV cache's."""
+  the KV cache's. `mesh` (axes hrmtext.parallel.mesh.MESH_AXES; default: the first device) is
+  where params, cache and computation live; `slots` is rounded up to a multiple of its
+  data * fsdp. `params` may be None until set (`engine.params = ...`)."""
 
   def __init__(self, model: LanguageModel, params, *, eoa: int, slots: int = 8,
                max_len: int = 1024, chunk: int = 32, min_window: int = 64,
-               vocab_size: int | None = None, cache_dtype=None):
-    self.model, self.params, self.eoa = model, params, eoa
-    self.slots, self.max_len, self.chunk, self.min_window = slots, max_len, chunk, min_window
+               vocab_size: int | None = None, cache_dtype=None,
+               mesh: jax.sharding.Mesh | None = None):
+    self.model, self.eoa, self.mesh = model, eoa, mesh or inference_mesh()
+    self.batch_shards = self.mesh.shape['data'] * self.mesh.shape['fsdp']
+    self.slots = round_up(slots, self.batch_shards)
+    self.max_len, self.chunk, self.min_window = max_len, chunk, min_window
     self.vocab_size = vocab_size or model.cfg.vocab_size
-    self.cache_dtype = jnp.dtype(cache_dtype or model.cfg.dtype)
+    self.cache_dtype = jnp.dtype(cache_dtype or model.compute.dtype)
+    self.param_shardings = sharding.param_shardings(
+        jax.eval_shape(model.init, jax.random.key(0)), self.mesh)
+    self.params = params
+    self._compile_for_mesh()
+
+  @property
+  def params(self):
+    """The weights, on the mesh with their shardings. Setting them places them there once (arrays
+    already placed so, such as the training state's, are kept: no copy); calls never copy them."""
+    return self._params
+
+  @params.setter
+  def params(self, params):
+    self._params = None if params is None else jax.device_put(params, self.param_shardings)
+
+  def _compile_for_mesh(self):
+    """The jitted device functions: params and state stay on their shardings, host inputs and
+    sampled tokens are replicated."""
+    params, state, replicated = (self.param_shardings, self._state_shardings(),
+                                 sharding.replicated(self.mesh))
+    self._init_state = jax.jit(self._zero_state, out_shardings=state)
+    self._prefill = jax.jit(self._prefill_group, static_argnums=(6,), donate_argnums=(1,),
+                            in_shardings=(params, state) + (replicated,) * 6,
+                            out_shardings=(state, replicated))
+    # `stop_when_free` is traced, not static: one compiled program serves both (each is seconds).
+    self._decode = jax.jit(self._decode_chunk, static_argnums=(2, 3), donate_argnums=(1,),
+                           in_shardings=(params, state, replicated),
+                           out_shardings=(state, replicated))
+    self._score_rows = jax.jit(self._score_batch,
+                               in_shardings=(params, sharding.batch_sharding(self.mesh)),
+                               out_shardings=replicated)
+
+  def _state_shardings(self) -> dict:
+    """A row's cache entries and bookkeeping on that row's devices (the entries' heads split)."""
+    shapes = jax.eval_shape(self._zero_state)
+    state = jax.tree.map(lambda _: sharding.logical_sharding(self.mesh, ('cache_batch',)), shapes)
+    entries = sharding.logical_sharding(self.mesh, kv_cache.AXES)
+    state['cache'] = jax.tree.map(lambda _: entries, shapes['cache'])
+    return state
 
   # ---- device functions -------------------------------------------------------------------
 
@@ -71,8 +133,7 @@ class Engine:
     keys = jax.vmap(jax.random.fold_in)(keys, lengths)
     return sample(self._logits(params, hidden)[:, 0], keys, sampling)
 
-  @functools.partial(jax.jit, static_argnums=(0,))
-  def _init_state(self):
+  def _zero_state(self):
     s, n = self.slots, self.max_len
     zeros = lambda dtype: jnp.zeros((s,), dtype)
     return {'cache': self.model.init_cache(s, n, self.cache_dtype),
@@ -84,8 +145,7 @@ class Engine:
             'budget': zeros(jnp.int32),  # response tokens still allowed
             'active': zeros(bool)}
 
-  @functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(2,))
-  def _prefill(self, params, state, tokens, prompt_lens, rows, limits, sampling, rng, seeds):
+  def _prefill_group(self, params, state, tokens, prompt_lens, rows, limits, sampling, rng, seeds):
     """Prompts [group, P] into batch rows `rows` (out-of-range rows are padding); samples the
     first token of each from its request's stream (`rng` folded with `seeds`). Returns the state
     and the first tokens (NO_TOKEN where not kept)."""
@@ -111,9 +171,7 @@ class Engine:
         budget=put(state['budget'], limits - kept), active=put(state['active'], active))
     return state, jnp.where(kept, first, NO_TOKEN)
 
-  # `stop_when_free` is traced, not static: one compiled program serves both (each is seconds).
-  @functools.partial(jax.jit, static_argnums=(0, 3, 4), donate_argnums=(2,))
-  def _decode(self, params, state, sampling, window, stop_when_free):
+  def _decode_chunk(self, params, state, sampling, window, stop_when_free):
     """Up to `chunk` steps of all active rows; stops after a step that leaves a row free if
     `stop_when_free` (a bool scalar). Returns the state and the tokens [chunk, slots] (NO_TOKEN:
     none).
@@ -163,8 +221,8 @@ class Engine:
       active = slot['active']
       return (i < self.chunk) & active.any() & ~(stop_when_free & ~active.all())
 
-    recent = jax.tree.map(
-        lambda c: jnp.zeros(c.shape[:3] + (self.chunk,) + c.shape[4:], c.dtype), past)
+    recent = kv_cache.constrain(jax.tree.map(
+        lambda c: jnp.zeros(c.shape[:3] + (self.chunk,) + c.shape[4:], c.dtype), past))
     chunk_ids = jnp.zeros((self.slots, self.chunk), jnp.int32)
     slot = {key: state[key] for key in ('last', 'lengths', 'budget', 'active')}
     out = jnp.full((self.chunk, self.slots), NO_TOKEN, jnp.int32)
@@ -178,6 +236,7 @@ class Engine:
 
   # ---- host loop --------------------------------------------------------------------------
 
+  @_on_mesh
   def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int] = 256,
                sampling: Sampling = Sampling(), seed: int = 0, progress=None,
                request_seeds: list[int] | None = None) -> list[list[int]]:
@@ -205,8 +264,8 @@ class Engine:
       group = [(slot, queue.pop()) for slot in free[:len(queue)]]
       first = None
       if group:
-        size, length = bucket(len(group), 1), min(bucket(max(len(prompts[r]) for _, r in group)),
-                                                  self.max_len)
+        size = round_up(bucket(len(group), 1), self.batch_shards)
+        length = min(bucket(max(len(prompts[r]) for _, r in group)), self.max_len)
         tokens = np.zeros((size, length), np.int32)
         prompt_lens = np.ones(size, np.int32)
         rows = np.full(size, self.slots, np.int32)  # padding rows are dropped
@@ -237,11 +296,13 @@ class Engine:
             progress(1)
     return outputs
 
+  @_on_mesh
   def score(self, examples: list[tuple[list[int], list[int]]], batch_size: int = 16,
             progress=None):
     """Per (instruction ids, response ids): (summed log-prob of the response, its token count,
-    whether greedy decoding reproduces it token for token)."""
-    results = []
+    whether greedy decoding reproduces it token for token). `batch_size` is rounded up to a
+    multiple of the mesh's data * fsdp."""
+    results, batch_rows = [], round_up(batch_size, self.batch_shards)
     for start in range(0, len(examples), batch_size):
       chunk = examples[start:start + batch_size]
       tokens = np.concatenate([np.concatenate([i, r]) for i, r in chunk]).astype(np.int64)
@@ -253,7 +314,7 @@ class Engine:
       lengths = total - 1
       row_len = bucket(int(lengths.max()))
       rows = [np.array([i]) for i in range(len(chunk))]
-      rows += [np.zeros(0, np.int64)] * (batch_size - len(chunk))  # one shape per row length
+      rows += [np.zeros(0, np.int64)] * (batch_rows - len(chunk))  # one shape per row length
       batch = pack_rows(tokens, index, lengths, rows, row_len)
       logprob, count, greedy = self._score_rows(self.params, batch)
       results += [(float(l), int(c), bool(g)) for l, c, g in
@@ -262,8 +323,7 @@ class Engine:
         progress(len(chunk))
     return results
 
-  @functools.partial(jax.jit, static_argnums=(0,))
-  def _score_rows(self, params, batch):
+  def _score_batch(self, params, batch):
     logits = self.model.logits(params, batch)
     labelled = batch['labels'] >= 0
     targets = jnp.where(labelled, batch['labels'], 0)

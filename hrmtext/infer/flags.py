@@ -1,5 +1,7 @@
 """Flags shared by the inference entry points (generate, score, evaluate)."""
+import ml_collections
 from absl import flags
+from ml_collections import config_flags
 
 from hrmtext.cli import UserError
 
@@ -14,6 +16,10 @@ EMA = flags.DEFINE_bool('ema', True, 'Use the EMA weights when the checkpoint ha
 SLOTS = flags.DEFINE_integer('slots', 8, 'Sequences decoded together (continuous batching).')
 MAX_LEN = flags.DEFINE_integer('max_len', 0, 'KV-cache length: prompt + response tokens '
                                '(default: the training row length).')
+MESH = config_flags.DEFINE_config_dict(
+    'mesh', ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)),
+    'Devices to serve on, as training\'s --config.mesh: --mesh.fsdp=4 --mesh.tensor=2 shards the '
+    'weights and KV cache over 8 devices (-1: all the remaining ones). Default: one device.')
 CYCLES = flags.DEFINE_list('cycles', [], 'H,L: run the recurrence with H_cycles H and L_cycles L '
                            'instead of the trained counts (test-time depth; the KV cache gets a '
                            'slot per application). UT and RINS have one H cycle.')
@@ -31,7 +37,7 @@ def load(need_tokenizer: bool = True):
     raise UserError(f'--eoa_id {EOA_ID.value}: a token id is >= 0')
   return text.load(CHECKPOINT.value, tokenizer=TOKENIZER.value, use_ema=EMA.value,
                    slots=SLOTS.value, max_len=MAX_LEN.value, eoa_id=EOA_ID.value,
-                   need_tokenizer=need_tokenizer, cycles=cycles())
+                   need_tokenizer=need_tokenizer, cycles=cycles(), mesh_config=MESH.value)
 
 
 def cycles() -> tuple[int, int] | None:

@@ -4,13 +4,15 @@ import os
 from hrmtext.cli import UserError
 from hrmtext.data.tokenizer import INFO_FILE, Tokenizer
 from hrmtext.infer.engine import Engine
-from hrmtext.model import build_model
+from hrmtext.model import ComputeConfig, build_model
+from hrmtext.parallel.mesh import inference_mesh
 from hrmtext.training import checkpoint
 
 
 def load(path: str, *, tokenizer: str = '', use_ema: bool = True, slots: int = 8,
          max_len: int = 0, eoa_id: int | None = None, need_tokenizer: bool = True,
-         cycles: tuple[int, int] | None = None) -> tuple[Engine, Tokenizer | None, dict]:
+         cycles: tuple[int, int] | None = None, mesh_config=None
+         ) -> tuple[Engine, Tokenizer | None, dict]:
   """Engine on the checkpoint's (EMA) weights, its tokenizer (`tokenizer` if given) and its meta.
 
   The tokenizer is the one the run trained with, or for an imported HF checkpoint the
@@ -19,8 +21,11 @@ def load(path: str, *, tokenizer: str = '', use_ema: bool = True, slots: int = 8
   `need_tokenizer`. The end-of-answer id is `eoa_id`, else the tokenizer's EOA, else the HF
   config's eos_token_id; with none, generation stops at its token budget. `cycles` (H_cycles,
   L_cycles; 0 keeps the trained count) runs the recurrence at another depth than trained.
+  `mesh_config` ({data, fsdp, tensor} as training's config.mesh; default: one device) is the
+  engine's mesh (hrmtext.parallel.mesh.inference_mesh): the weights are read straight onto it.
   """
-  cfg, params, meta = checkpoint.load_weights(path, use_ema=use_ema)
+  mesh = inference_mesh(mesh_config)
+  cfg, params, meta = checkpoint.load_weights(path, use_ema=use_ema, shardings=mesh)
   if cycles and any(cycles):
     cfg = cfg.with_cycles(*cycles)
   tokenizer_path = tokenizer or checkpoint_tokenizer(path, meta)
@@ -37,9 +42,13 @@ def load(path: str, *, tokenizer: str = '', use_ema: bool = True, slots: int = 8
     eos = meta.get('hf_config', {}).get('eos_token_id')
     eoa_id = tok.eoa if tok is not None else (eos[0] if isinstance(eos, list) and eos else eos)
   max_len = max_len or meta.get('config', {}).get('data', {}).get('seq_len', 2048)
-  engine = Engine(build_model(cfg), params, eoa=-1 if eoa_id is None else eoa_id, slots=slots,
+  # In the dtype the run trained in (older checkpoints kept it in their model config), with the
+  # attention kernel for this mesh's devices.
+  dtype = meta.get('compute', meta['model']).get('dtype', 'float32')
+  model = build_model(cfg, ComputeConfig(dtype=dtype), device=mesh.devices.flat[0])
+  engine = Engine(model, params, eoa=-1 if eoa_id is None else eoa_id, slots=slots,
                   max_len=max_len,  # never generate the padded vocabulary rows:
-                  vocab_size=tok.vocab_size if tok is not None else None)
+                  vocab_size=tok.vocab_size if tok is not None else None, mesh=mesh)
   return engine, tok, meta
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from hrmtext.cli import UserError
-from hrmtext.model.kernels import compute_capability, cudnn, splash, target_device
+from hrmtext.model.kernels import PackedRuns, compute_capability, cudnn, splash
 
 
 @flax.struct.dataclass
@@ -21,13 +21,15 @@ class AttentionMask:
   kv_index: jax.Array  # [batch, kv_len]
   q_is_instruction: jax.Array  # [batch, q_len] bool
   kv_is_instruction: jax.Array  # [batch, kv_len] bool
+  runs: PackedRuns | None = None  # packed self-attention: the same mask as runs, for cuDNN
 
   @classmethod
-  def packed(cls, segment_ids, is_instruction) -> 'AttentionMask':
+  def packed(cls, segment_ids, is_instruction, runs: PackedRuns | None = None
+             ) -> 'AttentionMask':
     """Self-attention within packed rows (training, scoring, prefill)."""
     index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
     is_instruction = is_instruction.astype(bool)
-    return cls(segment_ids, segment_ids, index, index, is_instruction, is_instruction)
+    return cls(segment_ids, segment_ids, index, index, is_instruction, is_instruction, runs)
 
   def dense(self) -> jax.Array:
     """Boolean mask [batch, 1, q_len, kv_len]."""
@@ -99,11 +101,9 @@ def auto_implementation(device, dtype) -> str:
 
 
 def attention(q, k, v, mask: AttentionMask, implementation: str = 'xla'):
-  """PrefixLM attention; `implementation` picks the kernel (all compute the same function), 'auto'
-  the one for the devices the computation is compiled for."""
-  if implementation == 'auto':
-    implementation = auto_implementation(target_device(), q.dtype)
+  """PrefixLM attention; `implementation` picks the kernel (all compute the same function; 'auto'
+  is resolved before, when the model is built: models.build_model)."""
   if implementation not in IMPLEMENTATIONS:
     raise UserError(f'unknown attention implementation {implementation!r}; '
-                    f"have {sorted(IMPLEMENTATIONS)} and 'auto'")
+                    f'have {sorted(IMPLEMENTATIONS)}')
   return IMPLEMENTATIONS[implementation](q, k, v, mask)

@@ -17,15 +17,25 @@ job: a decode step only reads the cache.
 import collections
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+# Logical names of the dims of each k/v array: hrmtext.parallel.sharding maps them to the mesh.
+AXES = ('cache_layers', 'cache_batch', 'cache_heads', 'cache_sequence', 'cache_kv')
+
+
+def constrain(cache: dict) -> dict:
+  """`cache` (or new entries in its layout) held on its logical sharding (under
+  hrmtext.parallel.sharding.activate; a no-op elsewhere)."""
+  return jax.tree.map(lambda c: nn.with_logical_constraint(c, AXES), cache)
 
 
 def init(cfg, applications: dict[str, int], batch_size: int, length: int, dtype) -> dict:
   """A zeroed cache for `applications` = {stack: applications per forward pass}."""
   shape = (cfg.layers_per_stack, batch_size, cfg.num_heads, length, cfg.head_dim)
-  return {name: [{'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)} for _ in range(n)]
-          for name, n in applications.items()}
+  return constrain({name: [{'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+                           for _ in range(n)] for name, n in applications.items()})
 
 
 def write(cache: dict, new: dict, rows, positions) -> dict:
@@ -34,7 +44,7 @@ def write(cache: dict, new: dict, rows, positions) -> dict:
   def put(big, small):  # the two index arrays come first in the indexed result
     return big.at[:, rows[:, None], :, positions].set(
         small.transpose(1, 3, 0, 2, 4).astype(big.dtype), mode='drop')
-  return jax.tree.map(put, cache, new)
+  return constrain(jax.tree.map(put, cache, new))
 
 
 def attention(q, k, v, past: tuple, mask):

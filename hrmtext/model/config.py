@@ -10,6 +10,7 @@ SIZES = {
     'L': dict(n_layers=24, hidden_size=1280, num_heads=10),
     'XL': dict(n_layers=32, hidden_size=1536, num_heads=12),
     'XXL': dict(n_layers=72, hidden_size=1792, num_heads=14),
+    'XXL_wide': dict(n_layers=32, hidden_size=2560, num_heads=20),
 }
 
 
@@ -20,22 +21,25 @@ def round_up(x: int, multiple: int) -> int:
 class Architecture(NamedTuple):
   """How an architecture spends a size's n_layers and runs its recurrence (DESIGN §1; the
   reference's models/baselines): `layer_divisor` stacks' worth of n_layers go to each stack
-  (2: half-depth stacks), `defaults` fill the recurrence fields left at 0."""
+  (2: half-depth stacks), `cycles` are its (H_cycles, L_cycles), `horizon` its credit horizon
+  unless the run says otherwise: 'warmup' (HRM's bp_steps schedule), 'full', or (H_bp, L_bp)
+  fixed, the last H_bp H and L_bp L applications differentiable."""
   layer_divisor: int
-  defaults: dict
+  cycles: tuple
+  horizon: str | tuple
 
 
 ARCHITECTURES = {
-    'hrm': Architecture(2, dict(H_cycles=2, L_cycles=3)),  # credit horizon: train.bp_*
-    'transformer': Architecture(1, dict(H_cycles=2, L_cycles=3)),  # one application; cycles unused
+    'hrm': Architecture(2, (2, 3), 'warmup'),
+    'transformer': Architecture(1, (2, 3), 'full'),  # one application; cycles unused
     # One shared full-depth stack: z = core(z + x), 4 times; the last 2 differentiable.
-    'ut': Architecture(1, dict(H_cycles=1, L_cycles=4, L_bp=2)),
+    'ut': Architecture(1, (1, 4), (0, 2)),
     # HRM's loop with one shared full-depth stack as both L and H.
-    'trm': Architecture(1, dict(H_cycles=2, L_cycles=1, H_bp=1, L_bp=1)),
+    'trm': Architecture(1, (2, 1), (1, 1)),
     # The same with half-depth layers and HRM's cycles: HRM's FLOPs, half its parameters.
-    'trm_match': Architecture(2, dict(H_cycles=2, L_cycles=3, H_bp=2, L_bp=3)),
+    'trm_match': Architecture(2, (2, 3), (2, 3)),
     # 7 x z_L = L(z_L + x), the last 4 differentiable, then one H(z_L) without injection.
-    'rins': Architecture(2, dict(H_cycles=1, L_cycles=7, H_bp=1, L_bp=4)),
+    'rins': Architecture(2, (1, 7), (1, 4)),
 }
 SINGLE_STACK = ('transformer', 'ut', 'trm', 'trm_match')  # one stack, named 'stack'
 
@@ -62,6 +66,8 @@ def size_preset(size: str, architecture: str) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+  """What the weights are and what they compute: two checkpoints with equal ModelConfigs are
+  interchangeable. How a model is run (dtype, kernels, remat) is `ComputeConfig`."""
   architecture: str = 'hrm'  # one of ARCHITECTURES
   vocab_size: int = 256  # rows of the embedding table (already padded)
   hidden_size: int = 128
@@ -70,17 +76,10 @@ class ModelConfig:
   intermediate_size: int = 0  # 0: round_up(round(expansion * hidden * 2/3), 256)
   expansion: float = 4.0
   layers_per_stack: int = 2  # blocks in each stack (HRM: each of H and L)
-  # Recurrence (0: the architecture's default, ARCHITECTURES). UT and RINS have one H cycle.
+  # Recurrence (0: the architecture's, ARCHITECTURES; `from_dict` fills them). UT and RINS have
+  # one H cycle.
   H_cycles: int = 0
   L_cycles: int = 0
-  # Credit horizon. A fixed one: the last H_bp H and the last L_bp L applications are
-  # differentiable (0: the architecture's default; HRM's, both 0, follows train.bp_min/bp_max).
-  H_bp: int = 0
-  L_bp: int = 0
-  # HRM only: the HF release's per-H-cycle list of differentiable L steps, left-padded with 1s
-  # (every H application differentiable); empty: the horizon above.
-  L_bp_cycles: tuple = ()
-  full_bptt: bool = False  # every application differentiable, whatever the horizon says
   # Blocks: 'pre' (x += f(rms(x))) or 'post' (x = rms(x + f(x))), the reference's norm_type.
   norm_type: str = 'pre'
   # Stacks that end with MagicNorm's RMSNorm: 'all', 'none', 'H' or 'L'; '': the reference's
@@ -91,22 +90,16 @@ class ModelConfig:
   rope_theta: float = 10000.0
   rms_norm_eps: float = 1e-6
   embedding_scale: float = 0.0  # 0: sqrt(hidden_size), the inverse of the init std
-  z_L_init: str = 'truncated_normal'  # 'truncated_normal' (reference training) | 'zeros' (HF)
-  dtype: str = 'float32'  # compute dtype; parameters stay float32
-  remat_policy: str = 'nothing_saveable'  # see layers.REMAT_POLICIES
-  attention: str = 'xla'  # attention kernel: one of attention.IMPLEMENTATIONS or 'auto'
-  # Unroll the layer and L-step loops: more room for XLA scheduling, exact cost analysis.
-  unroll_loops: bool = False
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
       raise UserError(f'unknown architecture {self.architecture!r}; have '
                       f'{", ".join(ARCHITECTURES)}')
-    for name, value in ARCHITECTURES[self.architecture].defaults.items():
-      if not getattr(self, name):
-        object.__setattr__(self, name, value)
-    choices = dict(z_L_init=('truncated_normal', 'zeros'), dtype=('float32', 'bfloat16', 'float16'),
-                   norm_type=('pre', 'post'), attn_type=('prefixlm', 'causal'),
+    if not self.H_cycles or not self.L_cycles:  # a config built directly, not by from_dict
+      H_cycles, L_cycles = ARCHITECTURES[self.architecture].cycles
+      object.__setattr__(self, 'H_cycles', self.H_cycles or H_cycles)
+      object.__setattr__(self, 'L_cycles', self.L_cycles or L_cycles)
+    choices = dict(norm_type=('pre', 'post'), attn_type=('prefixlm', 'causal'),
                    final_norm=('', 'all', 'none') + (() if self.single_stack else ('H', 'L')))
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
@@ -117,28 +110,17 @@ class ModelConfig:
     for name in sizes:
       if getattr(self, name) < 1:
         raise UserError(f'model.{name} must be >= 1, not {getattr(self, name)}')
-    if min(self.H_bp, self.L_bp) < 0:
-      raise UserError('model.H_bp and model.L_bp must be >= 0')
     if self.architecture in ('ut', 'rins') and self.H_cycles != 1:
       raise UserError(f'{self.architecture} has one H cycle, not H_cycles={self.H_cycles}')
-    if self.L_bp_cycles and self.architecture != 'hrm':
-      raise UserError('model.L_bp_cycles is for HRM; the baselines take H_bp and L_bp')
     if self.expansion <= 0 or self.intermediate_size < 0:
       raise UserError('model.expansion must be > 0 and model.intermediate_size >= 0')
-    object.__setattr__(self, 'L_bp_cycles', tuple(self.L_bp_cycles))
-
-  # Fields that choose how a model is run or trained, not its weights or what they compute: a
-  # checkpoint can start (init_from) a run that differs from it in these alone.
-  RUN_FIELDS = ('dtype', 'remat_policy', 'attention', 'unroll_loops', 'L_bp_cycles', 'z_L_init',
-                'H_bp', 'L_bp', 'full_bptt')
 
   def weight_differences(self, other: 'ModelConfig') -> dict:
-    """{field: (self's, other's)} of the fields where the two models' weights differ in shape or
-    meaning (the embedding scale compared as the value it resolves to)."""
+    """{field: (self's, other's)} of the fields where the two differ (the embedding scale and
+    the MLP size compared as the values they resolve to)."""
     mine, theirs = (dict(dataclasses.asdict(c), embedding_scale=c.scale,
                          intermediate_size=c.mlp_size) for c in (self, other))
-    return {name: (mine[name], theirs[name]) for name in mine
-            if name not in self.RUN_FIELDS and mine[name] != theirs[name]}
+    return {name: (mine[name], theirs[name]) for name in mine if mine[name] != theirs[name]}
 
   @property
   def single_stack(self) -> bool:
@@ -177,16 +159,53 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d) -> 'ModelConfig':
-    """Builds from a (ConfigDict) mapping: `size` ('B', 'L', 'XL', 'XXL') sets the preset
-    sizes, then every field that is not None overrides it; `vocab_multiple` pads the vocab."""
+    """Builds from a (ConfigDict) mapping: `size` ('B', 'L', 'XL', 'XXL', 'XXL_wide') sets the
+    preset sizes, then every field that is not None overrides it; `vocab_multiple` pads the
+    vocab; fields of older checkpoints' model configs (now ComputeConfig's or the run's credit
+    horizon) are left out."""
     d = {name: value for name, value in dict(d).items() if value is not None}
     size = d.pop('size', '')
     vocab_multiple = d.pop('vocab_multiple', 1)
     d = {**size_preset(size, d.get('architecture', 'hrm')), **d}
     d['vocab_size'] = round_up(d.get('vocab_size', cls.vocab_size), vocab_multiple)
-    return cls(**d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{name: value for name, value in d.items() if name in names})
 
   def to_dict(self) -> dict:
-    d = dataclasses.asdict(self)
-    d['L_bp_cycles'] = list(self.L_bp_cycles)
-    return d
+    return dataclasses.asdict(self)
+
+
+# What a rematerialised block keeps from its forward pass for the backward pass, by name
+# (layers.REMAT_POLICIES maps each to its jax.checkpoint policy), from the most kept (least
+# recomputed) to the least: 'none' is no rematerialisation. 'auto' (training only) takes the
+# first that fits the devices' memory (training.fit).
+REMAT_POLICIES = ('none', 'save_projections', 'dots_saveable', 'save_attention',
+                  'dots_with_no_batch_dims_saveable', 'nothing_saveable')
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeConfig:
+  """How a model runs, not what its weights are: any checkpoint runs under any of these."""
+  dtype: str = 'float32'  # activations and matmuls; parameters stay float32
+  remat_policy: str = 'nothing_saveable'  # one of REMAT_POLICIES
+  # The attention kernel (attention.IMPLEMENTATIONS) or 'auto': the one for the devices the
+  # model is built for (models.build_model resolves it).
+  attention: str = 'auto'
+  # Unroll the layer and L-step loops: more room for XLA scheduling, exact cost analysis.
+  unroll_loops: bool = False
+
+  def __post_init__(self):
+    choices = dict(dtype=('float32', 'bfloat16', 'float16'),
+                   remat_policy=REMAT_POLICIES + ('auto',))
+    for name, allowed in choices.items():
+      if getattr(self, name) not in allowed:
+        raise UserError(f'compute.{name} {getattr(self, name)!r} is not one of {allowed}')
+
+  @classmethod
+  def from_dict(cls, d) -> 'ComputeConfig':
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{name: value for name, value in dict(d).items()
+                  if name in names and value is not None})
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)

@@ -5,6 +5,7 @@ That makes a forward-only stack application a plain call on stop-gradient'ed par
 and inputs: JAX then stores no residuals and does no backward work for it.
 """
 import collections
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -13,9 +14,9 @@ import jax.numpy as jnp
 
 from hrmtext.model import cache as kv_cache
 from hrmtext.model import loss
-from hrmtext.model.attention import AttentionMask
-from hrmtext.model.config import ModelConfig
-from hrmtext.model.horizon import Horizon, credit_horizon
+from hrmtext.model.attention import AttentionMask, PackedRuns, auto_implementation
+from hrmtext.model.config import REMAT_POLICIES, ComputeConfig, ModelConfig
+from hrmtext.model.horizon import Horizon, full_horizon
 from hrmtext.model.layers import Embed, LMHead, Stack, rope_tables, truncated_normal
 
 
@@ -23,17 +24,19 @@ class LanguageModel:
   """Shared embedding / LM head; subclasses define the stacks and `hidden_states`."""
   stacks: tuple = ()
 
-  def __init__(self, cfg: ModelConfig):
-    self.cfg = cfg
-    self.embed = Embed(cfg)
-    self.stack = Stack(cfg, cfg.layers_per_stack)
-    self.head = LMHead(cfg)
+  def __init__(self, cfg: ModelConfig, compute: ComputeConfig):
+    self.cfg, self.compute = cfg, compute
+    self.embed = Embed(cfg, compute)
+    self.stack = Stack(cfg, compute, cfg.layers_per_stack)
+    self.head = LMHead(cfg, compute)
 
-  def init(self, rng) -> dict:
-    """Parameters, boxed with their logical axes (`nn.unbox` to get plain arrays)."""
+  def init(self, rng, z_L_init: str = 'truncated_normal') -> dict:
+    """Parameters, boxed with their logical axes (`nn.unbox` to get plain arrays). `z_L_init`:
+    how the recurrent models' fixed z_L vector starts ('truncated_normal' or 'zeros')."""
+    del z_L_init  # no recurrence here
     cfg = self.cfg
     tokens = jnp.zeros((1, 1), jnp.int32)
-    x = jnp.zeros((1, 1, cfg.hidden_size), cfg.dtype)
+    x = jnp.zeros((1, 1, cfg.hidden_size), self.compute.dtype)
     mask = AttentionMask.packed(jnp.ones((1, 1), jnp.int32), jnp.zeros((1, 1), bool))
     rope = rope_tables(jnp.zeros((1, 1), jnp.int32), cfg.head_dim, cfg.rope_theta)
     rng_embed, rng_head, *rng_stacks = jax.random.split(rng, 2 + len(self.stacks))
@@ -75,15 +78,23 @@ class LanguageModel:
       stats = loss.token_stats(logits_fn(hidden), labels)
     return loss.sums_from_token_stats(*stats, labels, batch['segment_ids'])
 
+  def _stacks_in_compute_dtype(self, params):
+    """The stacks' weights cast to the compute dtype once per forward pass, outside the layer and
+    recurrence loops, rather than in every application (a no-op in float32)."""
+    dtype = jnp.dtype(self.compute.dtype)
+    return {name: jax.tree.map(lambda p: p.astype(dtype), sub) if name in self.stacks else sub
+            for name, sub in params.items()}
+
   def _inputs(self, params, batch):
     cfg = self.cfg
     mask = batch.get('mask')
     if mask is None:
-      mask = AttentionMask.packed(batch['segment_ids'], batch['is_instruction'])
+      mask = AttentionMask.packed(batch['segment_ids'], batch['is_instruction'],
+                                  PackedRuns.from_batch(batch))
     rope = rope_tables(batch['positions'], cfg.head_dim, cfg.rope_theta)
     if cfg.attn_type == 'causal':  # no bidirectional instruction block: causal everywhere
       mask = mask.replace(q_is_instruction=jnp.zeros_like(mask.q_is_instruction),
-                          kv_is_instruction=jnp.zeros_like(mask.kv_is_instruction))
+                          kv_is_instruction=jnp.zeros_like(mask.kv_is_instruction), runs=None)
     x = self.embed.apply({'params': params['embed']}, batch['inputs'])
     return x, rope, mask
 
@@ -100,6 +111,7 @@ class Transformer(LanguageModel):
     return {'stack': 1}
 
   def hidden_states(self, params, batch, horizon=None, cache=None):
+    params = self._stacks_in_compute_dtype(params)
     x, rope, mask = self._inputs(params, batch)
     applications = kv_cache.Applications(cache)
     x, new = self._apply_stack('stack', params['stack'], x, rope, mask,
@@ -122,11 +134,11 @@ class Recurrent(LanguageModel):
   L_stack, H_stack = 'L', 'H'  # the stacks playing L and H (H None: no H updates)
   inject_H = True  # H's input is z_H + z_L (else z_L)
 
-  def init(self, rng) -> dict:
+  def init(self, rng, z_L_init: str = 'truncated_normal') -> dict:
     rng, rng_z = jax.random.split(rng)
     params = super().init(rng)
     shape = (self.cfg.hidden_size,)
-    z = (jnp.zeros(shape) if self.cfg.z_L_init == 'zeros' else truncated_normal(1.0)(rng_z, shape))
+    z = jnp.zeros(shape) if z_L_init == 'zeros' else truncated_normal(1.0)(rng_z, shape)
     params['z_L_init'] = nn.LogicallyPartitioned(z, ('embed',))
     return params
 
@@ -167,7 +179,8 @@ class Recurrent(LanguageModel):
     """Final hidden states [batch, len, hidden] and, with a `cache` (the past keys/values of every
     stack application, read-only), the keys/values of these tokens (hrmtext.model.cache)."""
     cfg = self.cfg
-    horizon = horizon or credit_horizon(cfg)
+    horizon = horizon or full_horizon(cfg)
+    params = self._stacks_in_compute_dtype(params)
     x, rope, mask = self._inputs(params, batch)
     z_L = jnp.broadcast_to(jax.lax.stop_gradient(params['z_L_init']).astype(x.dtype), x.shape)
     frozen = jax.lax.stop_gradient(params)
@@ -184,7 +197,7 @@ class Recurrent(LanguageModel):
       has its own), a Python loop."""
       step = lambda z_L, past: apply_stack(self.L_stack, differentiable, z_L + z_H, past)
       if cache is None:
-        return jax.lax.scan(step, z_L, None, length=n, unroll=cfg.unroll_loops)[0]
+        return jax.lax.scan(step, z_L, None, length=n, unroll=self.compute.unroll_loops)[0]
       for _ in range(n):
         z_L, new = step(z_L, applications.next(self.L_stack))
         applications.give(self.L_stack, new)
@@ -233,5 +246,15 @@ MODELS = {'hrm': HrmText, 'transformer': Transformer, 'ut': UniversalTransformer
           'trm': TinyRecursive, 'trm_match': TinyRecursive, 'rins': Rins}
 
 
-def build_model(cfg: ModelConfig) -> LanguageModel:
-  return MODELS[cfg.architecture](cfg)
+def build_model(cfg: ModelConfig, compute: ComputeConfig = ComputeConfig(),
+                device=None) -> LanguageModel:
+  """The model of `cfg` run as `compute` says, on `device` (default: this host's first): an
+  'auto' attention kernel is resolved here, once, for that device (a compile-only target's too),
+  so `model.compute` says which kernel runs. An 'auto' remat policy not fitted to memory
+  (training.fit) is the most frugal one."""
+  if compute.attention == 'auto':
+    kernel = auto_implementation(device or jax.devices()[0], compute.dtype)
+    compute = dataclasses.replace(compute, attention=kernel)
+  if compute.remat_policy == 'auto':
+    compute = dataclasses.replace(compute, remat_policy=REMAT_POLICIES[-1])
+  return MODELS[cfg.architecture](cfg, compute)

@@ -1,5 +1,7 @@
-"""The device mesh: axes ('data', 'fsdp', 'tensor') over every device of every process."""
+"""The device mesh: axes ('data', 'fsdp', 'tensor'), over every device of every process for
+training, over the first devices it asks for to serve a model."""
 import math
+import types
 
 import jax
 
@@ -32,3 +34,14 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
   shape = mesh_shape(mesh_cfg, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def inference_mesh(mesh_cfg=None, devices=None) -> jax.sharding.Mesh:
+  """Mesh over the first data * fsdp * tensor of `devices` (all of them where a size is -1):
+  serving a model need not take every device. None: the first device alone."""
+  devices = jax.devices() if devices is None else devices
+  mesh_cfg = mesh_cfg or types.SimpleNamespace(data=1, fsdp=1, tensor=1)
+  sizes = [int(getattr(mesh_cfg, axis)) for axis in MESH_AXES]
+  if -1 not in sizes and math.prod(sizes) > 0:  # other bad sizes: make_mesh says what is wrong
+    devices = devices[:math.prod(sizes)]
+  return make_mesh(mesh_cfg, devices)

@@ -23,6 +23,13 @@ LOGICAL_AXIS_RULES = (
     ('act_head_dim', None),
     ('act_mlp', 'tensor'),
     ('act_vocab', 'tensor'),
+    # KV cache (hrmtext.model.cache), after MaxText's cache_* rules: rows as the batch, heads as
+    # the attention's, so a device holds the keys/values its attention shard reads.
+    ('cache_layers', None),
+    ('cache_batch', BATCH_AXES),
+    ('cache_heads', 'tensor'),
+    ('cache_sequence', None),
+    ('cache_kv', None),
 )
 
 
@@ -30,6 +37,11 @@ def param_shardings(boxed_params, mesh: jax.sharding.Mesh):
   """NamedShardings (unboxed structure) for params boxed in nn.LogicallyPartitioned, e.g.
   `jax.eval_shape(model.init, ...)`; leaves without axis metadata are replicated."""
   return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_params), mesh, LOGICAL_AXIS_RULES)
+
+
+def logical_sharding(mesh: jax.sharding.Mesh, axes: tuple) -> NamedSharding:
+  """The sharding of an array whose dims have the logical names `axes`."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(axes, LOGICAL_AXIS_RULES))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

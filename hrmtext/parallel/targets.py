@@ -73,16 +73,23 @@ device_description_str: "{description}"
 # under the marketed 80 / 141 GB, as XLA's own spec xla/tools/hlo_opt/gpu_specs/h100_sxm.txtpb
 # has it for the H100; the device name is what the driver calls each GPU (nvidia-smi,
 # jax's device_kind).
+GPU_MEMORY_BYTES = {'NVIDIA H100 80GB HBM3': 84_978_434_048, 'NVIDIA H200': 150_754_820_096}
 GPU_TARGET_CONFIGS = {
     'h100': _gpu_target_config(
         core_count=132, fpus_per_core=128, memory_bandwidth=3_352_320_000_000,
-        l2_cache_size=50 * 2**20, clock_rate_ghz=1.98, device_memory_size=84_978_434_048,
+        l2_cache_size=50 * 2**20, clock_rate_ghz=1.98,
+        device_memory_size=GPU_MEMORY_BYTES['NVIDIA H100 80GB HBM3'],
         description='NVIDIA H100 80GB HBM3'),
     'h200': _gpu_target_config(
         core_count=132, fpus_per_core=128, memory_bandwidth=4_800_000_000_000,
-        l2_cache_size=50 * 2**20, clock_rate_ghz=1.98, device_memory_size=150_754_820_096,
-        description='NVIDIA H200'),
+        l2_cache_size=50 * 2**20, clock_rate_ghz=1.98,
+        device_memory_size=GPU_MEMORY_BYTES['NVIDIA H200'], description='NVIDIA H200'),
 }
+
+
+def gpu_memory_bytes(device_kind: str) -> int:
+  """The memory of a compile-only GPU target's device (as its driver reports it)."""
+  return GPU_MEMORY_BYTES[device_kind]
 
 class TpuGeneration(NamedTuple):
   host_bounds: tuple  # the chips one host holds (libtpu's chips_per_host_bounds)

@@ -283,13 +283,18 @@ def restore(mngr: Manager, step: int, **abstract) -> dict:
 
 
 def abstract_params(cfg: ModelConfig, shardings=None):
-  """ShapeDtypeStructs of the model's parameters on `shardings` (a pytree; default one device)."""
+  """ShapeDtypeStructs of the model's parameters on `shardings`: a pytree of shardings, or a mesh
+  (the params' logical shardings on it, as training and the inference engine lay them out).
+  None: the mesh of the first device alone (hrmtext.parallel.mesh.inference_mesh)."""
+  from hrmtext.parallel import mesh as mesh_lib, sharding  # pylint: disable=import-outside-toplevel
+  model = build_model(cfg)
   # Unbox while tracing: under sharding.activate (the train loop) unboxing applies logical
   # sharding constraints, which fail on the bare ShapeDtypeStructs eval_shape returns.
-  shapes = jax.eval_shape(lambda key: nn.unbox(build_model(cfg).init(key)), jax.random.key(0))
+  shapes = jax.eval_shape(lambda key: nn.unbox(model.init(key)), jax.random.key(0))
   if shardings is None:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: device, shapes)
+    shardings = mesh_lib.inference_mesh()
+  if isinstance(shardings, jax.sharding.Mesh):
+    shardings = sharding.param_shardings(jax.eval_shape(model.init, jax.random.key(0)), shardings)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       shapes, shardings)
 
@@ -301,7 +306,7 @@ def load_weights(path: str, *, use_ema: bool = True, step: int | None = None, sh
   if step is None:
     raise FileNotFoundError(f'no checkpoint under {checkpoint_dir(path)}')
   meta = read_meta(mngr, step)
-  cfg = ModelConfig(**meta['model'])
+  cfg = ModelConfig.from_dict(meta['model'])
   item = 'ema' if use_ema and 'ema' in saved_items(mngr, step) else 'params'
   params = restore(mngr, step, **{item: abstract_params(cfg, shardings)})[item]
   mngr.close()

@@ -8,7 +8,9 @@ from ml_collections import config_dict
 
 from hrmtext.cli import UserError
 from hrmtext.data.config import data_config
-from hrmtext.model.config import ModelConfig
+from hrmtext.model.attention import auto_implementation
+from hrmtext.model.config import ComputeConfig, ModelConfig
+from hrmtext.training import schedules, step
 
 
 def experiment_config(path: str, *args) -> ml_collections.ConfigDict:
@@ -30,18 +32,36 @@ def model_schema() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(size='', vocab_multiple=256, **fields))
 
 
+def horizon_schema() -> ml_collections.ConfigDict:
+  """`config.train.horizon`, the credit horizon over training (schedules.HORIZON_SCHEDULES):
+  schedule '' is the architecture's (HRM: warmup; the Transformer: full; the other baselines:
+  fixed at their reference H_bp/L_bp). warmup: bp_steps from bp_min to bp_max over the first
+  warmup_ratio of the steps; fixed: H_bp, L_bp; per_cycle: L_bp_cycles (the HF release's [2])."""
+  return ml_collections.ConfigDict(dict(
+      schedule='', bp_min=2, bp_max=5, warmup_ratio=0.2, H_bp=0, L_bp=0,
+      L_bp_cycles=config_dict.placeholder(tuple)))
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = model_schema()
+  # How the model runs (model.config.ComputeConfig): dtype, remat policy, attention kernel
+  # ('auto': the one for the devices), loop unrolling. Not part of a checkpoint's model.
+  c.compute = ml_collections.ConfigDict(ComputeConfig().to_dict())
   c.data = data_config()
   c.train = ml_collections.ConfigDict(dict(
       steps=0,  # 0: epochs * tokens per epoch / global batch
       epochs=4,
       global_batch_tokens=196_608,
-      micro_batches=1,  # gradient accumulation steps per train step
+      # Gradient accumulation steps per train step; 0: the fewest whose step fits the devices'
+      # memory (training.fit; with compute.remat_policy 'auto', the cheapest remat that fits too).
+      micro_batches=1,
       lr=2.2e-4, warmup_steps=2000, lr_min_ratio=1.0,
       b1=0.9, b2=0.95, weight_decay=0.1, ema_decay=0.9999,
-      bp_min=2, bp_max=5, bp_warmup_ratio=0.2,
+      horizon=horizon_schema(),
+      # The fixed vector z_L starts from, never trained: 'truncated_normal' (reference training)
+      # or 'zeros' (the HF release's). init_from takes the source's.
+      z_L_init='truncated_normal',
       # Cross-entropy over this many positions at a time (0: whole rows; -1: 512 where a row's
       # float32 logits take >= 128 MiB). Same values; saves the memory of the full logits.
       loss_chunk_len=-1,
@@ -81,7 +101,7 @@ _RULES = (
     ('train.epochs', (lambda v, c: v >= 1 or c.train.steps > 0, '>= 1 when train.steps is 0')),
     ('data.seq_len', _at_least(1)),
     ('train.global_batch_tokens', (lambda v, c: v >= c.data.seq_len, '>= data.seq_len (one row)')),
-    ('train.micro_batches', _at_least(1)),
+    ('train.micro_batches', (lambda v, _: v >= 0, '>= 0 (0: the fewest that fit the devices)')),
     ('train.lr', _at_least(0)),
     ('train.warmup_steps', _at_least(0)),
     ('train.lr_min_ratio', _at_least(0)),
@@ -89,13 +109,19 @@ _RULES = (
     ('train.b2', _FRACTION),
     ('train.weight_decay', _at_least(0)),
     ('train.ema_decay', (lambda v, _: 0 <= v <= 1, 'in [0, 1]')),
-    ('train.bp_min', _at_least(1)),
-    ('train.bp_max', (lambda v, c: v >= c.train.bp_min, '>= train.bp_min')),
-    ('train.bp_warmup_ratio', _at_least(0)),
+    ('train.horizon.bp_min', _at_least(1)),
+    ('train.horizon.bp_max', (lambda v, c: v >= c.train.horizon.bp_min,
+                              '>= train.horizon.bp_min')),
+    ('train.horizon.warmup_ratio', _at_least(0)),
+    ('train.horizon.H_bp', _at_least(0)),
+    ('train.horizon.L_bp', _at_least(0)),
+    ('train.z_L_init', (lambda v, _: v in ('truncated_normal', 'zeros'),
+                        "'truncated_normal' or 'zeros'")),
     ('train.loss_chunk_len', (lambda v, _: v >= -1, '>= 0, or -1 (auto)')),
     ('data.worker_count', _at_least(0)),
     ('data.worker_buffer_size', _at_least(1)),
     ('data.pack_window_rows', _at_least(1)),
+    ('data.max_segments_per_row', _at_least(1)),
     ('checkpoint.every_steps', _at_least(1)),
     ('checkpoint.every_minutes', (lambda v, _: v >= 0, '>= 0 (0: off)')),
     ('checkpoint.keep', _at_least(1)),  # 0 would delete every checkpoint, old ones too
@@ -118,3 +144,43 @@ def validate(config: ml_collections.ConfigDict) -> None:
       value = value.get(key) if value is not None else None
     if value is not None and not fine(value, config):
       raise UserError(f'config {field}={value!r}: must be {requirement}')
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+  """The ModelConfig of `config.model`: its size preset, then its fields; an unset vocab_size is
+  `vocab_size` (the tokenizer's), padded to vocab_multiple."""
+  fields = config.model.to_dict()
+  fields['vocab_size'] = fields['vocab_size'] or vocab_size
+  return ModelConfig.from_dict(fields)
+
+
+def resolve(config: ml_collections.ConfigDict, *, vocab_size: int, epoch_tokens: int | None,
+            device) -> ml_collections.ConfigDict:
+  """A copy of a validated `config` with every value left to a default filled in, once, at
+  start-up: what the run does, written to its config.json.
+
+  model: the size preset expanded, vocab_size (unset: `vocab_size`, the tokenizer's, padded to
+  vocab_multiple), cycles, MLP size and embedding scale; compute.attention 'auto': the kernel
+  for `device`; train.steps 0: train.epochs over `epoch_tokens` tokens; train.loss_chunk_len -1;
+  train.horizon: its schedule and numbers; eval.rows 0: a micro-batch's rows (once
+  train.micro_batches is known: 0 leaves both to training.fit).
+  """
+  r = ml_collections.ConfigDict(config.to_dict())
+  tc = r.train
+  model_cfg = model_config(config, vocab_size)
+  r.model = ml_collections.ConfigDict(dict(
+      model_cfg.to_dict(), size='', vocab_multiple=1, intermediate_size=model_cfg.mlp_size,
+      embedding_scale=model_cfg.scale))
+  if r.compute.attention == 'auto':
+    r.compute.attention = auto_implementation(device, r.compute.dtype)
+  if not tc.steps:
+    if epoch_tokens is None:
+      raise UserError('train.steps is 0 and there is no data to count epochs in')
+    tc.steps = max(1, tc.epochs * epoch_tokens // tc.global_batch_tokens)
+  tc.loss_chunk_len = step.loss_chunk_len(tc.loss_chunk_len, model_cfg.vocab_size,
+                                          r.data.seq_len)
+  tc.horizon = schedules.resolve_horizon(tc.horizon, model_cfg)
+  if tc.micro_batches:  # else fit.fit picks them, and then the eval rows
+    r.eval.rows = r.eval.rows or max(1, tc.global_batch_tokens // r.data.seq_len //
+                                     tc.micro_batches)
+  return r

@@ -17,13 +17,13 @@ from hrmtext.data import pipeline
 from hrmtext.data.layout import SampledSet
 from hrmtext.evals.engine import heldout_generation_eval
 from hrmtext.files import atomic_open
-from hrmtext.model import ModelConfig, credit_horizon
+from hrmtext.model import ModelConfig
 from hrmtext.model.flops import peak_flops, train_flops_per_token
 from hrmtext.parallel import distributed, sharding
 from hrmtext.parallel.mesh import make_mesh
-from hrmtext.training import checkpoint, optimizer, schedules
+from hrmtext.training import checkpoint, optimizer
 from hrmtext.training.config import validate
-from hrmtext.training.program import TrainProgram
+from hrmtext.training.program import build_program
 from hrmtext.training.step import TrainState, heldout_metrics
 
 
@@ -32,12 +32,6 @@ from hrmtext.training.step import TrainState, heldout_metrics
 # restarting at 0 and this run's hyper-parameters; 'ema' / 'params' take the source's EMA / raw
 # weights with a fresh optimizer and EMA.
 INIT_MODES = ('continue', 'ema', 'params')
-
-
-def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-  fields = config.model.to_dict()
-  fields['vocab_size'] = fields['vocab_size'] or vocab_size
-  return ModelConfig.from_dict(fields)
 
 
 class Waits:
@@ -110,19 +104,21 @@ class Trainer:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     validate(config)
     distributed.initialize()
-    self.config, self.workdir = config, workdir
+    self.workdir = workdir
     self.mesh = make_mesh(config.mesh)
     sampled = SampledSet(pipeline.sampled_dir(config.data))
+    # Every default filled in once, here (micro-batches and remat fitted to the devices): what
+    # the run does, its config.json.
+    self.program = build_program(
+        config, self.mesh, vocab_size=sampled.metadata['tokenizer_info']['vocab_size'],
+        epoch_tokens=sampled.metadata['total_length'], log=self._say)
+    self.config = config = self.program.config
     tc, seq_len = config.train, config.data.seq_len
     self.global_rows = tc.global_batch_tokens // seq_len
     # The mesh spans all processes' devices: batch_shards already counts every process.
     batch_shards = self.mesh.shape['data'] * self.mesh.shape['fsdp']
     check_batch_split(self.global_rows, tc.micro_batches, batch_shards)
-    self.total_steps = tc.steps or max(1, tc.epochs * sampled.metadata['total_length']
-                                       // tc.global_batch_tokens)
-    self.program = TrainProgram(
-        config, model_config(config, sampled.metadata['tokenizer_info']['vocab_size']),
-        self.mesh, self.total_steps)
+    self.total_steps = tc.steps
     self.model_cfg = self.program.model_cfg
     self.mngr = checkpoint.manager(workdir, max_to_keep=config.checkpoint.keep,
                                    async_save=config.checkpoint.async_save)
@@ -136,9 +132,8 @@ class Trainer:
         process_index=data_index, process_count=data_count, seed=tc.seed,
         start=self.resume_step or 0)
     # Built now, so a broken held-out set fails before any training, not at the first eval.
-    self._eval_batches = pipeline.make_eval_batches(
-        config.data, rows=config.eval.rows or self.global_rows // tc.micro_batches,
-        seq_len=seq_len)
+    self._eval_batches = pipeline.make_eval_batches(config.data, rows=config.eval.rows,
+                                                    seq_len=seq_len)
     self._generation = None  # params -> metrics, for eval.generate_per_task
     # Held-out examples generated per task at each eval; the engine runs on one process's devices.
     self._generate_per_task = config.eval.generate_per_task if jax.process_count() == 1 else 0
@@ -160,7 +155,7 @@ class Trainer:
     step = mngr.latest_step()
     if step is None:
       raise FileNotFoundError(f'init_from: no checkpoint under {checkpoint.checkpoint_dir(source)}')
-    cfg = ModelConfig(**checkpoint.read_meta(mngr, step)['model'])
+    cfg = ModelConfig.from_dict(checkpoint.read_meta(mngr, step)['model'])
     missing = {'opt_state', 'ema'} - checkpoint.saved_items(mngr, step)
     mngr.close()
     self._check_same_model(cfg, f'init_from {source}')
@@ -172,7 +167,7 @@ class Trainer:
   def _check_resume(self) -> None:
     """UserError unless the workdir's checkpoint is of this model (e.g. not another H_cycles)."""
     step = self.resume_step
-    saved = ModelConfig(**checkpoint.read_meta(self.mngr, step)['model'])
+    saved = ModelConfig.from_dict(checkpoint.read_meta(self.mngr, step)['model'])
     self._check_same_model(saved, f'{self.workdir} step {step} (resuming)')
 
   def _check_same_model(self, saved: ModelConfig, what: str) -> None:
@@ -238,11 +233,13 @@ class Trainer:
     if self._generation is None:
       self._generation = heldout_generation_eval(
           self.program.model, self.config.data.dir, pipeline.sampled_dir(self.config.data),
-          limit=self._generate_per_task, max_new_tokens=self.config.data.seq_len) or (lambda _: {})
+          limit=self._generate_per_task, max_new_tokens=self.config.data.seq_len,
+          mesh=self.mesh) or (lambda _: {})
     return self._generation(params)
 
   def save(self, state: TrainState, step: int) -> None:
-    meta = {'model': self.model_cfg.to_dict(), 'config': self.config.to_dict(),
+    meta = {'model': self.model_cfg.to_dict(), 'compute': self.program.compute.to_dict(),
+            'config': self.config.to_dict(),
             'tokenizer': os.path.abspath(pipeline.sampled_dir(self.config.data))}
     checkpoint.save(self.mngr, step, meta=meta,
                     params=state.params, ema=state.ema, opt_state=state.opt_state)
@@ -269,7 +266,7 @@ class Trainer:
         signal.signal(sig, handler)
 
   def _run(self) -> dict:
-    config, tc = self.config, self.config.train
+    config = self.config
     main = distributed.is_main_process()
     state, start = self._initial_state()
     writer = SummaryWriter(os.path.join(self.workdir, 'tb')) if main else None
@@ -281,8 +278,10 @@ class Trainer:
     device_peak = peak_flops(jax.devices()[0].device_kind)
     tokens_per_step = self.global_rows * config.data.seq_len
     params_m = sum(x.size for x in jax.tree.leaves(state.params)) / 1e6
+    compute = self.program.compute
     self._say(f'model {self.model_cfg.architecture}: {params_m:.2f}M params; {self.total_steps} '
-              f'steps of {tokens_per_step} tokens; mesh {dict(self.mesh.shape)}')
+              f'steps of {tokens_per_step} tokens; mesh {dict(self.mesh.shape)}; attention '
+              f'{compute.attention}, {compute.dtype}, remat {compute.remat_policy}')
     profile = ProfileWindow(config.profile, self._profile_dir())
     last, waits = {}, Waits()
     t0, logged_step = time.time(), start
@@ -291,11 +290,9 @@ class Trainer:
     with distributed.StepAgreement(first_step=start + 1) as agreement:
       for step in range(start + 1, self.total_steps + 1):  # the step each update is logged as
         profile.before(step)
-        bp = schedules.bp_steps(step - 1, self.total_steps, tc.bp_min, tc.bp_max,
-                                tc.bp_warmup_ratio)
         with waits.timing('data'):
           batch = self._global_batch(next(self.data))
-        horizon = credit_horizon(self.model_cfg, bp)
+        horizon = self.program.horizon(step - 1)
         state, metrics = self.program.train_step(horizon)(state, batch)
         profile.after(step, state)
         # Decided by all processes together, at one step: a signal to any of them stops all; a

@@ -1,10 +1,23 @@
-"""Training schedules (DESIGN §3): learning rate and the credit-horizon (bp_steps) warmup.
+"""Training schedules (DESIGN §3): learning rate and the credit horizon.
 
 Both take the 0-based global train step, i.e. the number of updates applied before this one.
 """
 import math
 
 import jax.numpy as jnp
+import ml_collections
+
+from hrmtext.cli import UserError
+from hrmtext.model.config import ARCHITECTURES, ModelConfig
+from hrmtext.model.horizon import (Horizon, bp_steps_horizon, fixed_horizon, full_horizon,
+                                   per_cycle_horizon)
+
+# train.horizon.schedule: how the credit horizon goes over training.
+#   warmup     HRM's: bp_steps from bp_min to bp_max over the first warmup_ratio of training
+#   fixed      the last H_bp H and L_bp L applications (the baselines' reference horizons)
+#   full       every application differentiable (full backprop through time)
+#   per_cycle  the HF release's L_bp_cycles: every H application, trailing L steps per H cycle
+HORIZON_SCHEDULES = ('warmup', 'fixed', 'full', 'per_cycle')
 
 
 def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int,
@@ -35,3 +48,40 @@ def bp_steps(step: int, total_steps: int, bp_min: int = 2, bp_max: int = 5,
   warmup = bp_warmup_ratio * total_steps
   progress = 1.0 if warmup <= 0 else min(1.0, step / warmup)
   return bp_min + math.floor(progress * (bp_max - bp_min))
+
+
+def resolve_horizon(horizon: ml_collections.ConfigDict, cfg: ModelConfig) -> dict:
+  """`train.horizon` with its schedule filled ('': the architecture's, see ARCHITECTURES) and,
+  for 'fixed', H_bp/L_bp left at 0 taken from the architecture."""
+  resolved = dict(horizon)
+  default = ARCHITECTURES[cfg.architecture].horizon
+  if not resolved['schedule']:
+    resolved['schedule'] = default if isinstance(default, str) else 'fixed'
+  if resolved['schedule'] not in HORIZON_SCHEDULES:
+    raise UserError(f"train.horizon.schedule {resolved['schedule']!r} is not one of "
+                    f'{", ".join(HORIZON_SCHEDULES)}')
+  if resolved['schedule'] == 'fixed' and not (resolved['H_bp'] or resolved['L_bp']):
+    if isinstance(default, str):
+      raise UserError(f'train.horizon.schedule fixed needs H_bp and L_bp for {cfg.architecture}')
+    resolved['H_bp'], resolved['L_bp'] = default
+  if resolved['schedule'] == 'per_cycle' and not resolved['L_bp_cycles']:
+    raise UserError('train.horizon.schedule per_cycle needs L_bp_cycles')
+  resolved['L_bp_cycles'] = list(resolved['L_bp_cycles'] or ())
+  return resolved
+
+
+def horizon_schedule(horizon: dict, cfg: ModelConfig, total_steps: int):
+  """step -> Horizon of a resolved `train.horizon` (resolve_horizon)."""
+  schedule = horizon['schedule']
+  if schedule == 'warmup':
+    return lambda step: bp_steps_horizon(cfg, bp_steps(
+        step, total_steps, horizon['bp_min'], horizon['bp_max'], horizon['warmup_ratio']))
+  fixed = {'full': lambda: full_horizon(cfg),
+           'fixed': lambda: fixed_horizon(cfg, horizon['H_bp'], horizon['L_bp']),
+           'per_cycle': lambda: per_cycle_horizon(cfg, horizon['L_bp_cycles'])}[schedule]()
+  return lambda step: fixed
+
+
+def final_horizon(horizon: dict, cfg: ModelConfig) -> Horizon:
+  """The horizon at the end of training (all of it, past any warmup)."""
+  return horizon_schedule(horizon, cfg, total_steps=1)(1)

@@ -20,8 +20,8 @@ class TrainState:
   opt_state: Any
 
 
-def init_state(model: LanguageModel, tx, rng) -> TrainState:
-  params = nn.unbox(model.init(rng))
+def init_state(model: LanguageModel, tx, rng, z_L_init: str = 'truncated_normal') -> TrainState:
+  params = nn.unbox(model.init(rng, z_L_init))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
                     opt_state=tx.init(params))
 

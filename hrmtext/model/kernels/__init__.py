@@ -8,9 +8,27 @@ A kernel is chosen for, and checks itself against, the devices the computation i
 (`target_device`), not the host's default backend: compiling for TPUs or GPUs that are not here
 (`hrmtext.parallel.targets`) takes the kernel those devices run.
 """
+import dataclasses
+
+import flax.struct
 import jax
 # jax.sharding.get_mesh, the public accessor, refuses to run while tracing (jax 0.10 to 0.12).
 from jax._src.mesh import get_concrete_mesh
+
+
+@flax.struct.dataclass
+class PackedRuns:
+  """A packed row's runs in cuDNN's layout (the packer's data.packing.RUN_FIELDS): each example
+  (and the padding) as a causal run, each instruction as a bidirectional one."""
+  causal_offsets: jax.Array  # [batch, max_runs + 1], -1 past the last run
+  causal_lengths: jax.Array  # [batch, max_runs]
+  prefix_offsets: jax.Array
+  prefix_lengths: jax.Array
+
+  @classmethod
+  def from_batch(cls, batch) -> 'PackedRuns | None':
+    names = [f.name for f in dataclasses.fields(cls)]
+    return cls(*(batch[name] for name in names)) if all(n in batch for n in names) else None
 
 
 def target_device():

@@ -6,9 +6,10 @@ PrefixLM mask:
   causal  within each run of one segment id: right for response queries;
   prefix  bidirectional within each instruction: right for instruction queries (the instruction
           is its example's first tokens, so an instruction query sees exactly its instruction);
-and each query keeps the pass that is right for it. The layout holds at most `max_runs` runs per
-row: a batch with a row of more (many tiny examples) takes one cuDNN pass over the dense mask
-instead (the whole row's work, the same result).
+and each query keeps the pass that is right for it. The runs come with the batch
+(`AttentionMask.runs`, made by the host-side packer, which bounds the examples per row: the
+run slots and cuDNN's per-slot softmax statistics are sized by that bound); a mask without them
+(hand-made batches) has its runs computed here, with one slot per token.
 
 Padding (segment 0) matches the XLA path when a row's padding is one run (trailing, as packing
 leaves it); otherwise only padding outputs differ, and nothing labelled depends on them.
@@ -30,16 +31,15 @@ import jax.numpy as jnp
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
 
 from hrmtext.cli import UserError
-from hrmtext.model.kernels import compute_capability, is_compile_only, target_device
+from hrmtext.model.kernels import PackedRuns, compute_capability, is_compile_only, target_device
 
-MAX_RUNS = 128  # runs per row in the packed layout; cuDNN keeps softmax statistics per run slot
 # The cuDNN a compile-only GPU target is described with (its GpuTargetConfigProto's
 # dnn_version_info, see targets): the oldest jax-cuda13-plugin accepts (nvidia-cudnn-cu13>=9.12).
 # jax asks for a version only to gate features this kernel does not use (score_mod, MLA, sm_103).
 COMPILE_ONLY_CUDNN_VERSION = (9, 12)
 
 
-def cudnn_attention(q, k, v, mask, max_runs: int = MAX_RUNS):
+def cudnn_attention(q, k, v, mask):
   """q/k/v [batch, len, heads, head_dim] (bf16/fp16); `mask` an AttentionMask in packed form."""
   if k.shape[1] != q.shape[1]:
     raise UserError(f'cudnn attention needs q and kv of one length (self-attention), got '
@@ -51,7 +51,10 @@ def cudnn_attention(q, k, v, mask, max_runs: int = MAX_RUNS):
   if device.platform != 'gpu':
     raise UserError(f'cudnn attention needs a CUDA GPU, the computation is compiled for '
                     f'{device.device_kind} ({device.platform}); use splash or xla')
-  return _two_passes(q, k, v, mask, max_runs)
+  runs = mask.runs or _device_runs(mask)
+  is_instruction = mask.q_is_instruction.astype(bool)
+  return _packed(q, k, v, is_instruction, (runs.causal_offsets, runs.causal_lengths),
+                 (runs.prefix_offsets, runs.prefix_lengths))
 
 
 def _answer_for_target(local_check, answer):
@@ -85,18 +88,13 @@ cudnn_fmha.is_cuda_compute_capability_equal = _answer_for_target(
 cudnn_fmha.check_cudnn_version = _answer_for_target(cudnn_fmha.check_cudnn_version, _cudnn_version)
 
 
-def _two_passes(q, k, v, mask, max_runs: int):
-  # At least 2 run slots: with one, jax passes cuDNN the unused -1 lengths unfiltered.
-  max_runs = max(2, min(max_runs, q.shape[1]))
+def _device_runs(mask) -> PackedRuns:
+  """The runs of a mask that came without them: one slot per token (at least 2: with one, jax
+  passes cuDNN the unused -1 lengths unfiltered), so every row fits."""
   segment_ids, is_instruction = mask.q_segment_ids, mask.q_is_instruction.astype(bool)
-  causal_runs = _runs(segment_ids, jnp.ones_like(is_instruction), max_runs)
-  prefix_runs = _runs(segment_ids, is_instruction, max_runs)
-  # The offsets hold one slot more than `max_runs`: it is filled only when a row has too many runs.
-  fits = jnp.all(causal_runs[0][:, max_runs] < 0)
-  packed = functools.partial(_packed, is_instruction=is_instruction, causal_runs=causal_runs,
-                             prefix_runs=prefix_runs)
-  dense = functools.partial(_dense, mask=mask)
-  return jax.lax.cond(fits, packed, dense, q, k, v)
+  max_runs = max(2, segment_ids.shape[1])
+  return PackedRuns(*_runs(segment_ids, jnp.ones_like(is_instruction), max_runs),
+                    *_runs(segment_ids, is_instruction, max_runs))
 
 
 def _runs(segment_ids, keep, max_runs: int):
@@ -132,7 +130,3 @@ def _packed(q, k, v, is_instruction, causal_runs, prefix_runs):
   only_instruction = lambda x: jnp.where(instruction, x, jnp.zeros_like(x))
   prefix = attend(prefix_runs, cudnn_fmha.MaskType.PADDING, *map(only_instruction, (q, k, v)))
   return jnp.where(instruction, prefix, causal)
-
-
-def _dense(q, k, v, mask):
-  return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), implementation='cudnn')
