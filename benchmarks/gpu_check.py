@@ -32,6 +32,7 @@ import time
 from absl import flags
 
 from hrmtext import cli
+from hrmtext.errors import UserError
 
 FULL_RUNS = ('hrm_XL=--config experiments/hrm.py:XL',
              'hrm_L=--config experiments/hrm.py:L',
@@ -87,7 +88,7 @@ def main(argv):
     print(json.dumps(part()), flush=True)
     return
   if not OUT.value:
-    raise cli.UserError('--out is required: the folder for gpu_check.json and gpu_check.md')
+    raise UserError('--out is required: the folder for gpu_check.json and gpu_check.md')
   os.makedirs(OUT.value, exist_ok=True)
   Check(OUT.value).run()
 

@@ -93,11 +93,13 @@ def arm_result(arm: str, workdir: str, wall_s: float) -> dict:
   from hrmtext.data import pipeline
   from hrmtext.model import build_model
   from hrmtext.model.flops import forward_flops_per_token, train_flops_per_token
-  from hrmtext.training import checkpoint, schedules
+  from hrmtext.run import Run
+  from hrmtext.training import schedules
   from hrmtext.training.step import heldout_metrics, make_eval_step
-  cfg, params, meta = checkpoint.load_weights(workdir)
+  run = Run(workdir)
+  cfg, params, meta = run.load_weights()
   train, data = meta['config']['train'], ml_collections.ConfigDict(meta['config']['data'])
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+  with open(run.metrics_file) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   last_eval = [row for row in rows if 'eval/loss' in row][-1]
   steps = max(row['step'] for row in rows)
@@ -156,7 +158,7 @@ def markdown(table: list[list[str]]) -> str:
 
 def main(argv):
   from absl import flags
-  from hrmtext.cli import UserError
+  from hrmtext.errors import UserError
   values = flags.FLAGS
   arms = values.arms or list(ARMS)
   unknown = [arm for arm in arms if arm not in ARMS]

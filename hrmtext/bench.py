@@ -46,7 +46,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from hrmtext import cli
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 from hrmtext.data import packing
 from hrmtext.data.layout import Index
 from hrmtext.model import architecture_horizon

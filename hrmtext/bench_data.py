@@ -15,6 +15,7 @@ from tqdm import tqdm
 from hrmtext import cli
 from hrmtext.data import packing, pipeline
 from hrmtext.data.config import data_config
+from hrmtext.errors import UserError
 
 _DATA_DIR = flags.DEFINE_string('data_dir',
     None, 'Prepared root or sampled set folder.', required=True)
@@ -26,7 +27,7 @@ _WORKER_COUNT = flags.DEFINE_integer('worker_count', 0, 'Grain prefetch processe
 
 def main(_):
   if min(_ROWS.value, _BATCHES.value, _SEQ_LEN.value) < 1 or _WORKER_COUNT.value < 0:
-    raise cli.UserError('--rows, --batches and --seq_len must be >= 1, --worker_count >= 0')
+    raise UserError('--rows, --batches and --seq_len must be >= 1, --worker_count >= 0')
   cfg = data_config()
   cfg.dir, cfg.worker_count = _DATA_DIR.value, _WORKER_COUNT.value
   iterator = pipeline.make_train_iterator(cfg, rows_per_process=_ROWS.value, seq_len=_SEQ_LEN.value,

@@ -27,6 +27,7 @@ import numpy as np
 from absl import app, flags
 
 from hrmtext import cli
+from hrmtext.errors import UserError
 from hrmtext.infer.engine import Engine, bucket
 from hrmtext.parallel import sharding
 from hrmtext.infer.sampling import Sampling
@@ -57,11 +58,12 @@ def random_model(vocab_size: int, seed: int) -> tuple[ModelConfig, dict]:
 
 def export_hf(cfg: ModelConfig, params, checkpoint: str | None, workdir: str) -> str:
   """An HF hrm_text directory holding the benchmarked weights (via hrmtext.convert)."""
+  from hrmtext import checkpoint as ckpt
   from hrmtext.hf import hrmtext_to_hf
-  from hrmtext.training import checkpoint as ckpt
+  from hrmtext.run import Run
   if not checkpoint:
     checkpoint = os.path.join(workdir, 'run')
-    mngr = ckpt.manager(checkpoint, async_save=False)
+    mngr = Run(checkpoint).manager(async_save=False)
     ckpt.save(mngr, 0, meta={'model': cfg.to_dict()}, params=params)
     mngr.wait_until_finished()
     mngr.close()
@@ -167,10 +169,10 @@ def main(_):
     raise app.UsageError(f'--batch {",".join(BATCH.value)}: give integer batch sizes, e.g. 1,32')
   batches = [int(b) for b in BATCH.value]
   if not batches or min(batches) < 1 or NEW_TOKENS.value < 2 or PROMPT_LEN.value < 1:
-    raise cli.UserError('--batch sizes and --prompt_len must be >= 1, --new_tokens >= 2')
+    raise UserError('--batch sizes and --prompt_len must be >= 1, --new_tokens >= 2')
   if CHECKPOINT.value:
-    from hrmtext.training import checkpoint
-    cfg, params, _ = checkpoint.load_weights(CHECKPOINT.value, use_ema=EMA.value)
+    from hrmtext.run import Run
+    cfg, params, _ = Run(CHECKPOINT.value).load_weights(use_ema=EMA.value)
   else:
     cfg, params = random_model(VOCAB.value, SEED.value)
   rng = np.random.default_rng(SEED.value)

@@ -1,25 +1,19 @@
 """What every `python -m hrmtext.*` (and `launch.*`) entry point shares: `run(main)`.
 
-The error policy, the same everywhere: a user error (a bad or stray flag, a missing or malformed
-input, an unwritable output) prints one line `error: ...` on stderr and exits non-zero: 2 for the
-command line itself, 1 for the rest. Anything else is a bug and keeps its traceback.
+The error policy, the same everywhere: a user error (hrmtext.errors.UserError or an OSError: a
+bad or stray flag, a missing or malformed input, an unwritable output) prints one line
+`error: ...` on stderr and exits non-zero: 2 for the command line itself, 1 for the rest.
+Anything else is a bug and keeps its traceback.
 """
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from hrmtext.errors import UserError
+
 USAGE_EXIT = 2  # bad command line
 ERROR_EXIT = 1  # bad input or environment
-
-
-class UserError(ValueError):
-  """Bad input from the user, anywhere in the program: shown as one line, exit status 1.
-
-  A ValueError, so code that checks values and raises ValueError for them keeps working; raise
-  this (or OSError, which counts too) for what the user must fix, never for internal checks.
-  """
-
 
 # What the runner reports in one line. OSError: files missing, unreadable or unwritable.
 USER_ERRORS = (UserError, OSError)

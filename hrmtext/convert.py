@@ -18,6 +18,7 @@ from absl import app, flags
 
 from hrmtext import cli
 from hrmtext import hf
+from hrmtext.errors import UserError
 from hrmtext.files import atomic_path, check_writable
 
 _SRC = flags.DEFINE_string('src',
@@ -36,14 +37,14 @@ def main(_):
   if not src or not dst:
     raise app.UsageError('both --src and --dst are required')
   if os.path.lexists(dst):
-    raise cli.UserError(f'--dst {dst} already exists; refusing to overwrite')
+    raise UserError(f'--dst {dst} already exists; refusing to overwrite')
   if not os.path.isdir(src):
-    raise cli.UserError(f'--src {src} is not a directory')
+    raise UserError(f'--src {src} is not a directory')
   check_writable(dst, folder=True)
   prompt_tokens = hf.parse_prompt_tokens(_PROMPT_TOKENS.value)
   to_hrmtext = hf.is_hf_dir(src)
   if prompt_tokens and not to_hrmtext:
-    raise cli.UserError('--prompt_tokens applies to HF -> hrmtext only')
+    raise UserError('--prompt_tokens applies to HF -> hrmtext only')
   print(f'HF hrm_text -> hrmtext: {src} -> {dst}' if to_hrmtext else
         f'hrmtext -> HF hrm_text: {src} -> {dst}')
   os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
@@ -54,7 +55,7 @@ def main(_):
       else:
         hf.hrmtext_to_hf(src, tmp, use_ema=_EMA.value)
   except cli.USER_ERRORS as e:
-    raise cli.UserError(f'cannot convert {src}: {cli.one_line(e)}') from None
+    raise UserError(f'cannot convert {src}: {cli.one_line(e)}') from None
   print(f'wrote {dst}')
 
 

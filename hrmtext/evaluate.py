@@ -19,16 +19,18 @@ import os
 from absl import flags
 
 from hrmtext import cli
+from hrmtext.errors import UserError
 from hrmtext.evals import (BENCHMARKS, FEW_SHOT, PAPER_TABLE, evaluate, format_paper_table,
                            format_table, heldout_tasks, load_benchmark, paper_table)
 from hrmtext.evals.engine import model_fns
 from hrmtext.files import atomic_open, check_writable
 from hrmtext.infer import flags as infer_flags
 from hrmtext.infer.engine import Engine
+from hrmtext.run import Run
 
 flags.adopt_module_key_flags(infer_flags)  # --help lists the shared flags too
 HELDOUT = flags.DEFINE_string('heldout', '', 'Prepared data root with raw/heldout/ to evaluate '
-                              '(default without --benchmarks: the checkpoint\'s training data); '
+                              '(default without --benchmarks: the data root the run trained on); '
                               '"none" to skip.')
 BENCHMARK_FILES = flags.DEFINE_list(
     'benchmarks', [], f'name=path pairs (a file or a folder of them); names: {", ".join(BENCHMARKS)}.')
@@ -44,10 +46,15 @@ OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Write results.json and out
                                  'here (created if missing).')
 
 
-def heldout_root(meta: dict) -> str:
-  """The prepared root of the training data: the parent of its sampled set."""
-  sampled = meta.get('tokenizer', '')
-  return os.path.dirname(sampled) if os.path.basename(sampled) == 'sampled' else sampled
+def default_heldout(meta: dict) -> list:
+  """The held-out tasks of the data root the run trained on (none for an imported run)."""
+  root = Run(infer_flags.CHECKPOINT.value).data_dir(meta)
+  if root is None:
+    return []
+  if not os.path.isdir(root):
+    raise UserError(f'the data the run trained on, {root}, is gone (moved or deleted?): give '
+                    f'--heldout DIR (its new place) or --benchmarks')
+  return heldout_tasks(root)
 
 
 def name_path_pairs(specs: list[str], flag: str) -> dict[str, str]:
@@ -55,9 +62,9 @@ def name_path_pairs(specs: list[str], flag: str) -> dict[str, str]:
   for spec in specs:
     name, _, path = spec.partition('=')
     if not name or not path:
-      raise cli.UserError(f'--{flag} entry {spec!r} is not name=path')
+      raise UserError(f'--{flag} entry {spec!r} is not name=path')
     if name in pairs:
-      raise cli.UserError(f'--{flag} names {name!r} twice')
+      raise UserError(f'--{flag} names {name!r} twice')
     pairs[name] = path
   return pairs
 
@@ -67,9 +74,10 @@ def benchmark_tasks() -> list:
                                                                                       'shots')
   for name in shots:
     if name not in FEW_SHOT:
-      raise cli.UserError(f'--shots {name}: only few-shot benchmarks take shots ({", ".join(FEW_SHOT)})')
+      raise UserError(f'--shots {name}: only few-shot benchmarks take shots '
+                      f'({", ".join(FEW_SHOT)})')
     if name not in files:
-      raise cli.UserError(f'--shots {name}: not in --benchmarks')
+      raise UserError(f'--shots {name}: not in --benchmarks')
   tasks = []
   for name, path in files.items():
     kwargs = {}
@@ -103,15 +111,17 @@ def write_json(path: str, obj, lines: bool = False) -> None:
 
 def main(_):
   if LIMIT.value is not None and LIMIT.value < 1:
-    raise cli.UserError('--limit must be >= 1')
+    raise UserError('--limit must be >= 1')
   if OUTPUT_DIR.value:
     check_writable(OUTPUT_DIR.value, folder=True)
   tasks = benchmark_tasks()
   engine, tok, meta = infer_flags.load()
-  if HELDOUT.value != 'none' and (HELDOUT.value or not tasks):
-    tasks = heldout_tasks(HELDOUT.value or heldout_root(meta)) + tasks
+  if HELDOUT.value not in ('', 'none'):
+    tasks = heldout_tasks(HELDOUT.value) + tasks
+  elif not HELDOUT.value and not tasks:
+    tasks = default_heldout(meta)
   if not tasks:
-    raise cli.UserError('no tasks: no held-out data found and no --benchmarks given')
+    raise UserError('no tasks: no held-out data found and no --benchmarks given')
   for condition in {example.condition for task in tasks for example in task.examples}:
     tok.condition_tag_ids(condition)  # an unknown tag fails now, not after hours of work
   engine = fitting_engine(engine, tasks)

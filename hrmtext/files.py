@@ -5,7 +5,7 @@ import os
 import shutil
 import tempfile
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 
 
 @contextlib.contextmanager

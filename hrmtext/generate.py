@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from hrmtext import cli
 from hrmtext.data.sources import write_jsonl
+from hrmtext.errors import UserError
 from hrmtext.files import check_writable
 from hrmtext.infer import Sampling, flags as infer_flags, text
 
@@ -33,7 +34,7 @@ def main(argv):
   if INPUT.value and not OUTPUT.value:
     raise app.UsageError('--input needs --output')
   if MAX_NEW.value < 0 or TEMPERATURE.value < 0 or not 0 < TOP_P.value <= 1:
-    raise cli.UserError('need --max_new_tokens >= 0, --temperature >= 0, 0 < --top_p <= 1')
+    raise UserError('need --max_new_tokens >= 0, --temperature >= 0, 0 < --top_p <= 1')
   if OUTPUT.value:
     check_writable(OUTPUT.value)
   engine, tok, _ = infer_flags.load(need_tokenizer=False)

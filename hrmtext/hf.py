@@ -10,9 +10,10 @@ Weights: PyTorch Linear `[out, in]`; fused `gqkv_proj` rows are (gate, q, k, v) 
 conversion mapping, the split in-memory names (`self_attn.{gate,q,k,v}_proj`,
 `mlp.{gate,up}_proj`, `self_attn.o_proj`) are accepted as well.
 Tokenizer: `tokenizer.json` comes with a `tokenizer_info.json` (the prompt tokens: the release's
-by default) at the run's root, so inference needs no --tokenizer; without a tokenizer, token-id
-rows still work. Everything of the HF directory we do not model (extra config fields, tokenizer
-files, generation config, tensor dtypes) is carried in the checkpoint so the export is identical.
+by default) as the run's tokenizer (hrmtext.run), so inference needs no --tokenizer; without a
+tokenizer, token-id rows still work. Everything of the HF directory we do not model (extra config
+fields, tokenizer files, generation config, tensor dtypes) is carried in the run (its hf_files/
+and checkpoint meta) so the export is identical.
 """
 import json
 import os
@@ -26,12 +27,12 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.flax import load_file, save_file
 
-from hrmtext.cli import UserError
+from hrmtext import checkpoint
 from hrmtext.data.tokenizer import INFO_FILE, Tokenizer
+from hrmtext.errors import UserError
 from hrmtext.model import ModelConfig
-from hrmtext.training import checkpoint
+from hrmtext.run import Run
 
-SIDE_FILES = 'hf_files'  # non-weight files of the HF directory, kept verbatim
 WEIGHTS = 'model.safetensors'
 HF_TOKENIZER = 'tokenizer.json'
 
@@ -78,7 +79,7 @@ def is_hf_dir(path: str) -> bool:
     read_hf_config(path)
     return True
   except UserError:
-    return not os.path.isdir(checkpoint.checkpoint_dir(path))
+    return not os.path.isdir(Run(path).checkpoints)
 
 
 def resolve_hf_config(hf: dict) -> dict:
@@ -341,27 +342,26 @@ def with_prompt_tokens(info: dict, overrides: dict | None) -> dict:
   return info
 
 
-def import_tokenizer(src: str, dst: str, prompt_tokens: dict | None = None) -> Tokenizer | None:
-  """`<dst>/tokenizer_info.json` for the tokenizer of HF directory `src` (its side files are
-  already in `<dst>/hf_files`): its tokenizer.json with the release's prompt tokens, or, for an
-  hrmtext export, the model file and prompt tokens its own tokenizer_info.json names; then
-  `prompt_tokens` applied. None when `src` has no tokenizer."""
+def import_tokenizer(src: str, run: Run, prompt_tokens: dict | None = None) -> Tokenizer | None:
+  """The tokenizer of HF directory `src` made the run's (its tokenizer_info.json pointing into
+  the side files, already in the run's hf_files/): its tokenizer.json with the release's prompt
+  tokens, or, for an hrmtext export, the model file and prompt tokens its own tokenizer_info.json
+  names; then `prompt_tokens` applied. None when `src` has no tokenizer."""
   base, model_file = RELEASE_PROMPT_TOKENS, HF_TOKENIZER
   if os.path.isfile(os.path.join(src, INFO_FILE)):
     with open(os.path.join(src, INFO_FILE)) as f:
       base = json.load(f)
     model_file = os.path.basename(base['tokenizer_path'])
-  if not os.path.isfile(os.path.join(dst, SIDE_FILES, model_file)):
+  if not os.path.isfile(os.path.join(run.hf_files, model_file)):
     if prompt_tokens:
       raise UserError(f'--prompt_tokens needs a {model_file} in {src}')
     return None
-  info = dict(with_prompt_tokens(base, prompt_tokens),
-              tokenizer_path=os.path.join(SIDE_FILES, model_file))
+  info = dict(with_prompt_tokens(base, prompt_tokens), tokenizer_path=model_file)
   try:
-    tokenizer = Tokenizer(info, dst)
+    tokenizer = Tokenizer(info, run.hf_files)
   except ValueError as e:
     raise UserError(f'{e} (set the prompt tokens with --prompt_tokens KEY=TOKEN,...)') from None
-  tokenizer.save_info(dst)
+  tokenizer.save_info(run.tokenizer_dir)
   return tokenizer
 
 
@@ -371,17 +371,17 @@ def hf_to_hrmtext(src: str, dst: str, *, prompt_tokens: dict | None = None) -> N
   cfg = config_from_hf(hf, layers_per_stack(tensors))
   params = params_from_hf(tensors, cfg)
   dtypes = {name: str(w.dtype) for name, w in tensors.items()}
-  os.makedirs(dst, exist_ok=True)
+  run = Run(dst)
   side = [n for n in os.listdir(src) if n not in ('config.json', INFO_FILE)
           and not n.startswith('model.safetensors') and os.path.isfile(os.path.join(src, n))]
-  os.makedirs(os.path.join(dst, SIDE_FILES), exist_ok=True)
+  os.makedirs(run.hf_files, exist_ok=True)
   for name in side:
-    shutil.copy2(os.path.join(src, name), os.path.join(dst, SIDE_FILES, name))
-  tokenizer = import_tokenizer(src, dst, prompt_tokens)
+    shutil.copy2(os.path.join(src, name), os.path.join(run.hf_files, name))
+  tokenizer = import_tokenizer(src, run, prompt_tokens)
   if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
     raise UserError(f'{HF_TOKENIZER} has {tokenizer.vocab_size} tokens, the model only '
                     f'{cfg.vocab_size}')
-  mngr = checkpoint.manager(dst, async_save=False)
+  mngr = run.manager(async_save=False)
   checkpoint.save(mngr, 0, meta={'model': cfg.to_dict(), 'horizon': horizon_from_hf(hf),
                                  'hf_config': hf, 'hf_dtypes': dtypes},
                   params=params)
@@ -390,17 +390,17 @@ def hf_to_hrmtext(src: str, dst: str, *, prompt_tokens: dict | None = None) -> N
 
 
 def hrmtext_to_hf(src: str, dst: str, *, use_ema: bool = True) -> None:
-  cfg, params, meta = checkpoint.load_weights(src, use_ema=use_ema)
+  run = Run(src)
+  cfg, params, meta = run.load_weights(use_ema=use_ema)
   base = meta.get('hf_config')
   hf = config_to_hf(cfg, base, release_L_bp_cycles(meta))
   default_dtype = jnp.dtype((base or {}).get('dtype') or 'float32')
   saved_dtypes = meta.get('hf_dtypes', {})
   dtypes = lambda name: jnp.dtype(saved_dtypes.get(name, default_dtype))
-  from hrmtext.infer.text import checkpoint_tokenizer
-  tokenizer_path, tokenizer = checkpoint_tokenizer(src, meta), None
+  tokenizer = None
   try:
-    tokenizer = Tokenizer.load(tokenizer_path) if tokenizer_path else None
-  except (OSError, ValueError) as e:  # e.g. a run trained on data whose tokenizer is elsewhere
+    tokenizer = run.tokenizer(meta)
+  except (OSError, ValueError) as e:  # e.g. an older run whose data (and tokenizer) is gone
     print(f'note: exporting without a tokenizer: {e}', file=sys.stderr)
   if tokenizer is not None and base is None:  # as the reference export: BOQ / EOA as bos / eos
     hf.update(bos_token_id=tokenizer.boq, eos_token_id=tokenizer.eoa)
@@ -409,12 +409,8 @@ def hrmtext_to_hf(src: str, dst: str, *, use_ema: bool = True) -> None:
   with open(os.path.join(dst, 'config.json'), 'w') as f:
     json.dump(hf, f, indent=2, sort_keys=True)
     f.write('\n')
-  side_dir = os.path.join(checkpoint.checkpoint_dir(src), os.pardir, SIDE_FILES)
-  if os.path.isdir(side_dir):
-    for name in os.listdir(side_dir):
-      shutil.copy2(os.path.join(side_dir, name), os.path.join(dst, name))
-  if tokenizer is not None:  # the prompt tokens, next to a copy of the tokenizer's model file
-    model_file = os.path.basename(tokenizer.path)
-    if not os.path.exists(os.path.join(dst, model_file)):
-      shutil.copy2(tokenizer.path, os.path.join(dst, model_file))
-    Tokenizer(dict(tokenizer.info, tokenizer_path=model_file), dst).save_info(dst)
+  if os.path.isdir(run.hf_files):
+    for name in os.listdir(run.hf_files):
+      shutil.copy2(os.path.join(run.hf_files, name), os.path.join(dst, name))
+  if tokenizer is not None:  # the prompt tokens, next to the tokenizer's model file
+    tokenizer.copy_to(dst)

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hrmtext import cli
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 from hrmtext.data import layout, mixture, packing
 from hrmtext.data.sources import read_rows, source_name, write_jsonl
 from hrmtext.data.tokenizer import Tokenizer, train_tokenizer

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from hrmtext import cli
 from hrmtext.data.sources import write_jsonl
+from hrmtext.errors import UserError
 from hrmtext.files import check_writable
 from hrmtext.infer import flags as infer_flags, text
 
@@ -27,7 +28,7 @@ def main(argv):
   if not INPUT.value or not OUTPUT.value:
     raise app.UsageError('--input and --output are required')
   if BATCH.value < 1:
-    raise cli.UserError('--batch_size must be >= 1')
+    raise UserError('--batch_size must be >= 1')
   check_writable(OUTPUT.value)
   engine, tok, _ = infer_flags.load(need_tokenizer=False)
   rows, pairs = text.read_requests(INPUT.value, engine, tok, with_response=True)

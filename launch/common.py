@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 
 STOP_GRACE_S = 10  # after SIGTERM, how long a stopped process gets before SIGKILL
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>

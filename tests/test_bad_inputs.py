@@ -14,11 +14,12 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from hrmtext import hf
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 from hrmtext.data import layout
 from hrmtext.data.tokenizer import train_tokenizer
 from hrmtext.model import ModelConfig, build_model
-from hrmtext.training import checkpoint
+from hrmtext import checkpoint
+from hrmtext.run import Run
 from hrmtext.training.config import base_config, experiment_config, validate
 from tests.test_infer_cli import CORPUS, cli
 
@@ -35,7 +36,7 @@ def files(tmp_path_factory):
   cfg = ModelConfig(vocab_size=512, hidden_size=32, num_heads=2, head_dim=16,
                     intermediate_size=64, layers_per_stack=1)
   params = nn.unbox(build_model(cfg).init(jax.random.key(0)))
-  mngr = checkpoint.manager(str(root / 'run'), async_save=False)
+  mngr = Run(str(root / 'run')).manager(async_save=False)
   checkpoint.save(mngr, 1, meta={'model': cfg.to_dict(), 'tokenizer': str(root / 'tok'),
                                  'config': {'data': {'seq_len': 64}}}, params=params)
   mngr.close()
@@ -216,8 +217,8 @@ def test_convert_round_trips_lose_nothing(files, tmp_path):
   assert sorted(a) == sorted(b)
   for name in a:
     assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
-  _, want, _ = checkpoint.load_weights(str(root / 'run'))
-  _, got, _ = checkpoint.load_weights(str(tmp_path / 'ours'))
+  _, want, _ = Run(str(root / 'run')).load_weights()
+  _, got, _ = Run(str(tmp_path / 'ours')).load_weights()
   assert hf.leaf_names(got) == hf.leaf_names(want)
   for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_array_equal(x, y)

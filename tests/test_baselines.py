@@ -349,11 +349,12 @@ def test_compiled_forward_does_the_analytic_work(architecture):
 @pytest.fixture(scope='module')
 def hrm_checkpoint(tmp_path_factory):
   """A random-weight HRM checkpoint (no tokenizer: token-id rows) and rows to score."""
-  from hrmtext.training import checkpoint
+  from hrmtext import checkpoint
+  from hrmtext.run import Run
   root = tmp_path_factory.mktemp('cycles')
   cfg = small_config(vocab_size=128)
   model, params = init(cfg)
-  mngr = checkpoint.manager(str(root / 'run'), async_save=False)
+  mngr = Run(str(root / 'run')).manager(async_save=False)
   checkpoint.save(mngr, 1, meta={'model': cfg.to_dict(), 'config': {'data': {'seq_len': 32}}},
                   params=params, ema=params)
   mngr.wait_until_finished()

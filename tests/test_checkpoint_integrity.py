@@ -10,9 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 from hrmtext.model import ModelConfig, build_model
-from hrmtext.training import checkpoint
+from hrmtext import checkpoint
+from hrmtext.run import Run
 from tests.test_infer_cli import assert_one_line_error, cli
 
 CFG = ModelConfig(vocab_size=512, hidden_size=32, num_heads=2, head_dim=16, intermediate_size=64,
@@ -24,7 +25,7 @@ def tiny_params(seed):
 
 
 def save_steps(run, steps, *, async_save=True, **items):
-  mngr = checkpoint.manager(str(run), async_save=async_save)
+  mngr = Run(str(run)).manager(async_save=async_save)
   for step in steps:
     checkpoint.save(mngr, step, meta={'model': CFG.to_dict()}, **items)
   mngr.close()
@@ -81,10 +82,10 @@ def test_damaged_file_stops_load_weights(run, damage):
   damaged = largest_file(run / 'checkpoints' / '2')
   damage(damaged)
   with pytest.raises(checkpoint.DamagedCheckpoint, match='checkpoint .*/2 is damaged: ') as error:
-    checkpoint.load_weights(str(run))
+    Run(str(run)).load_weights()
   assert os.path.relpath(damaged, run / 'checkpoints' / '2') in str(error.value)
   assert isinstance(error.value, UserError)
-  mngr = checkpoint.manager(str(run), create=False)
+  mngr = Run(str(run)).manager(create=False)
   with pytest.raises(checkpoint.DamagedCheckpoint):
     checkpoint.read_meta(mngr, 2)  # the step as a whole, whichever item a reader wants
   checkpoint.read_meta(mngr, 1)
@@ -94,17 +95,17 @@ def test_step_without_checksums_loads_and_truncation_is_one_error(run):
   """Checkpoints saved before checksums (or by hand) load unverified; Orbax's failure to read a
   truncated file of one is a DamagedCheckpoint, not its traceback."""
   os.remove(run / 'checkpoints' / '2' / checkpoint.CHECKSUMS)
-  cfg, params, meta = checkpoint.load_weights(str(run))
+  cfg, params, meta = Run(str(run)).load_weights()
   assert cfg == CFG and meta['step'] == 2
   assert_same_tree(params, tiny_params(1))
   truncate(largest_file(run / 'checkpoints' / '2' / 'ema'))
   with pytest.raises(checkpoint.DamagedCheckpoint, match='/2 cannot be read'):
-    checkpoint.load_weights(str(run))
+    Run(str(run)).load_weights()
 
 
 def test_latest_intact_step_sets_a_damaged_step_aside(run, capsys):
   flip_bytes(largest_file(run / 'checkpoints' / '2'))
-  mngr = checkpoint.manager(str(run), max_to_keep=None)
+  mngr = Run(str(run)).manager(max_to_keep=None)
   assert checkpoint.latest_intact_step(mngr) == 1
   warning = capsys.readouterr().err
   assert warning.startswith('warning: checkpoint ') and '/2 is damaged' in warning
@@ -112,16 +113,16 @@ def test_latest_intact_step_sets_a_damaged_step_aside(run, capsys):
   assert mngr.latest_step() == 1 and (run / 'checkpoints' / '2.damaged').is_dir()
   checkpoint.save(mngr, 2, meta={'model': CFG.to_dict()}, params=tiny_params(2))  # saved again
   mngr.close()
-  assert checkpoint.latest_intact_step(checkpoint.manager(str(run), create=False)) == 2
-  assert_same_tree(checkpoint.load_weights(str(run))[1], tiny_params(2))
+  assert checkpoint.latest_intact_step(Run(str(run)).manager(create=False)) == 2
+  assert_same_tree(Run(str(run)).load_weights()[1], tiny_params(2))
 
 
 def test_latest_intact_step_without_any(run, tmp_path):
-  assert checkpoint.latest_intact_step(checkpoint.manager(str(tmp_path / 'new'))) is None
+  assert checkpoint.latest_intact_step(Run(str(tmp_path / 'new')).manager()) is None
   for step in (1, 2):
     truncate(largest_file(run / 'checkpoints' / str(step)))
   with pytest.raises(checkpoint.DamagedCheckpoint, match='no intact checkpoint'):
-    checkpoint.latest_intact_step(checkpoint.manager(str(run)))
+    checkpoint.latest_intact_step(Run(str(run)).manager())
   assert sorted(os.listdir(run / 'checkpoints')) == ['1', '2']  # nothing moved
 
 
@@ -188,7 +189,7 @@ def test_failed_save_is_one_line_and_keeps_the_previous_step(tmp_path, monkeypat
                                                              async_save, failure, reason):
   run = tmp_path / 'run'
   params = tiny_params(0)
-  mngr = checkpoint.manager(str(run), max_to_keep=1, async_save=async_save)
+  mngr = Run(str(run)).manager(max_to_keep=1, async_save=async_save)
   checkpoint.save(mngr, 1, meta={'model': CFG.to_dict()}, params=params, ema=params)
   mngr.wait_until_finished()
   failure(monkeypatch)
@@ -202,5 +203,5 @@ def test_failed_save_is_one_line_and_keeps_the_previous_step(tmp_path, monkeypat
   assert os.listdir(run / 'checkpoints') == ['1']  # no half-written step 2, step 1 kept
   assert mngr.latest_step() == 1
   mngr.close()
-  assert checkpoint.latest_intact_step(checkpoint.manager(str(run), create=False)) == 1
-  assert_same_tree(checkpoint.load_weights(str(run))[1], params)
+  assert checkpoint.latest_intact_step(Run(str(run)).manager(create=False)) == 1
+  assert_same_tree(Run(str(run)).load_weights()[1], params)

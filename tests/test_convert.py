@@ -113,11 +113,11 @@ def reference_export(model, path):
 @hf_oracle.needs_hf
 def test_reference_export_imports_and_exports_unchanged(tmp_path):
   from hrmtext import hf
-  from hrmtext.training import checkpoint
+  from hrmtext.run import Run
   model = hf_oracle.make_hf_model(vocab=300, layers=2)
   reference_export(model, tmp_path / 'ref')
   hf.hf_to_hrmtext(str(tmp_path / 'ref'), str(tmp_path / 'ours'))
-  cfg, params, meta = checkpoint.load_weights(str(tmp_path / 'ours'))
+  cfg, params, meta = Run(str(tmp_path / 'ours')).load_weights()
   want_cfg, want = hf_oracle.to_hrmtext(model)
   assert cfg.layers_per_stack == 2
   # The export's own horizon, as a run's train.horizon to fine-tune with.
@@ -142,7 +142,7 @@ def test_split_layout_and_inconsistent_directories(tmp_path):
   the weights, or missing tensors, are one-line errors."""
   from safetensors.torch import save_file
   from hrmtext import hf
-  from hrmtext.training import checkpoint
+  from hrmtext.run import Run
   model = hf_oracle.make_hf_model(vocab=300, layers=2)
   model.save_pretrained(tmp_path / 'fused')
   split = tmp_path / 'split'
@@ -151,8 +151,8 @@ def test_split_layout_and_inconsistent_directories(tmp_path):
   save_file({k: v.contiguous() for k, v in model.state_dict().items()}, split / 'model.safetensors')
   for name in ('fused', 'split'):
     hf.hf_to_hrmtext(str(tmp_path / name), str(tmp_path / f'{name}_ours'))
-  _, fused, _ = checkpoint.load_weights(str(tmp_path / 'fused_ours'))
-  _, from_split, _ = checkpoint.load_weights(str(tmp_path / 'split_ours'))
+  _, fused, _ = Run(str(tmp_path / 'fused_ours')).load_weights()
+  _, from_split, _ = Run(str(tmp_path / 'split_ours')).load_weights()
   for a, b in zip(hf_oracle.jax_leaves(fused), hf_oracle.jax_leaves(from_split)):
     np.testing.assert_array_equal(a, b)
 
@@ -176,13 +176,14 @@ def test_trained_run_exports_its_tokenizer_and_reimports_it(tmp_path):
   from hrmtext import hf
   from hrmtext.data.tokenizer import Tokenizer, train_tokenizer
   from hrmtext.model import ModelConfig
-  from hrmtext.training import checkpoint
+  from hrmtext import checkpoint
+  from hrmtext.run import Run
   texts = ['What is 3 + 4? It is 7.', 'The capital of France is Paris.'] * 50
   tok = train_tokenizer(texts, str(tmp_path / 'data' / 'tokenizer'), 320, ['direct', 'cot'])
   cfg = ModelConfig(vocab_size=384, hidden_size=32, num_heads=2, head_dim=16, layers_per_stack=1)
   params = jax.tree.map(lambda s: np.random.default_rng(0).normal(size=s.shape).astype(np.float32),
                         checkpoint.abstract_params(cfg))
-  mngr = checkpoint.manager(str(tmp_path / 'run'), async_save=False)
+  mngr = Run(str(tmp_path / 'run')).manager(async_save=False)
   checkpoint.save(mngr, 1, meta={'model': cfg.to_dict(), 'tokenizer': str(tmp_path / 'data' / 'tokenizer')},
                   params=params)
   mngr.close()
@@ -191,9 +192,9 @@ def test_trained_run_exports_its_tokenizer_and_reimports_it(tmp_path):
   assert (config['bos_token_id'], config['eos_token_id']) == (tok.boq, tok.eoa)
   assert hf._hf_shape(hf.config_from_hf(config, cfg.layers_per_stack)) == hf._hf_shape(cfg)
   hf.hf_to_hrmtext(str(tmp_path / 'hf'), str(tmp_path / 'again'))
-  again = Tokenizer.load(str(tmp_path / 'again'))
+  again = Tokenizer.load(str(tmp_path / 'again' / 'tokenizer'))
   assert again.info['condition_mapping'] == tok.info['condition_mapping']
   assert again.encode_instruction('What is 3 + 4?', 'cot') == tok.encode_instruction('What is 3 + 4?', 'cot')
-  _, back, _ = checkpoint.load_weights(str(tmp_path / 'again'))
+  _, back, _ = Run(str(tmp_path / 'again')).load_weights()
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
     np.testing.assert_array_equal(a, b)

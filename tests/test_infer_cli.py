@@ -15,7 +15,8 @@ from hrmtext.evals import evaluate, heldout_tasks
 from hrmtext.evals.engine import model_fns
 from hrmtext.infer import text
 from hrmtext.model import ModelConfig, build_model
-from hrmtext.training import checkpoint
+from hrmtext import checkpoint
+from hrmtext.run import Run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = [f'What is {a} + {b}? The answer is {a + b}. Spell "{w}" backward: {w[::-1]}.'
@@ -36,7 +37,7 @@ def run_dir(tmp_path_factory):
   model = build_model(cfg)
   params = nn.unbox(model.init(jax.random.key(0)))
   ema = nn.unbox(model.init(jax.random.key(1)))
-  mngr = checkpoint.manager(str(root / 'run'), async_save=False)
+  mngr = Run(str(root / 'run')).manager(async_save=False)
   checkpoint.save(mngr, 3, meta={'model': cfg.to_dict(), 'tokenizer': str(root / 'data' / 'sampled'),
                                  'config': {'data': {'seq_len': SEQ_LEN}}}, params=params, ema=ema)
   mngr.wait_until_finished()

@@ -21,7 +21,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from hrmtext.infer import Engine, Sampling
 from hrmtext.model import ModelConfig, build_model
 from hrmtext.parallel.mesh import inference_mesh
-from hrmtext.training import checkpoint
+from hrmtext import checkpoint
+from hrmtext.run import Run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = 8
@@ -99,7 +100,7 @@ def checkpoint_loads_straight_onto_the_mesh_of_the_flags():
   workdir = os.path.join(os.environ['TEST_TMPDIR'], 'run')
   one, _ = engines()
   saved = jax.device_get(one.params)
-  mngr = checkpoint.manager(workdir, async_save=False)
+  mngr = Run(workdir).manager(async_save=False)
   checkpoint.save(mngr, 1, meta={'model': CFG.to_dict()}, params=saved)
   mngr.close()
   # A command line, as an entry point sees it: ml_collections defines the --mesh.* overrides it

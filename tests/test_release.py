@@ -107,7 +107,7 @@ def test_imported_release_generates_as_transformers(release):
   import tokenizers
   from hrmtext.infer import text
   hub, ours = release
-  info = json.loads((ours / 'tokenizer_info.json').read_text())
+  info = json.loads((ours / 'tokenizer' / 'tokenizer_info.json').read_text())
   assert {k: info[k] for k in ('boq', 'eoq', 'eoa')} == {k: RELEASE[k] for k in ('boq', 'eoq', 'eoa')}
   assert info['condition_mapping'] == {k: RELEASE[k] for k in ('direct', 'cot', 'noisy', 'synth')}
 
@@ -150,7 +150,7 @@ def test_round_trip_gives_the_release_files_back(release, tmp_path):
   custom = dict(info, eoa='<|im_end|>', condition_mapping={'math': '<|box_start|>'})
   (back / 'tokenizer_info.json').write_text(json.dumps(custom))
   hf.hf_to_hrmtext(str(back), str(tmp_path / 'again'))
-  tok = Tokenizer.load(str(tmp_path / 'again'))
+  tok = Tokenizer.load(str(tmp_path / 'again' / 'tokenizer'))
   assert tok.info['eoa'] == '<|im_end|>' and tok.info['condition_mapping'] == custom['condition_mapping']
 
 
@@ -161,7 +161,7 @@ def test_prompt_tokens_flag_and_its_errors(release, tmp_path):
   hub, _ = release
   hf.hf_to_hrmtext(str(hub), str(tmp_path / 'custom'),
                    prompt_tokens=hf.parse_prompt_tokens(['eoa=<|im_end|>', 'math=<|box_start|>']))
-  tok = Tokenizer.load(str(tmp_path / 'custom'))
+  tok = Tokenizer.load(str(tmp_path / 'custom' / 'tokenizer'))
   assert tok.eoa == tok.eoq and set(tok.condition_ids) == {'direct', 'cot', 'noisy', 'synth', 'math'}
   result = cli('convert', f'--src={hub}', f'--dst={tmp_path / "bad"}', '--prompt_tokens=cot=<|think|>')
   assert_one_line_error(result, "'<|think|>' is not in the vocabulary", '--prompt_tokens')
@@ -174,7 +174,7 @@ def test_id_rows_need_no_tokenizer(tmp_path):
   config = write_hub_dir(tmp_path / 'hub', with_tokenizer=False, seed=1)
   ours = tmp_path / 'ours'
   assert_ok(cli('convert', f'--src={tmp_path / "hub"}', f'--dst={ours}'))
-  assert not (ours / 'tokenizer_info.json').exists()
+  assert not (ours / 'tokenizer').exists()
   engine, tok, _ = text.load(str(ours), need_tokenizer=False)
   assert tok is None and engine.eoa == config['eos_token_id']
   with pytest.raises(ValueError, match='has no tokenizer'):

@@ -49,8 +49,8 @@ def tiny_config(data_dir, horizon=None, **train):
 
 def restore_all(workdir, step=None) -> dict:
   """params, ema and opt_state of a checkpoint, as saved (NumPy)."""
-  from hrmtext.training import checkpoint
-  mngr = checkpoint.manager(str(workdir), create=False)
+  from hrmtext.run import Run
+  mngr = Run(str(workdir)).manager(create=False)
   step = mngr.latest_step() if step is None else step
   items = mngr.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(), ema=ocp.args.StandardRestore(),
@@ -94,7 +94,7 @@ def test_pretrain_run_follows_the_oracle_for_its_first_3_steps(pretrain):
   import optax
   from hrmtext.data import pipeline
   from hrmtext.model import bp_steps_horizon, build_model, loss_and_metrics
-  from hrmtext.training import checkpoint
+  from hrmtext.run import Run
   from hrmtext.training.step import grad_mask, init_state
   from tests.test_optimizer import torch_oracle
   data_dir, run = pretrain
@@ -108,7 +108,7 @@ def test_pretrain_run_follows_the_oracle_for_its_first_3_steps(pretrain):
     progress = (n - t.warmup_steps) / (t.steps - t.warmup_steps)
     return t.lr * (t.lr_min_ratio + (1 - t.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
-  cfg, _, _ = checkpoint.load_weights(str(run), use_ema=False, step=1)
+  cfg, _, _ = Run(str(run)).load_weights(use_ema=False, step=1)
   model = build_model(cfg)
   params = jax.jit(lambda key: init_state(model, optax.identity(), key).params)(
       jax.random.key(t.seed))  # the run's initial params
@@ -246,9 +246,10 @@ def test_init_mode_errors(pretrain, tmp_path):
   with pytest.raises(ValueError, match='init_mode .resume. is not one of continue, ema, params'):
     Trainer(sft_config(data_dir, source, 'resume'), str(tmp_path / 'a'))
   weights_only = tmp_path / 'weights_only'  # as `convert` imports a HF checkpoint
-  from hrmtext.training import checkpoint
-  cfg, params, meta = checkpoint.load_weights(str(source))
-  mngr = checkpoint.manager(str(weights_only), async_save=False)
+  from hrmtext import checkpoint
+  from hrmtext.run import Run
+  cfg, params, meta = Run(str(source)).load_weights()
+  mngr = Run(str(weights_only)).manager(async_save=False)
   checkpoint.save(mngr, 0, meta={'model': cfg.to_dict()}, params=params)
   mngr.close()
   with pytest.raises(ValueError, match='init_mode continue needs .* no ema or opt_state'):

@@ -141,8 +141,8 @@ def assert_one_line_error(result, *fragments):
 
 
 def load(workdir, use_ema):
-  from hrmtext.training import checkpoint
-  return checkpoint.load_weights(str(workdir), use_ema=use_ema)
+  from hrmtext.run import Run
+  return Run(str(workdir)).load_weights(use_ema=use_ema)
 
 
 def assert_trees_equal(a, b):
@@ -157,8 +157,8 @@ def assert_trees_equal(a, b):
 def restore_opt_step(workdir, step):
   """The optimizer's own update counter (AdamATan2State.step) in a saved checkpoint."""
   import orbax.checkpoint as ocp
-  from hrmtext.training import checkpoint
-  mngr = checkpoint.manager(str(workdir), create=False)
+  from hrmtext.run import Run
+  mngr = Run(str(workdir)).manager(create=False)
   opt_state = mngr.restore(step, args=ocp.args.Composite(
       opt_state=ocp.args.StandardRestore()))['opt_state']
   mngr.close()
@@ -506,7 +506,8 @@ def test_generation_eval_in_the_loop_equals_the_harness(tmp_path):
   the saved EMA weights (and, after 40 steps, not all zero, so the comparison means something)."""
   from hrmtext.data.tokenizer import Tokenizer
   from hrmtext.evals import evaluate, heldout_tasks
-  from hrmtext.infer import Engine, text
+  from hrmtext.evals.engine import model_fns
+  from hrmtext.infer import Engine
   from hrmtext.model import build_model
   data = prepare_small_builtin(tmp_path)
   seq_len, limit = 256, 4
@@ -527,7 +528,7 @@ def test_generation_eval_in_the_loop_equals_the_harness(tmp_path):
                 for task in tasks for e in task.examples[:limit])
   engine = Engine(build_model(cfg), params, eoa=tok.eoa, max_len=longest + seq_len,
                   vocab_size=tok.vocab_size)
-  want = evaluate(tasks, *text.model_fns(engine, tok), limit=limit, progress=False)
+  want = evaluate(tasks, *model_fns(engine, tok), limit=limit, progress=False)
   assert {f'eval_gen/{task}/exact_match': m['exact_match'] for task, m in want.items()} == {
       k: v for k, v in logged.items() if k.endswith('/exact_match') and k.count('/') == 2}
   assert logged['eval_gen/exact_match'] == pytest.approx(

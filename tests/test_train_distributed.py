@@ -34,7 +34,7 @@ import jax
 import numpy as np
 import pytest
 
-from hrmtext.training.checkpoint import load_weights
+from hrmtext.run import Run
 from tests import process_group
 from tests.data_fixtures import write_reference_dataset
 
@@ -100,7 +100,8 @@ def per_step(workdir, name):
 
 
 def final_params(workdir, step=None):
-  cfg, params, _ = load_weights(workdir, use_ema=False, step=step)  # onto this process's 1 device
+  # Onto this process's 1 device.
+  cfg, params, _ = Run(workdir).load_weights(use_ema=False, step=step)
   return cfg, params
 
 

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 from hrmtext.files import atomic_path
 
 METADATA_FILE = 'metadata.json'

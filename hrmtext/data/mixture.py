@@ -14,7 +14,7 @@ import zlib
 import ml_collections
 import numpy as np
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 from hrmtext.data.layout import Index, concatenate_sources, load_index, load_tokens, write_sampled
 from hrmtext.data.tokenizer import Tokenizer
 

@@ -16,7 +16,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 from hrmtext.data import packing
 from hrmtext.data.layout import (METADATA_FILE, Index, SampledSet, heldout_dir, load_index,
                                  load_tokens, tokenized_sources)

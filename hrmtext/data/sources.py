@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 from hrmtext.files import atomic_open
 from hrmtext.data.tokenizer import condition_tags
 

@@ -6,14 +6,16 @@ A relative `tokenizer_path` is relative to the folder holding the json file. `en
 produces special tokens from raw text: their strings inside text are encoded as plain text.
 """
 
+import filecmp
 import json
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
 import tokenizers
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 from hrmtext.files import atomic_open
 
 INFO_FILE = 'tokenizer_info.json'
@@ -132,6 +134,23 @@ class Tokenizer:
     """Writes tokenizer_info.json into `directory`, pointing at this tokenizer's model file."""
     os.makedirs(directory, exist_ok=True)
     return _write_json(os.path.join(directory, INFO_FILE), self.info_relative_to(directory))
+
+  def copy_to(self, directory: str) -> 'Tokenizer':
+    """This tokenizer in `directory`, standing alone: its model file (unless a file of that name
+    is there already) and a tokenizer_info.json next to it."""
+    name = os.path.basename(self.path)
+    os.makedirs(directory, exist_ok=True)
+    if not os.path.exists(os.path.join(directory, name)):
+      shutil.copy2(self.path, os.path.join(directory, name))
+    copy = Tokenizer(dict(self.info, tokenizer_path=name), directory)
+    copy.save_info(directory)
+    return copy
+
+  def same_as(self, other: 'Tokenizer') -> bool:
+    """Whether `other` encodes as this one: the same model file bytes and prompt tokens."""
+    prompt_tokens = lambda t: [t.info[k] for k in ('boq', 'eoq', 'eoa', 'condition_mapping')]
+    return (prompt_tokens(self) == prompt_tokens(other) and
+            filecmp.cmp(self.path, other.path, shallow=False))
 
 
 def _resolve(path, info_dir):

@@ -2,7 +2,6 @@
 generation eval built from them."""
 import collections
 import os
-from collections.abc import Callable
 
 from hrmtext.data.tokenizer import Tokenizer
 from hrmtext.evals.harness import evaluate
@@ -46,28 +45,36 @@ def model_fns(engine: Engine, tok: Tokenizer, *, top_p: float = 1.0, progress=No
   return generate_fn, loglik_fn
 
 
-def heldout_generation_eval(model, prepared_root: str, tokenizer_dir: str, *, limit: int,
-                            max_new_tokens: int, mesh=None) -> Callable[[dict], dict] | None:
-  """The training loop's generation eval: params -> {'eval_gen/<task>/<metric>': value,
-  'eval_gen/exact_match': mean over tasks}, greedy on the first `limit` examples of each held-out
-  task, as `hrmtext.evaluate` scores them. None when the data has no held-out rows. On `mesh`
-  (the trainer's; default: one device), params already on it with their shardings (the training
-  state's) are used where they lie."""
-  if not os.path.isdir(os.path.join(prepared_root, 'raw', 'heldout')):
-    return None
-  tok = Tokenizer.load(tokenizer_dir)
-  tasks = heldout_tasks(prepared_root, max_new_tokens=max_new_tokens)
-  longest = max(len(tok.encode_instruction(e.instruction, e.condition))
-                for task in tasks for e in task.examples[:limit])
-  engine = Engine(model, None, eoa=tok.eoa, max_len=longest + max_new_tokens,
-                  vocab_size=tok.vocab_size, mesh=mesh)
+class HeldoutGeneration:
+  """The in-loop generation eval, a training hook (hrmtext.training.loop.Evaluator): every
+  `every_steps` steps, greedy exact match on the first `limit` examples of each held-out task
+  of the prepared data at `prepared_root`, as `hrmtext.evaluate` scores them, of the EMA weights:
+  {'eval_gen/<task>/<metric>': value, 'eval_gen/exact_match': mean over tasks}. The engine runs
+  on `mesh` (the trainer's; default: one device), where the training state's weights already
+  lie. `build` gives None when the data has no held-out rows."""
 
-  def run(params) -> dict:
-    engine.params = params  # placed on the mesh, a no-op for the training state's
-    results = evaluate(tasks, *model_fns(engine, tok), limit=limit, progress=False)
+  def __init__(self, model, tasks: list, tok: Tokenizer, *, every_steps: int, limit: int,
+               max_new_tokens: int, mesh=None):
+    self.every_steps, self.tasks, self.tok, self.limit = every_steps, tasks, tok, limit
+    longest = max(len(tok.encode_instruction(e.instruction, e.condition))
+                  for task in tasks for e in task.examples[:limit])
+    self.engine = Engine(model, None, eoa=tok.eoa, max_len=longest + max_new_tokens,
+                         vocab_size=tok.vocab_size, mesh=mesh)
+
+  @classmethod
+  def build(cls, model, prepared_root: str, tokenizer_dir: str, *, max_new_tokens: int,
+            **kwargs) -> 'HeldoutGeneration | None':
+    if not os.path.isdir(os.path.join(prepared_root, 'raw', 'heldout')):
+      return None
+    tasks = heldout_tasks(prepared_root, max_new_tokens=max_new_tokens)
+    return cls(model, tasks, Tokenizer.load(tokenizer_dir), max_new_tokens=max_new_tokens,
+               **kwargs)
+
+  def __call__(self, step: int, state) -> dict:
+    self.engine.params = state.ema  # placed on the mesh, a no-op for the training state's
+    results = evaluate(self.tasks, *model_fns(self.engine, self.tok), limit=self.limit,
+                       progress=False)
     metrics = {f'eval_gen/{task}/{name}': value for task, task_metrics in results.items()
                for name, value in task_metrics.items() if name not in ('n', 'subsets')}
     exact = [task_metrics['exact_match'] for task_metrics in results.values()]
     return {'eval_gen/exact_match': sum(exact) / len(exact), **metrics}
-
-  return run

@@ -17,7 +17,7 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 from hrmtext.data.sources import read_objects
 from hrmtext.evals import scoring
 from hrmtext.evals.scoring import LETTERS

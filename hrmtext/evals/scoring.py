@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import optimize
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 
 LETTERS = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ'
 _ARTICLES = re.compile(r'\b(a|an|the)\b', re.UNICODE)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 from hrmtext.evals import scoring
 from hrmtext.evals.scoring import LETTERS
 

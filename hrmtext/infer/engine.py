@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 from hrmtext.data.layout import Index
 from hrmtext.data.packing import pack_rows
 from hrmtext.infer.sampling import Sampling, sample

@@ -3,12 +3,12 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 
 CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Run directory (or its checkpoints/).')
 TOKENIZER = flags.DEFINE_string('tokenizer', '', 'tokenizer_info.json or a folder holding one '
-                                '(default: the one the checkpoint was trained with, or for an '
-                                'imported HF checkpoint the one convert wrote next to it).')
+                                '(default: the run\'s: the copy training took of the data\'s, or '
+                                'for an imported HF checkpoint the one convert wrote).')
 EOA_ID = flags.DEFINE_integer('eoa_id', None, 'End-of-answer token id, where generation stops '
                               "(default: the tokenizer's EOA; without a tokenizer, the imported "
                               "HF config's eos_token_id).")

@@ -1,22 +1,20 @@
-"""Text-level inference: load a checkpoint with its tokenizer; generate / log-likelihood fns."""
-import os
-
-from hrmtext.cli import UserError
-from hrmtext.data.tokenizer import INFO_FILE, Tokenizer
+"""Text-level inference: load a run's checkpoint with its tokenizer; read and check requests."""
+from hrmtext.data.tokenizer import Tokenizer
+from hrmtext.errors import UserError
 from hrmtext.infer.engine import Engine
 from hrmtext.model import ComputeConfig, build_model
 from hrmtext.parallel.mesh import inference_mesh
-from hrmtext.training import checkpoint
+from hrmtext.run import Run
 
 
 def load(path: str, *, tokenizer: str = '', use_ema: bool = True, slots: int = 8,
          max_len: int = 0, eoa_id: int | None = None, need_tokenizer: bool = True,
          cycles: tuple[int, int] | None = None, mesh_config=None
          ) -> tuple[Engine, Tokenizer | None, dict]:
-  """Engine on the checkpoint's (EMA) weights, its tokenizer (`tokenizer` if given) and its meta.
+  """Engine on the (EMA) weights of run `path`, its tokenizer (`tokenizer` if given) and its meta.
 
-  The tokenizer is the one the run trained with, or for an imported HF checkpoint the
-  tokenizer_info.json `convert` wrote next to it. Without one (a HF directory that had no
+  The tokenizer is the run's (hrmtext.run: the copy training took, or for an imported HF
+  checkpoint the one `convert` wrote). Without one (a HF directory that had no
   tokenizer.json) the tokenizer is None, which only token-id rows can use, unless
   `need_tokenizer`. The end-of-answer id is `eoa_id`, else the tokenizer's EOA, else the HF
   config's eos_token_id; with none, generation stops at its token budget. `cycles` (H_cycles,
@@ -25,17 +23,17 @@ def load(path: str, *, tokenizer: str = '', use_ema: bool = True, slots: int = 8
   engine's mesh (hrmtext.parallel.mesh.inference_mesh): the weights are read straight onto it.
   """
   mesh = inference_mesh(mesh_config)
-  cfg, params, meta = checkpoint.load_weights(path, use_ema=use_ema, shardings=mesh)
+  run = Run(path)
+  cfg, params, meta = run.load_weights(use_ema=use_ema, shardings=mesh)
   if cycles and any(cycles):
     cfg = cfg.with_cycles(*cycles)
-  tokenizer_path = tokenizer or checkpoint_tokenizer(path, meta)
-  tok = Tokenizer.load(tokenizer_path) if tokenizer_path else None
+  tok = Tokenizer.load(tokenizer) if tokenizer else run.tokenizer(meta)
   if tok is None and need_tokenizer:
     raise UserError(f'{path} has no tokenizer (it was imported without a tokenizer.json); '
                     f'pass --tokenizer')
   if tok is not None and tok.vocab_size > cfg.vocab_size:
-    raise UserError(f'tokenizer {tokenizer_path} has {tok.vocab_size} tokens, the model '
-                    f'only {cfg.vocab_size}')
+    raise UserError(f'tokenizer {tok.path} has {tok.vocab_size} tokens, the model only '
+                    f'{cfg.vocab_size}')
   if eoa_id is not None and not 0 <= eoa_id < cfg.vocab_size:
     raise UserError(f'--eoa_id {eoa_id} is not a token id of the model (0 to {cfg.vocab_size - 1})')
   if eoa_id is None:
@@ -52,15 +50,6 @@ def load(path: str, *, tokenizer: str = '', use_ema: bool = True, slots: int = 8
   return engine, tok, meta
 
 
-def checkpoint_tokenizer(path: str, meta: dict) -> str | None:
-  """The tokenizer of checkpoint `path`: the sampled set its run trained on, else the
-  tokenizer_info.json next to its checkpoints/ (an imported HF checkpoint); None without one."""
-  if meta.get('tokenizer'):
-    return meta['tokenizer']
-  info = os.path.normpath(os.path.join(checkpoint.checkpoint_dir(path), os.pardir, INFO_FILE))
-  return info if os.path.isfile(info) else None
-
-
 def encode_ids(tok: Tokenizer | None, row: dict) -> tuple[list[int], list[int] | None]:
   """(instruction ids, response ids or None) of a text row or a token-id row."""
   if 'instruction_ids' in row:
@@ -72,12 +61,6 @@ def encode_ids(tok: Tokenizer | None, row: dict) -> tuple[list[int], list[int] |
   instruction = tok.encode_instruction(row['instruction'], row.get('condition') or 'direct')
   response = row.get('response')
   return instruction, None if response is None else tok.encode_response(response)
-
-
-def model_fns(engine: Engine, tok: Tokenizer, **kwargs):
-  """(generate_fn, loglik_fn) for `hrmtext.evals.evaluate`: see hrmtext.evals.engine.model_fns."""
-  from hrmtext.evals.engine import model_fns as engine_model_fns
-  return engine_model_fns(engine, tok, **kwargs)
 
 
 def check_prompt(engine: Engine, prompt: list[int]) -> None:

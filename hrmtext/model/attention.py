@@ -9,7 +9,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 from hrmtext.model.kernels import PackedRuns, compute_capability, cudnn, splash
 
 

@@ -2,7 +2,7 @@
 import dataclasses
 from typing import NamedTuple
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 
 # DESIGN §1 sizes: n_layers is split evenly between the H and L stacks.
 SIZES = {

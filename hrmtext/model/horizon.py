@@ -5,7 +5,7 @@ one a train step uses is the run's choice (`hrmtext.training.schedules.horizon_s
 """
 import dataclasses
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 from hrmtext.model.config import ARCHITECTURES, ModelConfig
 
 

@@ -179,7 +179,11 @@ class Embed(nn.Module):
 
 
 class LMHead(nn.Module):
-  """Untied output projection; logits in float32."""
+  """Untied output projection; logits in float32, from a GEMM in the compute dtype.
+
+  The GEMM writes compute-dtype logits (accumulated in float32), cast to float32 after, as the
+  reference's lm_head under bf16 autocast does: with float32 logits straight out of the GEMM,
+  their float32 gradient would make both backward GEMMs of the head float32 ones."""
   cfg: ModelConfig
   compute: ComputeConfig
 
@@ -188,6 +192,5 @@ class LMHead(nn.Module):
     cfg = self.cfg
     kernel = param(self, 'kernel', (cfg.hidden_size, cfg.vocab_size), ('embed', 'vocab'),
                    cfg.hidden_size**-0.5)
-    logits = jnp.einsum('btd,dv->btv', x, kernel.astype(self.compute.dtype),
-                        preferred_element_type=jnp.float32)
-    return constrain(logits, 'act_batch', 'act_length', 'act_vocab')
+    logits = jnp.einsum('btd,dv->btv', x, kernel.astype(self.compute.dtype))
+    return constrain(logits.astype(jnp.float32), 'act_batch', 'act_length', 'act_vocab')

@@ -5,7 +5,7 @@ import types
 
 import jax
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import jax
 from jax.experimental import topologies
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 from hrmtext.model.kernels.cudnn import COMPILE_ONLY_CUDNN_VERSION
 
 GPUS_PER_HOST = 8  # an HGX/DGX H100 or H200 node
@@ -139,12 +139,13 @@ def prepare_environment(name: str) -> None:
   kind = name.lower().partition(':')[0]
   if kind in TPU_GENERATIONS or kind in GPU_TARGET_CONFIGS:
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+    # The CUDA plugin starts (for a GPU target's compiler, or just because it is installed)
+    # without the CUDA libraries it would run with.
+    os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')
   if kind in TPU_GENERATIONS:
     os.environ.setdefault('TPU_ACCELERATOR_TYPE', TPU_GENERATIONS[kind].accelerator_type)
     os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
     os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
-  elif kind in GPU_TARGET_CONFIGS:
-    os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')
 
 
 def devices(name: str) -> list:

@@ -6,7 +6,7 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 from hrmtext.data.config import data_config
 from hrmtext.model.attention import auto_implementation
 from hrmtext.model.config import ComputeConfig, ModelConfig

@@ -11,11 +11,12 @@ compile, minutes for the real sizes.
 import hashlib
 import json
 import os
+import re
 
 import jax
 import ml_collections
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 from hrmtext.files import atomic_open
 from hrmtext.model.config import REMAT_POLICIES
 from hrmtext.model.kernels import is_compile_only
@@ -65,9 +66,11 @@ def fit(config: ml_collections.ConfigDict, mesh, step_bytes, log=print
     return _with(config, cached['micro_batches'], cached['remat_policy'])
   budget = int(limit * (1 - HEADROOM))
   rows = tc.global_batch_tokens // config.data.seq_len
-  choices = ([tc.micro_batches] if tc.micro_batches else
-             micro_batch_choices(rows, mesh.shape['data'] * mesh.shape['fsdp']))
-  measure = lambda micro, remat: step_bytes(_with(config, micro, remat))
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  choices = [tc.micro_batches] if tc.micro_batches else micro_batch_choices(rows, shards)
+  if not choices:
+    raise UserError(f'{rows} rows per step do not split over {shards} batch shards')
+  measure = lambda micro, remat: _bytes_or_oom(step_bytes, _with(config, micro, remat))
   micro, used = _fewest_fitting(choices, lambda m: measure(m, _frugal(compute.remat_policy)),
                                 budget)
   if micro is None:
@@ -84,6 +87,18 @@ def fit(config: ml_collections.ConfigDict, mesh, step_bytes, log=print
   _write_cache(key, choice)
   log(f'fit: {_describe(choice, limit)}')
   return _with(config, micro, remat)
+
+
+def _bytes_or_oom(step_bytes, config) -> float:
+  """`step_bytes(config)`, or what a compiler that refuses a step too large for the devices (the
+  TPU's: 'RESOURCE_EXHAUSTED ... required ... (173.79G)') says it needs."""
+  try:
+    return step_bytes(config)
+  except jax.errors.JaxRuntimeError as e:
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    needed = re.search(r'required[^(]*\(([\d.]+)G\)', str(e))
+    return float(needed.group(1)) * 2**30 if needed else float('inf')
 
 
 def _fewest_fitting(choices, size_of, budget):

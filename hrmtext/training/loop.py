@@ -1,10 +1,11 @@
-"""The training loop: sharded state, resumable from its workdir, periodic eval and saves."""
+"""The training loop: sharded state, resumable from its run directory, periodic saves, and
+in-loop evaluations as hooks with a period (`Evaluator`)."""
 import contextlib
-import json
 import os
 import signal
 import sys
 import time
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -12,16 +13,17 @@ import ml_collections
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from hrmtext.cli import UserError
+from hrmtext import checkpoint
 from hrmtext.data import pipeline
 from hrmtext.data.layout import SampledSet
-from hrmtext.evals.engine import heldout_generation_eval
-from hrmtext.files import atomic_open
+from hrmtext.data.tokenizer import Tokenizer
+from hrmtext.errors import UserError
 from hrmtext.model import ModelConfig
 from hrmtext.model.flops import peak_flops, train_flops_per_token
 from hrmtext.parallel import distributed, sharding
 from hrmtext.parallel.mesh import make_mesh
-from hrmtext.training import checkpoint, optimizer
+from hrmtext.run import Run
+from hrmtext.training import optimizer
 from hrmtext.training.config import validate
 from hrmtext.training.program import build_program
 from hrmtext.training.step import TrainState, heldout_metrics
@@ -84,13 +86,6 @@ class ProfileWindow:
         tqdm.write(f'profile of steps {self.first}-{self.last} in {self.log_dir}')
 
 
-def _json_or_none(line: str):
-  try:
-    return json.loads(line)
-  except json.JSONDecodeError:
-    return None
-
-
 def check_batch_split(rows: int, micro_batches: int, batch_shards: int) -> None:
   """A step's rows must split evenly into micro-batches, each over the batch shards."""
   if rows < 1 or micro_batches < 1 or rows % (micro_batches * batch_shards):
@@ -98,20 +93,44 @@ def check_batch_split(rows: int, micro_batches: int, batch_shards: int) -> None:
                     f'{batch_shards} batch shards')
 
 
+class Evaluator(Protocol):
+  """An in-loop evaluation: a hook with a period, as levanter's. Called after the save of every
+  step that is a multiple of `every_steps`, and of the last step, unless a signal stops the run;
+  the metrics of the evaluators due at a step are logged together, in one row."""
+  every_steps: int
+
+  def __call__(self, step: int, state: TrainState) -> dict:
+    ...
+
+
+class HeldoutLoss:
+  """The teacher-forced held-out eval (`Trainer.evaluate` of the EMA weights) every
+  eval.every_steps: the Trainer's own evaluator."""
+
+  def __init__(self, trainer: 'Trainer'):
+    self.trainer, self.every_steps = trainer, trainer.config.eval.every_steps
+
+  def __call__(self, step: int, state: TrainState) -> dict:
+    return self.trainer.evaluate(state.ema)
+
+
 class Trainer:
-  """Everything a run needs, built from the config; `run()` trains to the end."""
+  """Everything a run needs, built from the config; `run()` trains to the end. `evaluators` run
+  in the loop (the teacher-forced held-out eval, `HeldoutLoss`, to begin with): add others
+  (hrmtext.train adds the generation eval) before `run()`."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     validate(config)
     distributed.initialize()
     self.workdir = workdir
+    self.run_dir = Run(workdir)
     self.mesh = make_mesh(config.mesh)
     sampled = SampledSet(pipeline.sampled_dir(config.data))
     # Every default filled in once, here (micro-batches and remat fitted to the devices): what
     # the run does, its config.json.
     self.program = build_program(
         config, self.mesh, vocab_size=sampled.metadata['tokenizer_info']['vocab_size'],
-        epoch_tokens=sampled.metadata['total_length'], log=self._say)
+        epoch_tokens=sampled.metadata['total_length'], log=self.say)
     self.config = config = self.program.config
     tc, seq_len = config.train, config.data.seq_len
     self.global_rows = tc.global_batch_tokens // seq_len
@@ -120,8 +139,8 @@ class Trainer:
     check_batch_split(self.global_rows, tc.micro_batches, batch_shards)
     self.total_steps = tc.steps
     self.model_cfg = self.program.model_cfg
-    self.mngr = checkpoint.manager(workdir, max_to_keep=config.checkpoint.keep,
-                                   async_save=config.checkpoint.async_save)
+    self.mngr = self.run_dir.manager(max_to_keep=config.checkpoint.keep,
+                                     async_save=config.checkpoint.async_save)
     # Where this run resumes (None: it starts): the newest step whose files are as saved.
     self.resume_step = checkpoint.latest_intact_step(self.mngr)
     # Batch i of the pipeline is global batch i whatever the process count, and a step takes
@@ -134,11 +153,9 @@ class Trainer:
     # Built now, so a broken held-out set fails before any training, not at the first eval.
     self._eval_batches = pipeline.make_eval_batches(config.data, rows=config.eval.rows,
                                                     seq_len=seq_len)
-    self._generation = None  # params -> metrics, for eval.generate_per_task
-    # Held-out examples generated per task at each eval; the engine runs on one process's devices.
-    self._generate_per_task = config.eval.generate_per_task if jax.process_count() == 1 else 0
-    if config.eval.generate_per_task and not self._generate_per_task:
-      self._say('eval.generate_per_task is skipped in multi-process runs; use hrmtext.evaluate')
+    self.evaluators: list[Evaluator] = [HeldoutLoss(self)]
+    # Copied into the run as it starts; a resumed run's data must have been made with its copy.
+    self.tokenizer = self._data_tokenizer(sampled.directory)
     self._signals = set()  # names of the stop signals this process got
     if self.resume_step is not None:
       self._check_resume()
@@ -151,10 +168,11 @@ class Trainer:
     mode, source = self.config.init_mode, self.config.init_from
     if mode not in INIT_MODES:
       raise UserError(f'init_mode {mode!r} is not one of {", ".join(INIT_MODES)}')
-    mngr = checkpoint.manager(source, create=False)
+    mngr = Run(source).manager(create=False)
     step = mngr.latest_step()
     if step is None:
-      raise FileNotFoundError(f'init_from: no checkpoint under {checkpoint.checkpoint_dir(source)}')
+      raise FileNotFoundError(
+          f'init_from: no checkpoint under {os.path.abspath(Run(source).checkpoints)}')
     cfg = ModelConfig.from_dict(checkpoint.read_meta(mngr, step)['model'])
     missing = {'opt_state', 'ema'} - checkpoint.saved_items(mngr, step)
     mngr.close()
@@ -165,10 +183,26 @@ class Trainer:
                       f'(use --config.init_mode=ema or params)')
 
   def _check_resume(self) -> None:
-    """UserError unless the workdir's checkpoint is of this model (e.g. not another H_cycles)."""
+    """UserError unless the data was tokenized with the run's tokenizer (runs of older versions
+    kept none) and the workdir's checkpoint is of this model (e.g. not another H_cycles)."""
+    if self.run_dir.has_tokenizer():
+      if self.tokenizer is None:
+        raise UserError(f'the data\'s tokenizer is not found: it cannot be checked against the '
+                        f'run\'s ({self.run_dir.tokenizer_dir})')
+      self.run_dir.check_tokenizer(self.tokenizer)
     step = self.resume_step
     saved = ModelConfig.from_dict(checkpoint.read_meta(self.mngr, step)['model'])
     self._check_same_model(saved, f'{self.workdir} step {step} (resuming)')
+
+  def _data_tokenizer(self, sampled_dir: str) -> Tokenizer | None:
+    """The tokenizer the data was made with; None, said in a note, when its model file is not
+    found (that of a data set prepared elsewhere may lie elsewhere): the run keeps no copy."""
+    try:
+      return Tokenizer.load(sampled_dir)
+    except FileNotFoundError as e:
+      self.say(f'note: {e}: the run keeps no tokenizer (generate, score and evaluate will need '
+               f'--tokenizer)')
+      return None
 
   def _check_same_model(self, saved: ModelConfig, what: str) -> None:
     differences = saved.weight_differences(self.model_cfg)
@@ -182,7 +216,7 @@ class Trainer:
     step = self.resume_step
     abstract = self.program.abstract_state()
     if step is not None:
-      self._say(f'resuming from {self.mngr.directory} step {step}')
+      self.say(f'resuming from {self.mngr.directory} step {step}')
       items = checkpoint.restore(self.mngr, step, params=abstract.params, ema=abstract.ema,
                                  opt_state=abstract.opt_state)
       return TrainState(jnp.asarray(step, jnp.int32), items['params'], items['ema'],
@@ -190,20 +224,20 @@ class Trainer:
     state = self.program.init_state()
     source, mode = self.config.init_from, self.config.init_mode  # checked in __init__
     if source and mode == 'continue':
-      mngr = checkpoint.manager(source, create=False)
+      mngr = Run(source).manager(create=False)
       source_step = mngr.latest_step()
       items = checkpoint.restore(mngr, source_step, params=abstract.params, ema=abstract.ema,
                                  opt_state=abstract.opt_state)
       mngr.close()
-      self._say(f'continuing from {source} step {source_step}: its params, EMA, optimizer '
-                f'moments and counts; step and schedule restart at 0')
+      self.say(f'continuing from {source} step {source_step}: its params, EMA, optimizer '
+               f'moments and counts; step and schedule restart at 0')
       opt_state = items['opt_state']._replace(step=state.opt_state.step)  # the schedule's clock
       state = state.replace(params=items['params'], ema=items['ema'], opt_state=opt_state)
     elif source:
-      _, params, _ = checkpoint.load_weights(source, use_ema=mode == 'ema',
-                                             shardings=self.program.state_shardings.params)
+      _, params, _ = Run(source).load_weights(use_ema=mode == 'ema',
+                                              shardings=self.program.state_shardings.params)
       which = 'its EMA' if mode == 'ema' else 'its params'
-      self._say(f'starting from the weights of {source} ({which}), fresh optimizer')
+      self.say(f'starting from the weights of {source} ({which}), fresh optimizer')
       # The EMA must not share the params' buffers: the train step donates both.
       state = state.replace(params=params, ema=optimizer.ema_init(params))
     return state, 0
@@ -223,24 +257,12 @@ class Trainer:
     put = lambda batch: {
         k: jax.make_array_from_callback(v.shape, self.program.row_sharding, lambda i, v=v: v[i])
         for k, v in batch.items()}
-    metrics = heldout_metrics(self.program.eval_step, params, self._eval_batches, put)
-    if metrics and self._generate_per_task:
-      metrics.update(self._generation_eval(params))
-    return metrics
-
-  def _generation_eval(self, params) -> dict:
-    """Greedy exact match per held-out task, as `hrmtext.evaluate` scores it."""
-    if self._generation is None:
-      self._generation = heldout_generation_eval(
-          self.program.model, self.config.data.dir, pipeline.sampled_dir(self.config.data),
-          limit=self._generate_per_task, max_new_tokens=self.config.data.seq_len,
-          mesh=self.mesh) or (lambda _: {})
-    return self._generation(params)
+    return heldout_metrics(self.program.eval_step, params, self._eval_batches, put)
 
   def save(self, state: TrainState, step: int) -> None:
+    """A checkpoint of `state` with its meta (hrmtext.run)."""
     meta = {'model': self.model_cfg.to_dict(), 'compute': self.program.compute.to_dict(),
-            'config': self.config.to_dict(),
-            'tokenizer': os.path.abspath(pipeline.sampled_dir(self.config.data))}
+            'config': self.config.to_dict(), 'data_dir': os.path.abspath(self.config.data.dir)}
     checkpoint.save(self.mngr, step, meta=meta,
                     params=state.params, ema=state.ema, opt_state=state.opt_state)
 
@@ -269,19 +291,23 @@ class Trainer:
     config = self.config
     main = distributed.is_main_process()
     state, start = self._initial_state()
-    writer = SummaryWriter(os.path.join(self.workdir, 'tb')) if main else None
+    writer = SummaryWriter(self.run_dir.tensorboard_dir) if main else None
     if main:
-      os.makedirs(self.workdir, exist_ok=True)
-      with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
-        f.write(config.to_json_best_effort(indent=2))
-      self._drop_metrics_after(start)
+      self.run_dir.write_config(config)
+      # The tokenizer's copy is taken as the run starts (or resumes an older run, which kept none).
+      if self.tokenizer is not None and (self.resume_step is None or
+                                         not self.run_dir.has_tokenizer()):
+        self.run_dir.save_tokenizer(self.tokenizer)
+      unreadable = self.run_dir.drop_metrics_after(start)
+      if unreadable:
+        self.say(f'{self.run_dir.metrics_file}: dropping {unreadable} unreadable line(s)')
     device_peak = peak_flops(jax.devices()[0].device_kind)
     tokens_per_step = self.global_rows * config.data.seq_len
     params_m = sum(x.size for x in jax.tree.leaves(state.params)) / 1e6
     compute = self.program.compute
-    self._say(f'model {self.model_cfg.architecture}: {params_m:.2f}M params; {self.total_steps} '
-              f'steps of {tokens_per_step} tokens; mesh {dict(self.mesh.shape)}; attention '
-              f'{compute.attention}, {compute.dtype}, remat {compute.remat_policy}')
+    self.say(f'model {self.model_cfg.architecture}: {params_m:.2f}M params; {self.total_steps} '
+             f'steps of {tokens_per_step} tokens; mesh {dict(self.mesh.shape)}; attention '
+             f'{compute.attention}, {compute.dtype}, remat {compute.remat_policy}')
     profile = ProfileWindow(config.profile, self._profile_dir())
     last, waits = {}, Waits()
     t0, logged_step = time.time(), start
@@ -322,9 +348,12 @@ class Trainer:
           with waits.timing('checkpoint'):
             self.save(state, step)
           saved_time = time.monotonic()
-        if (step % config.eval.every_steps == 0 or step == self.total_steps) and not stop:
+        due = [e for e in self.evaluators if step % e.every_steps == 0 or step == self.total_steps]
+        if due and not stop:
           with waits.timing('eval'):
-            eval_metrics = self.evaluate(state.ema)
+            eval_metrics = {}
+            for evaluator in due:
+              eval_metrics.update(evaluator(step, state))
           self._log(writer, step, eval_metrics)
           last.update(eval_metrics)
         if stop:  # every process says so: in a multi-host log, each host's own line
@@ -340,22 +369,8 @@ class Trainer:
   def _profile_dir(self) -> str:
     """TensorBoard's log dir (the profile plugin reads <dir>/plugins/profile); one per process
     when several would write the same <host>.xplane.pb."""
-    tb = os.path.join(self.workdir, 'tb')
+    tb = self.run_dir.tensorboard_dir
     return tb if jax.process_count() == 1 else os.path.join(tb, f'process_{jax.process_index()}')
-
-  def _drop_metrics_after(self, step: int) -> None:
-    """A run killed after its last checkpoint logged steps it will now redo: forget them, and
-    a last line cut short (a process killed, or a full disk, mid-append)."""
-    path = os.path.join(self.workdir, 'metrics.jsonl')
-    if not os.path.exists(path):
-      return
-    with open(path) as f:
-      rows = [(line, _json_or_none(line)) for line in f if line.strip()]
-    kept = [line for line, row in rows if row and row['step'] <= step]
-    if any(row is None for _, row in rows):
-      self._say(f'{path}: dropping {sum(row is None for _, row in rows)} unreadable line(s)')
-    with atomic_open(path) as f:
-      f.writelines(line if line.endswith('\n') else line + '\n' for line in kept)
 
   def _log(self, writer, step: int, metrics: dict) -> None:
     if not writer or not metrics:
@@ -363,12 +378,11 @@ class Trainer:
     for name, value in metrics.items():
       writer.add_scalar(name, value, step)
     writer.flush()
-    with open(os.path.join(self.workdir, 'metrics.jsonl'), 'a') as f:
-      f.write(json.dumps({'step': step, **metrics}) + '\n')
+    self.run_dir.append_metrics(step, metrics)
     shown = ' '.join(f'{k.replace("eval/", "eval_")} {v:.4g}' for k, v in metrics.items())
-    self._say(f'step {step}/{self.total_steps} {shown}')
+    self.say(f'step {step}/{self.total_steps} {shown}')
 
-  def _say(self, message: str) -> None:
+  def say(self, message: str) -> None:
     """A line on stdout (main process only), above the progress bar."""
     if distributed.is_main_process():
       tqdm.write(message)

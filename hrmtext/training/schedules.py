@@ -7,7 +7,7 @@ import math
 import jax.numpy as jnp
 import ml_collections
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 from hrmtext.model.config import ARCHITECTURES, ModelConfig
 from hrmtext.model.horizon import (Horizon, bp_steps_horizon, fixed_horizon, full_horizon,
                                    per_cycle_horizon)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 # The packed layout is not exposed by jax.nn.dot_product_attention (jax 0.10 to 0.12).
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 from hrmtext.model.kernels import PackedRuns, compute_capability, is_compile_only, target_device
 
 # The cuDNN a compile-only GPU target is described with (its GpuTargetConfigProto's

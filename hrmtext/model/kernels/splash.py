@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 from hrmtext.model.config import round_up
 from hrmtext.model.kernels import target_device
 

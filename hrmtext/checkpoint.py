@@ -1,11 +1,12 @@
-"""One checkpoint layout for training, conversion and inference.
+"""The checkpoint steps of a run (`<run>/checkpoints`, laid out by hrmtext.run): Orbax steps,
+their integrity, and reading them back.
 
-`<run>/checkpoints/<step>/` holds Orbax items: `params`, `ema` (optional), `opt_state`
-(optional) and `meta` (JSON: step, model config and, for imported checkpoints, the original HF
-config). Weights-only checkpoints (conversion, export) carry just `params` and `meta`. The input
-pipeline's position is the step itself (hrmtext.data.pipeline), so it needs no item of its own and
-a run resumes on any number of processes. (Checkpoints of older runs may hold a `data` item: the
-per-process Grain state; it is not read.)
+`<steps>/<step>/` holds Orbax items: `params`, `ema` (optional), `opt_state` (optional) and
+`meta` (JSON: step, model config and what hrmtext.run says). Weights-only checkpoints
+(conversion, export) carry just `params` and `meta`. The input pipeline's position is the step
+itself (hrmtext.data.pipeline), so it needs no item of its own and a run resumes on any number of
+processes. (Checkpoints of older runs may hold a `data` item: the per-process Grain state; it is
+not read.)
 
 Integrity: a step also holds `checksums.json`, the sha256 of each file of its items, written as
 it is saved; every reader verifies the step before reading it (`verify`) and a resumed run takes
@@ -29,9 +30,10 @@ import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
-from hrmtext.cli import UserError
+from hrmtext.errors import UserError
 from hrmtext.files import atomic_open
 from hrmtext.model import ModelConfig, build_model
+from hrmtext.parallel import mesh as mesh_lib, sharding
 
 CHECKSUMS = 'checksums.json'  # {'sha256': {path in the step folder: hex digest}}
 DAMAGED = '.damaged'  # suffix of a damaged step set aside by latest_intact_step
@@ -40,14 +42,6 @@ ORBAX_TMP = '.orbax-checkpoint-tmp'  # a step Orbax is writing: <step><ORBAX_TMP
 
 class DamagedCheckpoint(UserError):
   """A checkpoint step whose files changed, went missing or cannot be read."""
-
-
-def checkpoint_dir(path: str) -> str:
-  """`<run>/checkpoints`, or `path` itself when it already is a checkpoints directory."""
-  path = os.path.abspath(path)
-  is_steps_dir = os.path.isdir(path) and any(n.isdigit() for n in os.listdir(path))
-  return path if is_steps_dir or os.path.basename(path) == 'checkpoints' else os.path.join(
-      path, 'checkpoints')
 
 
 class Manager(ocp.CheckpointManager):
@@ -170,9 +164,10 @@ def _sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-def manager(path: str, *, max_to_keep: int | None = 3, async_save: bool = True,
+def manager(directory: str, *, max_to_keep: int | None = 3, async_save: bool = True,
             create: bool = True) -> Manager:
-  return Manager(checkpoint_dir(path), max_to_keep=max_to_keep, async_save=async_save,
+  """The manager of the steps in `directory` (a run's: hrmtext.run.Run.manager)."""
+  return Manager(os.path.abspath(directory), max_to_keep=max_to_keep, async_save=async_save,
                  create=create)
 
 
@@ -286,7 +281,6 @@ def abstract_params(cfg: ModelConfig, shardings=None):
   """ShapeDtypeStructs of the model's parameters on `shardings`: a pytree of shardings, or a mesh
   (the params' logical shardings on it, as training and the inference engine lay them out).
   None: the mesh of the first device alone (hrmtext.parallel.mesh.inference_mesh)."""
-  from hrmtext.parallel import mesh as mesh_lib, sharding  # pylint: disable=import-outside-toplevel
   model = build_model(cfg)
   # Unbox while tracing: under sharding.activate (the train loop) unboxing applies logical
   # sharding constraints, which fail on the bare ShapeDtypeStructs eval_shape returns.
@@ -297,17 +291,3 @@ def abstract_params(cfg: ModelConfig, shardings=None):
     shardings = sharding.param_shardings(jax.eval_shape(model.init, jax.random.key(0)), shardings)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       shapes, shardings)
-
-
-def load_weights(path: str, *, use_ema: bool = True, step: int | None = None, shardings=None):
-  """(ModelConfig, params, meta) of the latest (or given) step; EMA weights when saved."""
-  mngr = manager(path, create=False)
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint under {checkpoint_dir(path)}')
-  meta = read_meta(mngr, step)
-  cfg = ModelConfig.from_dict(meta['model'])
-  item = 'ema' if use_ema and 'ema' in saved_items(mngr, step) else 'params'
-  params = restore(mngr, step, **{item: abstract_params(cfg, shardings)})[item]
-  mngr.close()
-  return cfg, params, meta
