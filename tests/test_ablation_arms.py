@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from experiments import ablation
-from hrmtext.model import architecture_horizon
+from hrmtext.model import architecture_horizon, full_horizon
 from tests.test_train import REPO, assert_ok, prepare_small_builtin, read_metrics, train_env
 from tests.test_train_distributed import MESHES, data_dir, final_params, per_step, train  # pylint: disable=unused-import
 
@@ -33,9 +33,10 @@ def test_every_ablation_arm_trains_on_a_sharded_mesh(data_dir, tmp_path, arm):
       arm if arm in ablation.ARCHITECTURE_ARMS else 'hrm')
   assert {'architecture': architecture, **model_settings} == {
       name: getattr(cfg, name) for name in ('architecture', *model_settings)}
-  # The loop's horizon: TRAIN_FLAGS fix bp_steps at 5, which a baseline's own horizon ignores.
-  assert set(per_step(workdir, 'bp_steps').values()) == {
-      architecture_horizon(cfg, 5).differentiable}
+  # The loop's horizon: TRAIN_FLAGS fix bp_steps at 5, which a baseline's own horizon ignores;
+  # the full_bptt arm's is every application.
+  horizon = full_horizon(cfg) if arm == 'full_bptt' else architecture_horizon(cfg, 5)
+  assert set(per_step(workdir, 'bp_steps').values()) == {horizon.differentiable}
 
 
 def test_the_runner_trains_each_arm_once_and_prints_both_tables(tmp_path):

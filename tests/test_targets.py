@@ -92,14 +92,20 @@ def compile_for_target(target: str, kernel: str) -> dict:
           'auto_is_same': module_text(lower('auto', devices, rows)) == module_text(lowered)}
 
 
-def run_compile(target: str, kernel: str) -> dict:
+def run_script(*args) -> dict:
+  """This file as a script (see main) in a fresh process: its JSON answer."""
   env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'}  # the host runs nothing
-  # No GPU to autotune on: XLA's defaults, and half the compile time.
+  # No GPU to autotune on: XLA's defaults, and half the compile time; the GPU flags every entry
+  # point compiles with (hrmtext.parallel.accelerator) beside it.
   env['XLA_FLAGS'] = '--xla_gpu_autotune_level=0'
-  result = subprocess.run([sys.executable, os.path.abspath(__file__), target, kernel], env=env,
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+  result = subprocess.run([sys.executable, os.path.abspath(__file__), *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stdout + result.stderr
   return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_compile(target: str, kernel: str) -> dict:
+  return run_script('compile', target, kernel)
 
 
 @pytest.mark.parametrize('target, kernel, devices, device_kind', [
@@ -138,6 +144,68 @@ def test_auto_implementation(device, dtype, want):
   assert auto_implementation(device, dtype) == want
 
 
+# The XL train step as `python -m hrmtext.bench --config experiments/hrm.py:XL --compile_only
+# --target T` builds it (the README's table), with the micro-batches and remat training.fit chose
+# there, so the test compiles once instead of searching.
+XL_FIT = {'h100:1': (2, 'nothing_saveable'), 'v5p:2x2x1': (None, None)}
+XL_MEMORY_LIMIT = {'h100:1': 72 * 2**30}  # the issue's bound: 80 GB less the CUDA context
+
+
+def lint_xl(target: str) -> dict:
+  """Runs in a fresh process (see main): the compiled XL train step's hlo_lint findings, memory
+  and what to expect of them."""
+  from hrmtext.training.config import experiment_config
+  from hrmtext.training.program import build_program
+  from tests import hlo_lint
+  config = experiment_config(os.path.join(REPO, 'experiments', 'hrm.py'), 'XL')
+  config.train.steps = 1000  # no data to count epochs in; the schedule's length is no matter
+  micro, remat = XL_FIT[target]
+  config.train.micro_batches, config.compute.remat_policy = micro, remat
+  mesh = make_mesh(config.mesh, targets.devices(target))
+  program = build_program(config, mesh, vocab_size=65536, epoch_tokens=None, log=lambda _: None)
+  memory = program.step_bytes()
+  rows = program.config.train.global_batch_tokens // program.config.data.seq_len
+  horizon = program.horizon(program.total_steps - 1)
+  with sharding.activate(mesh):
+    compiled = program.train_step(horizon).lower(program.abstract_state(),
+                                                 program.abstract_batch(rows)).compile()
+  cfg = program.model_cfg
+  stacked = [x.shape for name in ('L', 'H') for x in jax.tree.leaves(
+      program.abstract_state().params[name])]
+  return {**hlo_lint.findings(compiled.as_text(), seq_len=program.config.data.seq_len,
+                              heads=cfg.num_heads, layer_weight_shapes=[s[1:] for s in stacked]),
+          'memory_bytes': memory, 'attention': program.compute.attention,
+          'micro_batches': micro, 'remat': remat, 'layers': cfg.layers_per_stack,
+          'applications': len(horizon.L) + len(horizon.H), 'differentiable': horizon.differentiable}
+
+
+@pytest.mark.slow  # a real-size compile: about 30 s for an H100 on 2 cores, plus jax's start
+@pytest.mark.parametrize('target', ['h100:1'])
+def test_xl_train_step_is_the_fast_path(target):
+  """What a GPU user runs by default, compiled for an H100: cuDNN attention in every layer
+  application (two passes: causal and prefix), forward and backward; no conditional; no dense
+  score or mask buffer [..., 1 or heads, T, T]; a layer's weights never cast inside the loops;
+  every GEMM bf16 x bf16 (cuBLAS accumulates bf16 GEMMs in f32); the step within the memory
+  bound."""
+  if reason := compiler_missing(target):
+    pytest.skip(reason)
+  got = run_script('lint', target)
+  print(json.dumps(got))
+  assert got['attention'] == 'cudnn'
+  assert got['conditionals'] == 0 and got['dense_square'] == [], got
+  layer_passes = 2 * got['layers'] * got['micro_batches']  # per stack application
+  # Remat runs a differentiable application's forward again, its attention too unless saved.
+  saved = got['remat'] in ('none', 'save_attention', 'save_projections')
+  recomputed = 0 if saved else got['differentiable']
+  assert got['kernel_calls']['__cudnn$fmhaSoftmax'] == layer_passes * (
+      got['applications'] + recomputed), got['kernel_calls']
+  assert got['kernel_calls']['__cudnn$fmhaSoftmaxBackward'] == (
+      layer_passes * got['differentiable']), got['kernel_calls']
+  assert got['layer_weight_converts'] == {}, got['layer_weight_converts']
+  assert set(got['gemm_operand_types']) == {'bf16 x bf16'}, got['gemm_operand_types']
+  assert got['memory_bytes'] <= XL_MEMORY_LIMIT[target], got['memory_bytes'] / 2**30
+
+
 @pytest.mark.parametrize('name, error', [
     ('a100:8', 'unknown target'), ('v5p', 'bad shape'), ('v5p:2x2x2x2', 'bad shape'),
     ('h100:2x4', 'bad shape'), ('h100:0', 'bad shape'), ('h100:12', 'whole hosts of 8'),
@@ -148,6 +216,11 @@ def test_bad_target_names(name, error):
 
 
 if __name__ == '__main__':
-  target_name, kernel_name = sys.argv[1:]
+  from hrmtext.parallel import accelerator
+  accelerator.configure_environment()
+  mode, target_name, *kernel_name = sys.argv[1:]
   targets.prepare_environment(target_name)
-  print(json.dumps(compile_for_target(target_name, kernel_name)))
+  if mode == 'lint':
+    print(json.dumps(lint_xl(target_name)))
+  else:
+    print(json.dumps(compile_for_target(target_name, *kernel_name)))
