@@ -2,7 +2,7 @@
 
 `findings(hlo_text, ...)` counts, over one run of the step (loop bodies by their trip counts):
 conditionals; buffers of a dense attention score or mask ([..., 1 or heads, T, T]); the attention
-kernels' calls (cuDNN fmha forward/backward, TPU Mosaic kernels by name); float32 -> bfloat16
+kernels' calls (cuDNN fmha forward/backward, splash forward/dq/dkv); float32 -> bfloat16
 converts of a single layer's weights (the weights are cast once per step, outside the loops); and
 the operand types of the GEMMs (cuBLAS calls, dots and convolutions).
 """
@@ -12,7 +12,7 @@ import re
 from hrmtext.model import hlo
 
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
-_KERNEL_NAME = re.compile(r'"kernel_name":\s*"([^"]+)"|kernel_name=\\?"([^"\\]+)')
+_SPLASH = re.compile(r'/splash_mha_(fwd|dq|dkv)')  # a Mosaic call's source: which splash kernel
 _DENSE_SHAPE = re.compile(r'\b\w+\[(\d+(?:,\d+)*)\]')
 
 
@@ -52,9 +52,8 @@ def _look(module, computation, op, count, layer_shapes, found):
     found['conditionals'] += count
   elif op.opcode == 'custom-call':
     target = _TARGET.search(op.attributes).group(1)
-    name = _KERNEL_NAME.search(op.attributes)
-    kernel = f'{target}:{name.group(1) or name.group(2)}' if name else target
-    found['kernel_calls'][kernel] += count
+    splash = _SPLASH.search(op.attributes) if target == 'tpu_custom_call' else None
+    found['kernel_calls'][f'splash {splash.group(1)}' if splash else target] += count
     if 'cublas' in target:
       found['gemm_operand_types'][_operand_types(module, computation, op)] += count
   elif op.opcode in ('dot', 'convolution'):
