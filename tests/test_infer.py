@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from hrmtext.infer import Engine, Sampling
-from hrmtext.model import ModelConfig, build_model
+from hrmtext.model import ComputeConfig, ModelConfig, build_model
 from tests import hf_oracle
 from tests.hf_oracle import torch
 
@@ -115,8 +115,8 @@ def test_sampled_streams_belong_to_requests():
 def test_cache_dtype_follows_the_model():
   for dtype in ('float32', 'bfloat16'):
     cfg = ModelConfig(vocab_size=64, hidden_size=32, num_heads=2, head_dim=16,
-                      intermediate_size=64, layers_per_stack=1, dtype=dtype)
-    model = build_model(cfg)
+                      intermediate_size=64, layers_per_stack=1)
+    model = build_model(cfg, ComputeConfig(dtype=dtype))
     params = nn.unbox(model.init(jax.random.key(0)))
     engine = Engine(model, params, eoa=-1, slots=2, max_len=32)  # no end of answer: full length
     assert {c.dtype for c in jax.tree.leaves(engine._init_state()['cache'])} == {np.dtype(dtype)}

@@ -7,9 +7,7 @@ The device checks run once in a subprocess (this file run as a script with
 """
 import functools
 import os
-import subprocess
 import sys
-import traceback
 from types import SimpleNamespace
 
 import flax.linen as nn
@@ -23,19 +21,13 @@ from hrmtext.model import ModelConfig, build_model
 from hrmtext.parallel.mesh import inference_mesh
 from hrmtext import checkpoint
 from hrmtext.run import Run
+from tests.device_checks import DeviceChecks
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_DEVICES = 8
 MESH = SimpleNamespace(data=1, fsdp=4, tensor=2)
 CFG = ModelConfig(vocab_size=64, hidden_size=32, num_heads=2, head_dim=16, intermediate_size=64,
                   layers_per_stack=1, H_cycles=1, L_cycles=1)  # L then H: quick to compile
 EOA = 3
-DEVICE_CHECKS = {}
-
-
-def device_check(fn):
-  DEVICE_CHECKS[fn.__name__] = fn
-  return fn
+device_check = DeviceChecks(__file__)
 
 
 def prompts(lengths, seed=0):
@@ -115,30 +107,15 @@ def checkpoint_loads_straight_onto_the_mesh_of_the_flags():
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(engine.params), saved)
 
 
-def run_device_checks():
-  assert len(jax.devices()) == NUM_DEVICES, jax.devices()
-  for name, check in DEVICE_CHECKS.items():
-    try:
-      check()
-      print(f'PASS {name}')
-    except Exception:  # reported to the pytest process, which fails that check's test
-      print(f'FAIL {name}\n{traceback.format_exc()}')
-
-
 @pytest.fixture(scope='module')
 def device_check_output(tmp_path_factory):
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO,
-         'TEST_TMPDIR': str(tmp_path_factory.mktemp('mesh')),
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={NUM_DEVICES}'}
-  result = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-  return result.stdout + result.stderr
+  return device_check.output(TEST_TMPDIR=str(tmp_path_factory.mktemp('mesh')))
 
 
-@pytest.mark.parametrize('name', list(DEVICE_CHECKS))
+@pytest.mark.parametrize('name', list(device_check.checks))
 def test_on_8_cpu_devices(name, device_check_output):
-  assert f'PASS {name}' in device_check_output, device_check_output
+  device_check.assert_passed(name, device_check_output)
 
 
 if __name__ == '__main__':
-  run_device_checks()
+  device_check.run()

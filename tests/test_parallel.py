@@ -4,9 +4,6 @@ The device checks run once in a subprocess (this file run as a script with
 --xla_force_host_platform_device_count=8), so the pytest process keeps its single device.
 """
 import os
-import subprocess
-import sys
-import traceback
 from types import SimpleNamespace
 
 import flax.linen as nn
@@ -20,15 +17,9 @@ from hrmtext.parallel import distributed
 from hrmtext.parallel import mesh as mesh_lib
 from hrmtext.parallel import sharding
 from hrmtext.training import optimizer
+from tests.device_checks import DeviceChecks
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_DEVICES = 8
-DEVICE_CHECKS = {}
-
-
-def device_check(fn):
-  DEVICE_CHECKS[fn.__name__] = fn
-  return fn
+device_check = DeviceChecks(__file__)
 
 
 def mesh_cfg(data, fsdp, tensor):
@@ -133,32 +124,14 @@ def global_batch_rows_over_data_and_fsdp():
   assert sharding.process_data_shard(mesh) == (0, 1)
 
 
-def run_device_checks():
-  assert len(jax.devices()) == NUM_DEVICES, jax.devices()
-  for name, check in DEVICE_CHECKS.items():
-    try:
-      check()
-      print(f'PASS {name}')
-    except Exception:  # reported to the pytest process, which fails that check's test
-      print(f'FAIL {name}\n{traceback.format_exc()}')
-
-
 @pytest.fixture(scope='module')
 def device_check_output():
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO,
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={NUM_DEVICES}'}
-  result = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-  return result.stdout + result.stderr
+  return device_check.output()
 
 
-@pytest.mark.parametrize('name', list(DEVICE_CHECKS))
+@pytest.mark.parametrize('name', list(device_check.checks))
 def test_on_8_cpu_devices(name, device_check_output):
-  assert f'PASS {name}' in device_check_output, device_check_output
-
-
-if __name__ == '__main__':
-  run_device_checks()
+  device_check.assert_passed(name, device_check_output)
 
 
 def test_accelerator_environment_keeps_the_user_s_settings(monkeypatch):
@@ -181,3 +154,7 @@ def test_accelerator_environment_keeps_the_user_s_settings(monkeypatch):
   monkeypatch.setenv('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.5')
   accelerator.configure_environment()
   assert accelerator.memory_fraction() == 0.5 and os.environ['XLA_FLAGS'].split() == flags
+
+
+if __name__ == '__main__':
+  device_check.run()
