@@ -8,12 +8,13 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Highest first, as setup.cfg lists them. DESIGN's layers: errors -> model, data -> parallel ->
-# training, infer -> evals, rl -> entry points; with files (atomic writes) above errors, and the
+# training, infer -> evals -> rl (its rewards are evals' scorers) -> entry points; with files (atomic
+# writes) above errors, and the
 # run directory (run, over its checkpoint steps) under both training and infer, its writer and
 # its readers.
 ENTRY_POINTS = ('train', 'generate', 'score', 'evaluate', 'convert', 'prepare', 'bench',
                 'bench_data', 'bench_decode', 'lmeval')
-LAYERS = [' : '.join(ENTRY_POINTS), 'hf | cli', 'evals | (rl)', 'training | infer', 'run',
+LAYERS = [' : '.join(ENTRY_POINTS), 'hf | cli', 'rl', 'evals', 'training | infer', 'run',
           'checkpoint', 'parallel', 'model : data', 'files', 'errors']
 
 

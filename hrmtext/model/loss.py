@@ -17,8 +17,9 @@ def token_stats(logits, labels):
   return token_loss, correct
 
 
-def chunked_token_stats(logits_fn, hidden, labels, chunk_len: int):
-  """token_stats(logits_fn(hidden), labels), computing the logits `chunk_len` positions at a time.
+def chunked_token_stats(logits_fn, hidden, labels, chunk_len: int, stats=token_stats):
+  """stats(logits_fn(hidden), labels) (per-token arrays [batch, len]), computing the logits
+  `chunk_len` positions at a time.
 
   Each chunk's logits are rematerialised in the backward pass, so only one chunk's float32
   logits [batch, chunk_len, vocab] (and their gradient) are ever live, not the whole row's.
@@ -33,12 +34,12 @@ def chunked_token_stats(logits_fn, hidden, labels, chunk_len: int):
 
   @jax.checkpoint
   def chunk_stats(hidden_chunk, labels_chunk):
-    return token_stats(logits_fn(hidden_chunk), labels_chunk)
+    return stats(logits_fn(hidden_chunk), labels_chunk)
 
-  _, (token_loss, correct) = jax.lax.scan(
+  _, per_token = jax.lax.scan(
       lambda carry, xs: (carry, chunk_stats(*xs)), None, (to_chunks(hidden), to_chunks(labels)))
   from_chunks = lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, -1)[:, :length]
-  return from_chunks(token_loss), from_chunks(correct)
+  return jax.tree.map(from_chunks, per_token)
 
 
 def sums_from_token_stats(token_loss, correct, labels, segment_ids):

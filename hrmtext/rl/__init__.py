@@ -1,0 +1,1 @@
+"""Post-training with verifiable rewards: rollouts from the engine, verifiers, GRPO/DAPO."""
