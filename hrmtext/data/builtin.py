@@ -3,10 +3,13 @@
 Training rows come from seed `seed`; held-out rows from a disjoint seed, deduplicated against the
 training instructions, and (gsm_symbolic) from templates that training never sees. Rows are written
 as JSONL: `<raw>/train/<task>.jsonl` and `<raw>/heldout/<task>.jsonl` (held-out rows also carry
-`task` and the short final `answer`, for exact-match evals).
+`task` and the short final `answer`, for exact-match evals). `<raw>/rl/<task>.jsonl` holds prompts
+for reinforcement learning (`hrmtext.rl`): from a third seed, disjoint from both, each with what
+reasoning_gym's verifier needs (`entry`, `verifier` 'builtin').
 """
 
 import itertools
+import json
 import os
 
 import ml_collections
@@ -18,6 +21,8 @@ from tqdm import tqdm
 from hrmtext.data.sources import read_rows, write_jsonl
 
 HELDOUT_SEED_OFFSET = 1_000_003  # far above any per-task count, so item seeds never overlap
+RL_SEED_OFFSET = 2 * HELDOUT_SEED_OFFSET
+RL_PROMPTS_PER_TASK = 512
 TRAIN_FIELDS = ('instruction', 'response', 'condition')
 _HELDOUT_TRIES_PER_ROW = 50  # small problem spaces may not have enough unseen questions
 
@@ -35,8 +40,12 @@ def _generated_rows(task, task_cfg, seed, limit, gsm_templates):
     item = dataset[i]
     answer = str(item['answer'])
     response = item['metadata']['answer_cot'] if task_cfg.condition == 'cot' else answer
+    # The entry reasoning_gym's verifier reads, JSON-safe (gsm_symbolic's metadata holds
+    # Fractions, which its verifier does not read).
+    entry = json.loads(json.dumps({k: item[k] for k in ('question', 'answer', 'metadata')},
+                                  default=str))
     yield dict(instruction=item['question'], response=response, condition=task_cfg.condition,
-               task=task, answer=answer)
+               task=task, answer=answer, entry=entry)
 
 
 def train_rows(task: str, task_cfg: ml_collections.ConfigDict, seed: int,
@@ -50,7 +59,18 @@ def heldout_rows(task: str, task_cfg: ml_collections.ConfigDict, seed: int,
                  heldout_templates: set[int], train_instructions: set[str],
                  count: int) -> list[dict]:
   """Up to `count` rows from a disjoint seed, with instructions unseen in training and unique."""
-  seen = set(train_instructions)
+  return _unseen_rows(task, task_cfg, seed + HELDOUT_SEED_OFFSET, heldout_templates,
+                      train_instructions, count)
+
+
+def rl_rows(task: str, task_cfg: ml_collections.ConfigDict, seed: int, templates: set[int],
+            seen_instructions: set[str], count: int) -> list[dict]:
+  """Up to `count` RL prompts from a third seed, unseen in training and held out, and unique."""
+  return _unseen_rows(task, task_cfg, seed + RL_SEED_OFFSET, templates, seen_instructions, count)
+
+
+def _unseen_rows(task, task_cfg, seed, templates, seen_instructions, count):
+  seen = set(seen_instructions)
 
   def unseen(rows):
     for row in rows:
@@ -58,15 +78,14 @@ def heldout_rows(task: str, task_cfg: ml_collections.ConfigDict, seed: int,
         seen.add(row['instruction'])
         yield row
 
-  rows = _generated_rows(task, task_cfg, seed + HELDOUT_SEED_OFFSET,
-                         _HELDOUT_TRIES_PER_ROW * count + 1000, heldout_templates)
+  rows = _generated_rows(task, task_cfg, seed, _HELDOUT_TRIES_PER_ROW * count + 1000, templates)
   return list(itertools.islice(unseen(rows), count))
 
 
 def write_builtin_corpus(raw_dir: str, builtin_cfg: ml_collections.ConfigDict, seed: int) -> None:
-  """Writes the train and held-out JSONL file of every task; existing files are kept."""
-  os.makedirs(os.path.join(raw_dir, 'train'), exist_ok=True)
-  os.makedirs(os.path.join(raw_dir, 'heldout'), exist_ok=True)
+  """Writes the train, held-out and RL JSONL file of every task; existing files are kept."""
+  for split in ('train', 'heldout', 'rl'):
+    os.makedirs(os.path.join(raw_dir, split), exist_ok=True)
   heldout_templates = heldout_gsm_templates(builtin_cfg.heldout_gsm_templates, seed)
   for task, task_cfg in tqdm(builtin_cfg.tasks.items(), desc='built-in corpus', unit='task'):
     train_path = os.path.join(raw_dir, 'train', f'{task}.jsonl')
@@ -78,4 +97,15 @@ def write_builtin_corpus(raw_dir: str, builtin_cfg: ml_collections.ConfigDict, s
       instructions = {row['instruction'] for row in read_rows(train_path)}
       heldout = heldout_rows(task, task_cfg, seed, heldout_templates, instructions,
                              builtin_cfg.heldout_per_task)
-      write_jsonl(heldout_path, heldout)
+      write_jsonl(heldout_path, ({k: v for k, v in row.items() if k != 'entry'}
+                                 for row in heldout))
+    rl_path = os.path.join(raw_dir, 'rl', f'{task}.jsonl')
+    if not os.path.exists(rl_path):  # absent from roots prepared before it: re-run prepare
+      seen = {row['instruction'] for split in (train_path, heldout_path)
+              for row in read_rows(split)}
+      # gsm_symbolic's from training's templates: the held-out ones stay unseen.
+      templates = set(GSM_TEMPLATES) - heldout_templates
+      rows = rl_rows(task, task_cfg, seed, templates, seen, RL_PROMPTS_PER_TASK)
+      write_jsonl(rl_path, ({**{k: row[k] for k in ('instruction', 'condition', 'task', 'answer',
+                                                      'entry')}, 'verifier': 'builtin'}
+                            for row in rows))

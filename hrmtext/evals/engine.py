@@ -54,12 +54,12 @@ class HeldoutGeneration:
   lie. `build` gives None when the data has no held-out rows."""
 
   def __init__(self, model, tasks: list, tok: Tokenizer, *, every_steps: int, limit: int,
-               max_new_tokens: int, mesh=None):
+               max_new_tokens: int, mesh=None, slots: int = 8):
     self.every_steps, self.tasks, self.tok, self.limit = every_steps, tasks, tok, limit
     longest = max(len(tok.encode_instruction(e.instruction, e.condition))
                   for task in tasks for e in task.examples[:limit])
     self.engine = Engine(model, None, eoa=tok.eoa, max_len=longest + max_new_tokens,
-                         vocab_size=tok.vocab_size, mesh=mesh)
+                         vocab_size=tok.vocab_size, mesh=mesh, slots=slots)
 
   @classmethod
   def build(cls, model, prepared_root: str, tokenizer_dir: str, *, max_new_tokens: int,

@@ -86,6 +86,19 @@ class ProfileWindow:
         tqdm.write(f'profile of steps {self.first}-{self.last} in {self.log_dir}')
 
 
+@contextlib.contextmanager
+def stop_signals(received: set):
+  """While open, SIGTERM (preemption, a launcher stopping its processes) and SIGINT (Ctrl-C) add
+  their names to `received`: the loop stops after the current step, with a save."""
+  names = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'SIGINT'}
+  previous = {sig: signal.signal(sig, lambda sig, _: received.add(names[sig])) for sig in names}
+  try:
+    yield
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
 def check_batch_split(rows: int, micro_batches: int, batch_shards: int) -> None:
   """A step's rows must split evenly into micro-batches, each over the batch shards."""
   if rows < 1 or micro_batches < 1 or rows % (micro_batches * batch_shards):
@@ -267,25 +280,12 @@ class Trainer:
                     params=state.params, ema=state.ema, opt_state=state.opt_state)
 
   def run(self) -> dict:
-    with sharding.activate(self.mesh), self._stop_signals():
+    with sharding.activate(self.mesh), stop_signals(self._signals):
       try:
         return self._run()
       finally:  # a save in flight completes, also when what followed it failed
         self.mngr.wait_until_finished()
         self.mngr.close()
-
-  @contextlib.contextmanager
-  def _stop_signals(self):
-    """SIGTERM (preemption, a launcher stopping its processes) and SIGINT (Ctrl-C) stop the run
-    after the current step, with a save, on every process."""
-    names = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'SIGINT'}
-    previous = {sig: signal.signal(sig, lambda sig, _: self._signals.add(names[sig]))
-                for sig in names}
-    try:
-      yield
-    finally:
-      for sig, handler in previous.items():
-        signal.signal(sig, handler)
 
   def _run(self) -> dict:
     config = self.config

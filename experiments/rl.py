@@ -1,0 +1,31 @@
+"""RL with verifiable rewards (hrmtext.rl): GRPO with DAPO's options from a trained run.
+
+  python -m hrmtext.rl --config experiments/rl.py --workdir runs/rl --config.init_from=runs/tiny
+
+'tiny' (default): the quick start's model on six built-in tasks with short direct answers, 16
+prompts x 8 samples a step. B/L/XL/XXL: experiments/sft.py's model of that size (init_from
+runs/<size>_sft), 4096-token rows, micro-batches fitted to the devices.
+"""
+import os
+
+from hrmtext.rl.config import rl_config
+from hrmtext.training.config import experiment_config
+
+TINY_TASKS = 'count_bits,family_relationships,gcd,leg_counting,letter_counting,syllogism'
+
+
+def get_config(arg: str = 'tiny'):
+  c = rl_config()
+  if arg == 'tiny':
+    c.init_from = 'runs/tiny'
+    c.rl.tasks = TINY_TASKS
+    c.train.steps = 60
+    return c
+  sized = experiment_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sft.py'),
+                            arg)
+  c.model, c.compute, c.mesh = sized.model, sized.compute, sized.mesh
+  c.data.seq_len = sized.data.seq_len
+  c.init_from = f'runs/{arg.lower()}_sft'
+  c.train.update(steps=500, lr=1e-6, global_batch_tokens=64 * sized.data.seq_len, micro_batches=0)
+  c.rl.update(prompts_per_step=64, group_size=16, max_new_tokens=1024, slots=256)
+  return c

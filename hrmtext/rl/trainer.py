@@ -1,0 +1,303 @@
+"""The RL loop: each step samples G responses to a draw of prompts from the inference engine on
+the current parameters (on the training mesh, no copy), rewards them with their verifiers, keeps
+the informative groups (dynamic sampling) and takes `rl.inner_steps` clipped policy-gradient
+updates on them (AdamATan2 and EMA as training's).
+
+A step's prompts and sampling streams are pure functions of (seed, step), and the state is the
+training state: a run killed at any point resumes from its last checkpoint bitwise.
+"""
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from hrmtext import checkpoint
+from hrmtext.data.packing import field_shapes
+from hrmtext.errors import UserError
+from hrmtext.evals.engine import HeldoutGeneration
+from hrmtext.evals.loaders import heldout_tasks
+from hrmtext.infer import Engine, Sampling
+from hrmtext.model import ModelConfig
+from hrmtext.parallel import distributed, sharding
+from hrmtext.parallel.mesh import make_mesh
+from hrmtext.rl import objective, prompts, rollout
+from hrmtext.rl.config import validate_rl
+from hrmtext.rl.step import make_logp, make_rl_step
+from hrmtext.run import Run
+from hrmtext.training import optimizer
+from hrmtext.training.config import validate
+from hrmtext.training.loop import stop_signals
+from hrmtext.training.program import build_program
+from hrmtext.training.step import TrainState
+
+FLOAT_FIELDS = ('advantages', 'weights', 'old_logp', 'ref_logp')
+
+
+class RLTrainer:
+  """Everything an RL run needs, built from the config; `run()` trains to train.steps."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    validate(config)
+    validate_rl(config)
+    distributed.initialize()
+    if jax.process_count() > 1:
+      raise UserError('hrmtext.rl runs in one process (its engine serves that process\'s devices)')
+    self.run_dir, self.workdir = Run(workdir), workdir
+    source = Run(config.init_from)
+    mngr = source.manager(create=False)
+    source_step = mngr.latest_step()
+    if source_step is None:
+      raise UserError(f'init_from: no checkpoint under {os.path.abspath(source.checkpoints)}')
+    source_meta = checkpoint.read_meta(mngr, source_step)
+    mngr.close()
+    self.tokenizer = source.tokenizer(source_meta)
+    if self.tokenizer is None:
+      raise UserError(f'init_from {config.init_from} keeps no tokenizer')
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.update(ModelConfig.from_dict(source_meta['model']).to_dict())
+    config.data.dir = config.data.dir or source.data_dir(source_meta) or ''
+    self.mesh = make_mesh(config.mesh)
+    self.program = build_program(config, self.mesh, vocab_size=config.model.vocab_size,
+                                 epoch_tokens=None, log=self.say)
+    self.config = config = self.program.config
+    rl = config.rl
+    self.rows = config.train.global_batch_tokens // config.data.seq_len
+    if self.rows % config.train.micro_batches:
+      raise UserError(f'{self.rows} rows per step do not split into '
+                      f'{config.train.micro_batches} micro-batches')
+    prompt_path = rl.prompts or prompts.builtin_split(config.data.dir)
+    if not rl.prompts and not os.path.isdir(prompt_path):
+      raise UserError(f'no RL prompts in {prompt_path}: re-run `python -m hrmtext.prepare '
+                      f'--output {config.data.dir}` (it adds the split), or set rl.prompts')
+    self.prompts = prompts.load(prompt_path, rl.tasks)
+    self.instructions = [self.tokenizer.encode_instruction(r['instruction'], r['condition'])
+                         for r in self.prompts]
+    longest = max(map(len, self.instructions))
+    self.engine = Engine(self.program.model, None, eoa=self.tokenizer.eoa, slots=rl.slots,
+                         max_len=longest + rl.max_new_tokens, vocab_size=self.tokenizer.vocab_size,
+                         mesh=self.mesh)
+    self.sampling = Sampling(rl.temperature, rl.top_p)
+    self.mngr = self.run_dir.manager(max_to_keep=config.checkpoint.keep,
+                                     async_save=config.checkpoint.async_save)
+    self.resume_step = checkpoint.latest_intact_step(self.mngr)
+    self.evaluator = self._heldout_generation()
+    self._signals = set()
+    self._steps = {}
+
+  def _heldout_generation(self) -> HeldoutGeneration | None:
+    """Greedy exact match on the held-out rows of the tasks trained on, every eval.every_steps."""
+    cfg = self.config
+    if not cfg.eval.generate_per_task or not os.path.isdir(
+        os.path.join(cfg.data.dir, 'raw', 'heldout')):
+      return None
+    trained = sorted({r['task'] for r in self.prompts})
+    available = {p[:-len('.jsonl')] for p in os.listdir(os.path.join(cfg.data.dir, 'raw',
+                                                                      'heldout'))}
+    names = [t for t in trained if t in available]
+    if not names:
+      return None
+    tasks = heldout_tasks(cfg.data.dir, names=names, max_new_tokens=cfg.rl.max_new_tokens)
+    return HeldoutGeneration(self.program.model, tasks, self.tokenizer,
+                             every_steps=cfg.eval.every_steps, limit=cfg.eval.generate_per_task,
+                             max_new_tokens=cfg.rl.max_new_tokens, mesh=self.mesh,
+                             slots=cfg.rl.slots)
+
+  # ---- the compiled steps -----------------------------------------------------------------
+
+  def _batch_sharding(self):
+    return self.program.batch_sharding
+
+  def rl_step(self, horizon, with_old_logp: bool):
+    key = (horizon, with_old_logp)
+    if key not in self._steps:
+      rl, tc = self.config.rl, self.config.train
+      step = make_rl_step(self.program.model, self.program.tx, horizon, tc.ema_decay,
+                          chunk_len=tc.loss_chunk_len, clip_low=rl.clip_low,
+                          clip_high=rl.clip_high, kl_coef=rl.kl_coef)
+      batch = self._batch_sharding()
+      self._steps[key] = jax.jit(step, in_shardings=(self.program.state_shardings, batch),
+                                 out_shardings=(self.program.state_shardings, None, batch),
+                                 donate_argnums=0)
+    return self._steps[key]
+
+  def abstract_batch(self) -> dict:
+    """ShapeDtypeStructs of one step's packed rollouts (what `rl_step` takes)."""
+    micro, data = self.config.train.micro_batches, self.config.data
+    shapes = field_shapes(self.rows // micro, data.seq_len, data.max_segments_per_row)
+    shapes.update(advantages=shapes['labels'], weights=shapes['labels'])
+    return {name: jax.ShapeDtypeStruct(
+        (micro, *shape), np.float32 if name in FLOAT_FIELDS else np.int32,
+        sharding=self._batch_sharding()) for name, shape in shapes.items()}
+
+  def _device_batch(self, batch: dict) -> dict:
+    micro = self.config.train.micro_batches
+    return {name: jax.device_put(x.reshape(micro, -1, *x.shape[1:]), self._batch_sharding())
+            for name, x in batch.items()}
+
+  # ---- one step ---------------------------------------------------------------------------
+
+  def rollouts(self, state: TrainState, step: int) -> tuple[list, dict]:
+    """The groups of `step` (informative ones only, with dynamic sampling) and their metrics."""
+    rl = self.config.rl
+    self.engine.params = state.params  # the policy: already on the mesh, no copy
+    kept, sampled, groups_seen = [], [], 0
+    for attempt in range(rl.max_draws if rl.dynamic_sampling else 1):
+      chosen = prompts.step_prompts(len(self.prompts), rl.prompts_per_step,
+                                    seed=self.config.train.seed, step=step, attempt=attempt)
+      groups = rollout.sample_groups(
+          self.engine, self.tokenizer, [self.prompts[i] for i in chosen],
+          group_size=rl.group_size, sampling=self.sampling, max_new_tokens=rl.max_new_tokens,
+          seed=self.config.train.seed, step=step, first_prompt=attempt * rl.prompts_per_step)
+      sampled += groups
+      groups_seen += len(groups)
+      rewards = np.concatenate([g.rewards for g in groups])
+      informative = (objective.informative_groups(rewards, rl.group_size)
+                     if rl.dynamic_sampling else np.ones(len(groups), bool))
+      kept += [g for g, keep in zip(groups, informative) if keep]
+      if len(kept) >= rl.prompts_per_step:
+        break
+    kept = kept[:rl.prompts_per_step]
+    return kept, self._rollout_metrics(sampled, kept, groups_seen)
+
+  def _rollout_metrics(self, sampled, kept, groups_seen) -> dict:
+    rewards = np.concatenate([g.rewards for g in sampled])
+    metrics = {'reward/mean': float(rewards.mean()), 'reward/std': float(rewards.std()),
+               'groups_kept': len(kept) / groups_seen,
+               'response_len': float(np.mean([len(r) for g in sampled for r in g.responses])),
+               'overlong': float(np.mean([~g.finished for g in sampled]))}
+    for task in sorted({g.row['task'] for g in sampled}):
+      mine = np.concatenate([g.rewards for g in sampled if g.row['task'] == task])
+      metrics[f'reward/{task}'] = float(mine.mean())
+    return metrics
+
+  def update(self, state: TrainState, step: int, groups: list) -> tuple[TrainState, dict]:
+    """rl.inner_steps updates on the packed groups; the later ones against the log-probs the
+    first one computed (the sampling policy's, in the train forward's numerics)."""
+    rl, data = self.config.rl, self.config.data
+    batch = rollout.training_batch(
+        groups, self.tokenizer.eoa, rows=self.rows, seq_len=data.seq_len,
+        max_segments=data.max_segments_per_row, token_level=rl.token_level,
+        drop_overlong=rl.drop_overlong)
+    batch = self._device_batch(batch)
+    if rl.kl_coef:
+      batch['ref_logp'] = self._reference_logp(batch)
+    horizon = self.program.horizon(step - 1)
+    per_update = []
+    for inner in range(rl.inner_steps):
+      state, metrics, logp = self.rl_step(horizon, inner > 0)(state, batch)
+      if inner == 0:
+        batch['old_logp'] = logp
+      per_update.append(metrics)
+    # The mean over the updates (the first one's clip fraction is 0: its ratio is exactly 1).
+    per_update = jax.device_get(per_update)
+    return state, {k: float(np.mean([m[k] for m in per_update])) for k in per_update[0]}
+
+  def _reference_logp(self, batch: dict):
+    """The frozen init_from weights' log-probs of the batch, per micro-batch."""
+    if not hasattr(self, '_reference'):
+      self._reference = self._init_weights()
+      self._ref_fn = jax.jit(jax.vmap(make_logp(self.program.model, self.program.horizon(0),
+                                                self.config.train.loss_chunk_len),
+                                      in_axes=(None, 0)))
+    fields = {k: v for k, v in batch.items() if k not in FLOAT_FIELDS}
+    return self._ref_fn(self._reference, fields)
+
+  # ---- state and the loop -----------------------------------------------------------------
+
+  def _init_weights(self):
+    use_ema = self.config.init_mode == 'ema'
+    _, params, _ = Run(self.config.init_from).load_weights(
+        use_ema=use_ema, shardings=self.program.state_shardings.params)
+    return params
+
+  def _initial_state(self) -> tuple[TrainState, int]:
+    abstract = self.program.abstract_state()
+    step = self.resume_step
+    if step is not None:
+      self.say(f'resuming from {self.mngr.directory} step {step}')
+      items = checkpoint.restore(self.mngr, step, params=abstract.params, ema=abstract.ema,
+                                 opt_state=abstract.opt_state)
+      updates = step * self.config.rl.inner_steps  # the state's step counts updates
+      return TrainState(jax.numpy.asarray(updates, jax.numpy.int32), items['params'],
+                        items['ema'], items['opt_state']), step
+    params = self._init_weights()
+    self.say(f'starting from the weights of {self.config.init_from} '
+             f'(its {"EMA" if self.config.init_mode == "ema" else "params"})')
+    state = self.program.init_state()
+    return state.replace(params=params, ema=optimizer.ema_init(params)), 0
+
+  def save(self, state: TrainState, step: int) -> None:
+    meta = {'model': self.program.model_cfg.to_dict(), 'compute': self.program.compute.to_dict(),
+            'config': self.config.to_dict(), 'data_dir': os.path.abspath(self.config.data.dir)}
+    checkpoint.save(self.mngr, step, meta=meta, params=state.params, ema=state.ema,
+                    opt_state=state.opt_state)
+
+  def run(self) -> dict:
+    with sharding.activate(self.mesh), stop_signals(self._signals):
+      try:
+        return self._run()
+      finally:
+        self.mngr.wait_until_finished()
+        self.mngr.close()
+
+  def _run(self) -> dict:
+    config = self.config
+    state, start = self._initial_state()
+    self.run_dir.write_config(config)
+    if not self.run_dir.has_tokenizer():
+      self.run_dir.save_tokenizer(self.tokenizer)
+    self.run_dir.drop_metrics_after(start)
+    writer = SummaryWriter(self.run_dir.tensorboard_dir)
+    self.say(f'RL from {config.init_from}: {len(self.prompts)} prompts, '
+             f'{config.rl.prompts_per_step} x {config.rl.group_size} responses a step, '
+             f'{config.train.steps} steps; mesh {dict(self.mesh.shape)}, attention '
+             f'{self.program.compute.attention}')
+    last = {}
+    if start == 0 and self.evaluator:  # the policy before RL, logged as step 0
+      last.update(self._log(writer, 0, self.evaluator(0, state)))
+    for step in range(start + 1, config.train.steps + 1):
+      t0 = time.perf_counter()
+      groups, metrics = self.rollouts(state, step)
+      t1 = time.perf_counter()
+      generated = sum(len(r) for g in groups for r in g.responses)
+      if groups:
+        state, update_metrics = self.update(state, step, groups)
+        metrics.update(update_metrics)
+      t2 = time.perf_counter()
+      metrics.update({
+          'time/rollout_s': t1 - t0, 'time/train_s': t2 - t1,
+          'time/rollout_fraction': (t1 - t0) / (t2 - t0),
+          'rollout_tokens_per_s': generated / (t1 - t0),
+          'train_tokens_per_s': (self.rows * config.data.seq_len * config.rl.inner_steps /
+                                 max(t2 - t1, 1e-9) if groups else 0.0)})
+      if step % config.log_every_steps == 0 or step == config.train.steps:
+        last.update(self._log(writer, step, metrics))
+      stop = sorted(self._signals)
+      if step % config.checkpoint.every_steps == 0 or step == config.train.steps or stop:
+        self.save(state, step)
+      if self.evaluator and not stop and (step % config.eval.every_steps == 0 or
+                                          step == config.train.steps):
+        last.update(self._log(writer, step, self.evaluator(step, state)))
+      if stop:
+        self.say(f'{"/".join(stop)}: saved step {step}, exiting')
+        break
+    writer.close()
+    return last
+
+  def _log(self, writer, step: int, metrics: dict) -> dict:
+    for name, value in metrics.items():
+      writer.add_scalar(name, value, step)
+    writer.flush()
+    self.run_dir.append_metrics(step, metrics)
+    shown = ' '.join(f'{k} {v:.4g}' for k, v in metrics.items() if k.count('/') < 2)
+    self.say(f'step {step}/{self.config.train.steps} {shown}')
+    return metrics
+
+  def say(self, message: str) -> None:
+    tqdm.write(message)
+    sys.stdout.flush()
