@@ -19,8 +19,8 @@ shard (--input_shard_mb each, on --workers processes or Apache Beam) and everyth
 pieces. The output bytes depend on the inputs and settings only, not on the engine or workers.
 Re-running skips finished outputs, down to single shards after an interruption; every output is
 written to a temporary name and renamed. A run into a fresh DIR that stops on bad input (a
-malformed row, no example left) removes what it made. The summary counts the examples dropped
-(too long, response too short, malformed) by reason.
+malformed row, no example left) removes what it made. The summary counts the examples kept, and
+those dropped (too long, response too short, malformed) by reason.
 """
 
 import collections
@@ -229,6 +229,7 @@ def _sample(engine, source_dirs, sampled, cfg, tokenizer, counts):
     counts.update(result['counts'])
   if not sum(mixture.rows_per_epoch(usable[s.name], s.rule) for s in sources if usable[s.name]):
     raise mixture.no_examples_error(sum(shard.rows for _, shard in shards), len(sources), counts)
+  counts[mixture.KEPT] += sum(usable.values())
 
   os.makedirs(sampled, exist_ok=True)
   layout.remove_stale_temporaries(sampled)

@@ -24,6 +24,7 @@ from hrmtext.data.layout import Index
 
 LONG_CONTEXT = ('truncate', 'drop')
 CUT = 'cut to fit'  # the count of examples `eligible` keeps, cut: not a drop reason
+KEPT = 'kept'  # the count of usable examples (cut ones included): not a drop reason
 
 
 def rule_for(name: str, rules) -> dict:
@@ -59,11 +60,13 @@ def eligible(index: Index, rule: dict, context: int, min_resp_length: int,
 
 
 def describe_dropped(counts: collections.Counter) -> str:
-  """'12 dropped (10 longer than ..., 2 ...), 3 cut to fit' from `eligible`'s counts."""
-  reasons = [f'{n} {reason}' for reason, n in counts.items() if n and reason != CUT]
-  dropped = sum(n for reason, n in counts.items() if reason != CUT)
+  """'12 dropped (10 longer than ..., 2 ...), 3 cut to fit; 85 kept' from `eligible`'s counts
+  (and KEPT where counted)."""
+  reasons = [f'{n} {reason}' for reason, n in counts.items() if n and reason not in (CUT, KEPT)]
+  dropped = sum(n for reason, n in counts.items() if reason not in (CUT, KEPT))
   text = f'{dropped} dropped' + (f' ({", ".join(reasons)})' if reasons else '')
-  return text + (f', {counts[CUT]} {CUT}' if counts[CUT] else '')
+  text += f', {counts[CUT]} {CUT}' if counts[CUT] else ''
+  return text + (f'; {counts[KEPT]} {KEPT}' if KEPT in counts else '')
 
 
 def _id_dtype(count: int):
