@@ -290,7 +290,7 @@ def test_training_reads_a_sharded_set_as_the_one_file_set(sharded_root, corpus, 
       np.testing.assert_array_equal(got[name], want[name], err_msg=f'{name} of batch {i}')
 
 
-@pytest.mark.slow  # 35-70 s on 2 busy cores: Beam starts its worker processes
+@pytest.mark.slow  # 14-70 s on 2 cores, idle to busy: Beam starts worker processes per step
 def test_beam_direct_runner_writes_the_same_bytes(sharded_root, corpus, tokenizer_dir, tmp_path):
   pytest.importorskip('apache_beam', reason='Apache Beam is not installed (pip install '
                       '"hrmtext[beam]"): the Beam engine is an optional extra')
