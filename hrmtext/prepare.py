@@ -185,8 +185,8 @@ def _tokenize(engine, jobs, tokenizer_dir) -> list[str]:
   todo = [i for i in range(len(tasks)) if i not in done]
   stats = [stages.tokenized_stats(tasks[i]['out']) if i in done else None
            for i in range(len(tasks))]
-  bar, update = _progress(f'tokenizing {len(jobs)} files ({len(todo)} of {len(tasks)} shards to do)',
-                          ' rows')
+  bar, update = _progress(
+      f'tokenizing {len(jobs)} files ({len(todo)} of {len(tasks)} shards to do)', ' rows')
   with bar:
     results = engine.map(stages.tokenize, [tasks[i] for i in todo],
                          lambda result: update(result['rows'], result['tokens']))

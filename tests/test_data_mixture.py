@@ -70,8 +70,8 @@ def test_epoch_rows_keep_their_values():
       mixture.epoch_rows(10, dict(RULE, max_per_file=4), 3, seed=0, name='a'), [5, 0, 3, 6])
   np.testing.assert_array_equal(mixture.epoch_rows(3, dict(RULE, repeat=2.0), 1, seed=5, name='b'),
                                 [2, 1, 0, 2, 1, 0])
-  assert mixture._permutation([1, 2], 50).tolist() == np.random.default_rng(  # pylint: disable=protected-access
-      [1, 2]).permutation(50).tolist()
+  permutation = mixture._permutation  # pylint: disable=protected-access
+  assert permutation([1, 2], 50).tolist() == np.random.default_rng([1, 2]).permutation(50).tolist()
 
 
 def _write_source(directory, rows, first_token, shards=1):

@@ -300,6 +300,11 @@ def test_beam_direct_runner_writes_the_same_bytes(sharded_root, corpus, tokenize
                     '--engine', 'beam', '--beam_options', options, *SHARDED)
   assert result.returncode == 0, result.stderr
   assert _tree(tmp_path / 'out') == _tree(sharded_root)
+  bad = _prepare('--output', tmp_path / 'bad', '--inputs', corpus, '--engine', 'beam',
+                 '--beam_options', '--runner=NoSuchRunner')
+  assert bad.returncode == 1 and not (tmp_path / 'bad').exists()
+  assert bad.stderr.strip().splitlines()[-1].startswith(
+      "error: --beam_options='--runner=NoSuchRunner': Unexpected pipeline runner: NoSuchRunner")
 
 
 def test_an_interrupted_run_resumes_to_the_same_bytes_without_redoing_shards(

@@ -83,16 +83,23 @@ class BeamEngine:
 
   def __init__(self, options: str, scratch: str):
     try:
-      import apache_beam  # pylint: disable=g-import-not-at-top,unused-import
+      # pylint: disable=g-import-not-at-top
+      import apache_beam as beam
+      from apache_beam.options.pipeline_options import PipelineOptions
     except ImportError:
       raise UserError('--engine=beam needs Apache Beam: pip install "hrmtext[beam]"') from None
     self.options, self.scratch = shlex.split(options), scratch
+    try:  # a runner Beam does not know fails here, before any work
+      beam.Pipeline(options=PipelineOptions(self.options))
+    except ValueError as e:
+      raise UserError(f'--beam_options={options!r}: {e}') from None
 
   def map(self, fn, tasks: list, on_result=None) -> list:
     if not tasks:
       return []
-    import apache_beam as beam  # pylint: disable=g-import-not-at-top
-    from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
     folder = tempfile.mkdtemp(prefix='.beam-', suffix='.tmp', dir=self.scratch)
     try:
       with beam.Pipeline(options=PipelineOptions(self.options)) as pipeline:
