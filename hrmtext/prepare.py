@@ -276,7 +276,7 @@ def _jsonl_files(directory):
 
 def prepare(out, cfg, counts: collections.Counter, engine):
   """Runs every unfinished step on `engine` (hrmtext.data.engine); returns the sampled set's
-  folder. `counts` gets the examples dropped by reason (`mixture.eligible`'s, 'malformed' with
+  folder. `counts` gets the examples dropped by reason (`mixture.usable`'s, 'malformed' with
   --skip_bad_rows) when it samples. A fresh root gets its settings once the inputs are checked; a
   failure on a user error removes what the run made."""
   settings, settings_path = _settings(cfg), os.path.join(out, 'prepare_settings.json')

@@ -7,15 +7,9 @@ import numpy as np
 import pytest
 
 from hrmtext.data import layout, mixture, stages
-from hrmtext.data.layout import Index, SampledSet
+from hrmtext.data.layout import SampledSet
 
 RULE = dict(prefix='', max_per_file=-1, repeat=1.0, long_context='truncate')
-
-
-def _index(inst_len, resp_len):
-  inst_len, resp_len = np.array(inst_len), np.array(resp_len)
-  start = np.concatenate([[0], np.cumsum(inst_len + resp_len)[:-1]])
-  return Index(start, inst_len, start + inst_len, resp_len)
 
 
 def test_first_matching_prefix_wins():
@@ -34,13 +28,14 @@ def test_first_matching_prefix_wins():
 
 
 def test_long_examples_truncated_or_dropped_and_short_responses_dropped():
-  index = _index(inst_len=[4, 4, 9, 4, 4], resp_len=[3, 8, 3, 1, 6])  # context 10
-  truncated = mixture.eligible(index, dict(RULE, long_context='truncate'), 10, 2)
-  np.testing.assert_array_equal(truncated.inst_len, [4, 4, 4])
-  np.testing.assert_array_equal(truncated.resp_len, [3, 6, 6])  # 9+3 leaves 1 token: dropped
-  np.testing.assert_array_equal(truncated.resp_start, index.resp_start[[0, 1, 4]])
-  dropped = mixture.eligible(index, dict(RULE, long_context='drop'), 10, 2)
-  np.testing.assert_array_equal(dropped.resp_len, [3, 6])
+  inst_len, resp_len = np.array([4, 4, 9, 4, 4]), np.array([3, 8, 3, 1, 6])  # context 10
+  counts = collections.Counter()
+  keep, cut = mixture.usable(inst_len, resp_len, dict(RULE, long_context='truncate'), 10, 2, counts)
+  np.testing.assert_array_equal(keep, [True, True, False, False, True])  # 9+3 leaves 1 token
+  np.testing.assert_array_equal(cut[keep], [3, 6, 6])
+  assert counts[mixture.CUT] == 1 and sum(counts.values()) == 3  # 1 cut, 2 dropped
+  keep, _ = mixture.usable(inst_len, resp_len, dict(RULE, long_context='drop'), 10, 2)
+  np.testing.assert_array_equal(keep, [True, False, False, False, True])
 
 
 def test_capped_source_sees_every_row_before_repeating():

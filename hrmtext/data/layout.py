@@ -125,18 +125,6 @@ def npy_pieces(path, start: int = 0, stop: int | None = None, piece: int = PIECE
       yield values
 
 
-def read_npy(path, dtype=None) -> np.ndarray:
-  """A whole 1-D .npy file (converted to `dtype`), read in pieces: never a second full copy."""
-  with epath.Path(path).open('rb') as f:
-    file_dtype, length, _ = _npy_header(f, path)
-  out = np.empty(length, dtype or file_dtype)
-  begin = 0
-  for values in npy_pieces(path):
-    out[begin:begin + len(values)] = values
-    begin += len(values)
-  return out
-
-
 def save_index(directory: str, index: Index) -> None:
   for name, array in index._asdict().items():
     np.save(os.path.join(directory, f'{name}.npy'), np.asarray(array, np.int64))

@@ -20,10 +20,9 @@ import numpy as np
 
 from hrmtext.errors import UserError
 from hrmtext.data import layout
-from hrmtext.data.layout import Index
 
 LONG_CONTEXT = ('truncate', 'drop')
-CUT = 'cut to fit'  # the count of examples `eligible` keeps, cut: not a drop reason
+CUT = 'cut to fit'  # the count of examples `usable` keeps, cut: not a drop reason
 KEPT = 'kept'  # the count of usable examples (cut ones included): not a drop reason
 
 
@@ -36,8 +35,9 @@ def rule_for(name: str, rules) -> dict:
   raise UserError(f'source {name!r} matches no mixture rule prefix {[r["prefix"] for r in rules]}')
 
 
-def _keep(inst_len, resp_len, rule, context, min_resp_length, counts=None):
-  """(which examples are usable, their responses cut to `context` tokens in all)."""
+def usable(inst_len, resp_len, rule, context, min_resp_length, counts=None):
+  """(which examples are usable, their responses cut to `context` tokens in all); `counts` gets
+  the examples dropped (by reason) and cut."""
   too_long = inst_len + resp_len > context
   resp_len = np.where(too_long, context - inst_len, resp_len)
   keep = resp_len >= min_resp_length
@@ -51,16 +51,8 @@ def _keep(inst_len, resp_len, rule, context, min_resp_length, counts=None):
   return keep, resp_len
 
 
-def eligible(index: Index, rule: dict, context: int, min_resp_length: int,
-             counts: collections.Counter | None = None) -> Index:
-  """The source's usable examples, cut to `context` tokens (instruction + response); `counts`
-  gets the examples dropped (by reason) and cut."""
-  keep, resp_len = _keep(index.inst_len, index.resp_len, rule, context, min_resp_length, counts)
-  return Index(index.inst_start, index.inst_len, index.resp_start, resp_len).take(keep)
-
-
 def describe_dropped(counts: collections.Counter) -> str:
-  """'12 dropped (10 longer than ..., 2 ...), 3 cut to fit; 85 kept' from `eligible`'s counts
+  """'12 dropped (10 longer than ..., 2 ...), 3 cut to fit; 85 kept' from `usable`'s counts
   (and KEPT where counted)."""
   reasons = [f'{n} {reason}' for reason, n in counts.items() if n and reason not in (CUT, KEPT)]
   dropped = sum(n for reason, n in counts.items() if reason not in (CUT, KEPT))
@@ -150,11 +142,11 @@ def _lengths(shard: Shard):
 
 
 def count_usable(shard: Shard, rule: dict, context: int, min_resp_length: int) -> dict:
-  """The shard's usable rows and its rows dropped and cut, by reason (`eligible`'s counts)."""
-  counts, usable = collections.Counter(), 0
+  """The shard's usable rows and its rows dropped and cut, by reason (`usable`'s counts)."""
+  counts, kept = collections.Counter(), 0
   for inst_len, resp_len in _lengths(shard):
-    usable += int(_keep(inst_len, resp_len, rule, context, min_resp_length, counts)[0].sum())
-  return dict(usable=usable, counts=dict(counts))
+    kept += int(usable(inst_len, resp_len, rule, context, min_resp_length, counts)[0].sum())
+  return dict(usable=kept, counts=dict(counts))
 
 
 def _usable_ids(source: Source, context, min_resp_length, dtype) -> np.ndarray:
@@ -162,7 +154,7 @@ def _usable_ids(source: Source, context, min_resp_length, dtype) -> np.ndarray:
   ids, count, base = np.empty(sum(shard.rows for shard in source.shards), dtype), 0, 0
   for shard in source.shards:
     for inst_len, resp_len in _lengths(shard):
-      keep = np.flatnonzero(_keep(inst_len, resp_len, source.rule, context, min_resp_length)[0])
+      keep = np.flatnonzero(usable(inst_len, resp_len, source.rule, context, min_resp_length)[0])
       ids[count:count + len(keep)] = keep + base
       count, base = count + len(keep), base + len(inst_len)
   return ids[:count]
