@@ -268,6 +268,8 @@ def test_sharded_outputs_are_the_same_bytes_on_any_number_of_workers(sharded_roo
                     '--workers', 2, *SHARDED)
   assert result.returncode == 0, result.stderr
   assert _tree(tmp_path / 'out') == _tree(sharded_root)
+  assert re.search(r'tokenizing .* rows/s, [\d.]+M tokens/s', result.stderr)  # the progress
+  assert re.search(r'examples: 0 dropped, \d+ cut to fit; \d+ kept', result.stdout)
 
 
 def test_training_reads_a_sharded_set_as_the_one_file_set(sharded_root, corpus, tokenizer_dir,
