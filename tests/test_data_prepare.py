@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import reasoning_gym
 
-from hrmtext.data import builtin, layout, pipeline
+from hrmtext.data import builtin, engine, layout, pipeline
 from hrmtext.data.config import data_config
 from hrmtext.data.tokenizer import Tokenizer
 from tests.data_fixtures import unpack_batch
@@ -302,6 +302,11 @@ def test_beam_direct_runner_writes_the_same_bytes(sharded_root, corpus, tokenize
                     '--engine', 'beam', '--beam_options', options, *SHARDED)
   assert result.returncode == 0, result.stderr
   assert _tree(tmp_path / 'out') == _tree(sharded_root)
+  stale = tmp_path / 'out' / '.beam-killed.tmp'  # what a run killed mid-step leaves
+  stale.mkdir()
+  (stale / 'results-00000-of-00001').write_text('[0, true, {}]\n')
+  engine.BeamEngine('--runner=DirectRunner', scratch=str(tmp_path / 'out'))
+  assert not stale.exists() and _tree(tmp_path / 'out') == _tree(sharded_root)
   bad = _prepare('--output', tmp_path / 'bad', '--inputs', corpus, '--engine', 'beam',
                  '--beam_options', '--runner=NoSuchRunner')
   assert bad.returncode == 1 and not (tmp_path / 'bad').exists()

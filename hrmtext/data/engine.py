@@ -6,6 +6,7 @@ raises the user error of a failed task (a malformed row, a missing file) as one 
 independent and write their own outputs, so the engine decides only where each one runs.
 """
 
+import glob
 import json
 import multiprocessing
 import os
@@ -89,6 +90,8 @@ class BeamEngine:
     except ImportError:
       raise UserError('--engine=beam needs Apache Beam: pip install "hrmtext[beam]"') from None
     self.options, self.scratch = shlex.split(options), scratch
+    for stale in glob.glob(os.path.join(glob.escape(scratch), '.beam-*.tmp')):  # a killed run's
+      shutil.rmtree(stale, ignore_errors=True)
     try:  # a runner Beam does not know fails here, before any work
       beam.Pipeline(options=PipelineOptions(self.options))
     except ValueError as e:
