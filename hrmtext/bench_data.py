@@ -2,9 +2,10 @@ r"""Measures the training input pipeline: packed tokens/s on this machine and pa
 
   python -m hrmtext.bench_data --data_dir runs/data/builtin --seq_len 4096
 
-Reads the sampled set of a prepared root (or a reference sampled set), builds batches of
---rows x --seq_len through the Grain pipeline as the trainer does, and reports tokens/s (all row
-slots, and real tokens only) plus the packing efficiency of every epoch's plan.
+Reads the sampled set of a prepared root (or a reference sampled set; its tokens in one file or in
+shards), builds batches of --rows x --seq_len through the Grain pipeline as the trainer does, and
+reports tokens/s (all row slots, and real tokens only) plus the packing efficiency of every epoch's
+plan.
 """
 
 import time
@@ -15,6 +16,7 @@ from tqdm import tqdm
 from hrmtext import cli
 from hrmtext.data import packing, pipeline
 from hrmtext.data.config import data_config
+from hrmtext.data.layout import SampledSet
 from hrmtext.errors import UserError
 
 _DATA_DIR = flags.DEFINE_string('data_dir',
@@ -38,13 +40,15 @@ def main(_):
     real_tokens += int((next(iterator)['segment_ids'] > 0).sum())
   seconds = time.perf_counter() - start
   slots = _BATCHES.value * _ROWS.value * _SEQ_LEN.value
-  print(f'pipeline: {slots / seconds:,.0f} packed tokens/s '
-        f'({real_tokens / seconds:,.0f} non-padding) rows={_ROWS.value} seq_len={_SEQ_LEN.value} '
-        f'worker_count={_WORKER_COUNT.value}')
-
   source = pipeline.TrainBatches(pipeline.sampled_dir(cfg), seq_len=_SEQ_LEN.value,
                                  rows_per_process=1, process_index=0, process_count=1,
-                                 seed=cfg.seed, window_rows=cfg.pack_window_rows)
+                                 seed=cfg.seed, window_rows=cfg.pack_window_rows,
+                                 max_segments=cfg.max_segments_per_row)
+  shards = SampledSet(pipeline.sampled_dir(cfg)).tokens().num_shards
+  print(f'pipeline: {slots / seconds:,.0f} packed tokens/s '
+        f'({real_tokens / seconds:,.0f} non-padding) rows={_ROWS.value} seq_len={_SEQ_LEN.value} '
+        f'worker_count={_WORKER_COUNT.value} token_shards={shards}')
+
   for k, plan in enumerate(source.plans):
     print(f'epoch {k}: {plan.num_rows} rows, packing efficiency '
           f'{packing.packing_efficiency(plan, source.lengths, _SEQ_LEN.value):.4f}')

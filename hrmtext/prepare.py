@@ -3,16 +3,24 @@ r"""Prepares training data: raw rows -> tokenizer -> tokenized sources -> sample
   python -m hrmtext.prepare --output runs/data/builtin             # built-in corpus, all defaults
   python -m hrmtext.prepare --output DIR --inputs a.jsonl,b.parquet --tokenizer TOK_DIR
   python -m hrmtext.prepare --output DIR --config=experiments/tiny_cpu.py   # uses its config.data
+  python -m hrmtext.prepare --output DIR --inputs ... --engine=beam \
+      --beam_options='--runner=FlinkRunner --flink_master=HOST:8081'        # a cluster
 
 Inputs are JSONL/Parquet rows {"instruction", "response", "condition"} (condition defaults to
 'direct'); the built-in reasoning_gym corpus is used when no --inputs are given. Layout of DIR:
   raw/{train,heldout}/<task>.jsonl   built-in rows (held-out rows carry "task" and "answer")
   tokenizer/                         trained sentencepiece model + tokenizer_info.json
-  tokenized/{train,heldout}/<name>/  reference tokenized layout, one folder per source file
-  sampled/                           reference sampled training set (what training reads)
-Re-running skips finished outputs; every output is written to a temporary name and renamed. A run
-into a fresh DIR that stops on bad input (a malformed row, no example left) removes what it made.
-The summary counts the examples dropped (too long, response too short, malformed) by reason.
+  tokenized/{train,heldout}/<name>/  reference tokenized layout, one folder per source file (a
+                                     large one: part-<k>-of-<n>/ folders, each in that layout)
+  sampled/                           reference sampled training set (what training reads; a large
+                                     one has token shards, read as one)
+Memory does not grow with the corpus beyond ~16 bytes per row: inputs are tokenized shard by
+shard (--input_shard_mb each, on --workers processes or Apache Beam) and everything is written in
+pieces. The output bytes depend on the inputs and settings only, not on the engine or workers.
+Re-running skips finished outputs, down to single shards after an interruption; every output is
+written to a temporary name and renamed. A run into a fresh DIR that stops on bad input (a
+malformed row, no example left) removes what it made. The summary counts the examples kept, and
+those dropped (too long, response too short, malformed) by reason.
 """
 
 import collections
@@ -20,10 +28,10 @@ import contextlib
 import itertools
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import sys
+import time
 
 from absl import flags
 import numpy as np
@@ -31,13 +39,13 @@ from tqdm import tqdm
 
 from hrmtext import cli
 from hrmtext.errors import UserError
-from hrmtext.data import layout, mixture, packing
-from hrmtext.data.sources import read_rows, source_name, write_jsonl
+from hrmtext.data import engine as engines
+from hrmtext.data import layout, mixture, packing, stages
+from hrmtext.data.sources import input_shards, read_rows, source_name, where, write_jsonl
 from hrmtext.data.tokenizer import Tokenizer, train_tokenizer
 from hrmtext.files import atomic_open, check_writable
 
 _DATA_CONFIG = os.path.join(os.path.dirname(__file__), 'data', 'config.py')
-_CHUNK_ROWS = 1024
 
 _CONFIG = cli.define_config_file(
     'config', _DATA_CONFIG,
@@ -59,7 +67,21 @@ _TOKENIZED = flags.DEFINE_string(
     'instead of tokenizing --inputs.')
 _SKIP_BAD_ROWS = flags.DEFINE_bool('skip_bad_rows',
     False, 'Skip and count malformed rows instead of stopping.')
-_WORKERS = flags.DEFINE_integer('workers', os.cpu_count() or 1, 'Tokenization processes.')
+_WORKERS = flags.DEFINE_integer('workers', os.cpu_count() or 1,
+    'Processes that tokenize and sample (--engine=local; 1: no pool).')
+_ENGINE = flags.DEFINE_enum('engine', 'local', ['local', 'beam'],
+    'local: --workers processes on this machine; beam: an Apache Beam pipeline per step '
+    '(pip install "hrmtext[beam]"), on the runner --beam_options names. The same bytes either way.')
+_BEAM_OPTIONS = flags.DEFINE_string('beam_options', '--runner=DirectRunner',
+    'Beam pipeline options as on Beam\'s command line (--engine=beam). DIR must be reachable '
+    'by every Beam worker (a shared filesystem).')
+_INPUT_SHARD_MB = flags.DEFINE_float('input_shard_mb', 8,
+    'Input megabytes per tokenizing task; each writes one shard of its tokenized source.')
+_SAMPLED_SHARD_TOKENS = flags.DEFINE_integer('sampled_shard_tokens', 1 << 30,
+    'Tokens per token shard of the sampled set, about (whole tokenized shards each); a set of '
+    'one shard has the reference\'s single tokens.npy.')
+# Settings added after roots were first written: a root without them was made with these.
+_LATER_SETTINGS = dict(input_shard_mb=8.0, sampled_shard_tokens=1 << 30)
 
 
 def _data_config():
@@ -72,7 +94,9 @@ def _settings(cfg) -> dict:
                   tokenizer=cfg.tokenizer.to_dict(), builtin=cfg.builtin.to_dict(),
                   mixture=cfg.mixture.to_dict(), inputs=_INPUTS.value,
                   heldout_inputs=_HELDOUT_INPUTS.value, use_builtin=_BUILTIN.value,
-                  tokenizer_path=_TOKENIZER.value, tokenized=_TOKENIZED.value)
+                  tokenizer_path=_TOKENIZER.value, tokenized=_TOKENIZED.value,
+                  input_shard_mb=_INPUT_SHARD_MB.value,
+                  sampled_shard_tokens=_SAMPLED_SHARD_TOKENS.value)
   return json.loads(json.dumps(settings))  # tuples -> lists, as read back
 
 
@@ -82,7 +106,7 @@ def _check_settings(path, settings) -> bool:
   if not os.path.exists(path):
     return False
   with open(path) as f:
-    if json.load(f) != settings:
+    if {**_LATER_SETTINGS, **json.load(f)} != settings:
       raise UserError(f'{os.path.dirname(path)} was prepared with other settings ({path}); use a '
                       'new --output or delete it')
   return True
@@ -131,48 +155,104 @@ def _get_tokenizer(out, cfg, train_files):
   return Tokenizer.load(directory)
 
 
-_worker_tokenizer = None
+def _progress(desc, unit, total=None):
+  """A progress bar on stderr that shows tokens/s next to `unit`/s."""
+  bar = tqdm(desc=desc, unit=unit, total=total, unit_scale=True)
+  start, tokens = time.perf_counter(), [0]
+
+  def update(rows, new_tokens):
+    tokens[0] += new_tokens
+    bar.update(rows)
+    bar.set_postfix_str(f'{tokens[0] / max(1e-9, time.perf_counter() - start) / 1e6:.2f}M tokens/s',
+                        refresh=False)
+
+  return bar, update
 
 
-def _init_worker(tokenizer_dir):
-  global _worker_tokenizer
-  _worker_tokenizer = Tokenizer.load(tokenizer_dir)
+def _tokenize(engine, jobs, tokenizer_dir) -> list[str]:
+  """Tokenizes (source file, output folder) jobs into the reference tokenized layout, shard by
+  shard; returns the messages of the rows skipped (--skip_bad_rows)."""
+  tasks, files = [], []
+  for path, directory in jobs:
+    shards = input_shards(path, max(1, int(_INPUT_SHARD_MB.value * 1e6)))
+    layout.remove_stale_temporaries(os.path.dirname(directory))
+    layout.remove_stale_temporaries(directory)
+    files.append((path, len(tasks), len(shards)))
+    tasks += [dict(path=path, shard=list(shard), out=layout.shard_dir(directory, k, len(shards)),
+                   tokenizer=tokenizer_dir, skip_bad_rows=_SKIP_BAD_ROWS.value)
+              for k, shard in enumerate(shards)]
+  done = {i for i, task in enumerate(tasks) if os.path.isdir(task['out'])}
+  todo = [i for i in range(len(tasks)) if i not in done]
+  stats = [stages.tokenized_stats(tasks[i]['out']) if i in done else None
+           for i in range(len(tasks))]
+  bar, update = _progress(
+      f'tokenizing {len(jobs)} files ({len(todo)} of {len(tasks)} shards to do)', ' rows')
+  with bar:
+    results = engine.map(stages.tokenize, [tasks[i] for i in todo],
+                         lambda result: update(result['rows'], result['tokens']))
+  for i, result in zip(todo, results):
+    stats[i] = result
+  skipped = []
+  for path, first, count in files:
+    before = 0  # records of the file in earlier shards: a bad row's line (or Parquet row)
+    for result in stats[first:first + count]:
+      skipped += [f'{where(path, before + record)}: {message}'
+                  for record, message in result['malformed']]
+      before += result['records']
+  return skipped
 
 
-def _encode_chunk(rows):
-  """(tokens, inst_len, resp_len) of rows given as (instruction, response, condition)."""
-  tokens, inst_len, resp_len = [], [], []
-  for instruction, response, condition in rows:
-    inst = _worker_tokenizer.encode_instruction(instruction, condition)
-    resp = _worker_tokenizer.encode_response(response)
-    tokens += inst + resp
-    inst_len.append(len(inst))
-    resp_len.append(len(resp))
-  return np.array(tokens, np.uint32), inst_len, resp_len
+def _token_shards(token_files, shard_tokens):
+  """Consecutive tokenized shards' (tokens.npy, length), grouped into token shards of about
+  `shard_tokens` (whole tokenized shards: an example's tokens lie in one token shard)."""
+  groups, size = [[]], 0
+  for path, length in token_files:
+    if groups[-1] and size + length > shard_tokens:
+      groups.append([])
+      size = 0
+    groups[-1].append((path, length))
+    size += length
+  return groups
 
 
-def _tokenize(jobs, tokenizer_dir, conditions, bad_rows):
-  """Tokenizes (source file, output folder) jobs into the reference tokenized layout."""
-  with contextlib.ExitStack() as stack:
-    if _WORKERS.value > 1:
-      pool_map = stack.enter_context(
-          multiprocessing.get_context('spawn').Pool(_WORKERS.value, _init_worker,
-                                                    (tokenizer_dir,))).imap
-    else:
-      _init_worker(tokenizer_dir)
-      pool_map = map
-    for path, directory in jobs:
-      rows = ((r['instruction'], r['response'], r['condition'])
-              for r in read_rows(path, _SKIP_BAD_ROWS.value, bad_rows, conditions))
-      chunks = iter(lambda: list(itertools.islice(rows, _CHUNK_ROWS)), [])
-      parts = [(np.zeros(0, np.uint32), [], [])]
-      with tqdm(desc=f'tokenizing {os.path.basename(directory)}', unit=' rows') as progress:
-        for part in pool_map(_encode_chunk, chunks):
-          parts.append(part)
-          progress.update(len(part[1]))
-      tokens, inst_len, resp_len = zip(*parts)
-      layout.write_tokenized_source(directory, np.concatenate(tokens), np.concatenate(inst_len),
-                                    np.concatenate(resp_len))
+def _sample(engine, source_dirs, sampled, cfg, tokenizer, counts):
+  """Writes the sampled set: token shards, then epochs, then metadata.json. A UserError, with
+  nothing written, when no example is left."""
+  context, min_resp_length = cfg.seq_len + 1, cfg.mixture.min_resp_length
+  sources, token_files = mixture.plan_sources(source_dirs, cfg.mixture.rules)
+  shards = [(source, shard) for source in sources for shard in source.shards]
+  usable = collections.Counter()
+  for (source, _), result in zip(shards, engine.map(stages.count, [
+      dict(directory=shard.directory, rule=source.rule, context=context,
+           min_resp_length=min_resp_length) for source, shard in shards])):
+    usable[source.name] += result['usable']
+    counts.update(result['counts'])
+  if not sum(mixture.rows_per_epoch(usable[s.name], s.rule) for s in sources if usable[s.name]):
+    raise mixture.no_examples_error(sum(shard.rows for _, shard in shards), len(sources), counts)
+  counts[mixture.KEPT] += sum(usable.values())
+
+  os.makedirs(sampled, exist_ok=True)
+  layout.remove_stale_temporaries(sampled)
+  groups = _token_shards(token_files, _SAMPLED_SHARD_TOKENS.value)
+  names = [layout.token_shard_name(j, len(groups)) for j in range(len(groups))]
+  dtype = np.dtype(layout.token_dtype(tokenizer.vocab_size)).name
+  tasks = [dict(out=os.path.join(sampled, name), parts=group, dtype=dtype)
+           for name, group in zip(names, groups)
+           if not os.path.exists(os.path.join(sampled, name))]
+  bar, update = _progress(f'sampling {len(tasks)} token shards', ' shards', len(tasks))
+  with bar:
+    engine.map(stages.token_shard, tasks, lambda result: update(1, result['tokens']))
+  plan = [dict(name=s.name, rule=s.rule, shards=[list(shard) for shard in s.shards])
+          for s in sources]
+  bar, update = _progress(f'sampling {cfg.epochs} epochs', ' epochs', cfg.epochs)
+  with bar:
+    epochs = engine.map(stages.epoch, [
+        dict(out=sampled, epoch=k, sources=plan, seed=cfg.seed, context=context,
+             min_resp_length=min_resp_length) for k in range(cfg.epochs)
+    ], lambda result: update(1, result['tokens']))
+  layout.write_metadata(sampled, [(name, sum(length for _, length in group))
+                                  for name, group in zip(names, groups)],
+                        tokenizer.info_relative_to(sampled), context, epochs[0]['tokens'])
 
 
 def _named(paths):
@@ -194,14 +274,14 @@ def _jsonl_files(directory):
   }
 
 
-def prepare(out, cfg, counts: collections.Counter):
-  """Runs every unfinished step; returns the sampled set's folder. `counts` gets the examples
-  dropped by reason (`mixture.eligible`'s, 'malformed' with --skip_bad_rows) when it samples.
-  A fresh root gets its settings once the inputs are checked; a failure on a user error removes
-  what the run made."""
+def prepare(out, cfg, counts: collections.Counter, engine):
+  """Runs every unfinished step on `engine` (hrmtext.data.engine); returns the sampled set's
+  folder. `counts` gets the examples dropped by reason (`mixture.usable`'s, 'malformed' with
+  --skip_bad_rows) when it samples. A fresh root gets its settings once the inputs are checked; a
+  failure on a user error removes what the run made."""
   settings, settings_path = _settings(cfg), os.path.join(out, 'prepare_settings.json')
   if _check_settings(settings_path, settings):
-    return _prepare(out, cfg, counts)
+    return _prepare(out, cfg, counts, engine)
   with _undone_on_user_error(out):
     _named(_INPUTS.value)  # each file exists, has a known suffix and its own name
     _named(_HELDOUT_INPUTS.value)
@@ -210,10 +290,10 @@ def prepare(out, cfg, counts: collections.Counter):
     os.makedirs(out, exist_ok=True)
     with atomic_open(settings_path) as f:
       json.dump(settings, f, indent=2)
-    return _prepare(out, cfg, counts)
+    return _prepare(out, cfg, counts, engine)
 
 
-def _prepare(out, cfg, counts):
+def _prepare(out, cfg, counts, engine):
   use_builtin = _BUILTIN.value if _BUILTIN.value is not None else not (_INPUTS.value or
                                                                      _TOKENIZED.value)
   raw_heldout = layout.heldout_dir(out, 'raw')
@@ -234,44 +314,58 @@ def _prepare(out, cfg, counts):
                                                        layout.heldout_dir(out, 'tokenized'))):
     tokenizer.save_info(root)
     jobs += [(path, os.path.join(root, name)) for name, path in files.items()
-             if not os.path.exists(os.path.join(root, name))]
-  bad_rows = []
-  if jobs:
-    _tokenize(jobs, os.path.join(out, 'tokenizer'), set(tokenizer.condition_ids), bad_rows)
+             if not layout.source_shards(os.path.join(root, name))]
+  bad_rows = _tokenize(engine, jobs, os.path.join(out, 'tokenizer')) if jobs else []
   for message in bad_rows:
     print(f'skipped: {message}', file=sys.stderr)
 
   sampled = os.path.join(out, 'sampled')
-  if not os.path.exists(sampled):
+  if not os.path.exists(os.path.join(sampled, layout.METADATA_FILE)):
     sources = layout.tokenized_sources(tokenized_train)
     if _TOKENIZED.value:
       sources.update(layout.tokenized_sources(_TOKENIZED.value))
     print(f'sampling {cfg.epochs} epochs from {len(sources)} sources ...', file=sys.stderr)
-    mixture.write_mixture(sources, sampled, cfg, tokenizer, counts)
+    _sample(engine, sources, sampled, cfg, tokenizer, counts)
   if bad_rows:
     counts['malformed (--skip_bad_rows)'] += len(bad_rows)
   return sampled
 
 
 def summary(sampled, seq_len, window_rows, max_segments):
+  """Prints each epoch's examples, tokens and packed rows (read in pieces: ~4 bytes a row)."""
   data = layout.SampledSet(sampled)
   for k in range(data.num_epochs):
-    index = data.epoch(k)
-    lengths = packing.packed_lengths(index, seq_len)
-    plan = packing.pack(lengths, seq_len, window_rows, max_segments)
-    print(
-        f'epoch {k}: {len(lengths)} examples, {int(lengths.sum())} tokens, {plan.num_rows} rows of '
-        f'{seq_len}, packing efficiency {packing.packing_efficiency(plan, lengths, seq_len):.4f}')
+    directory = data.epoch_dir(k)
+    lengths, begin = np.empty(layout.npy_length(directory / 'resp_len.npy'), np.int32), 0
+    for inst_len, resp_len in zip(layout.npy_pieces(directory / 'inst_len.npy'),
+                                  layout.npy_pieces(directory / 'resp_len.npy')):
+      piece = packing.packed_lengths(layout.Index(None, inst_len, None, resp_len), seq_len)
+      lengths[begin:begin + len(piece)] = piece
+      begin += len(piece)
+    rows = sum(len(counts) for _, counts in packing.pack_windows(lengths, seq_len, window_rows,
+                                                                  max_segments))
+    tokens = int(lengths.sum(dtype=np.int64))
+    print(f'epoch {k}: {len(lengths)} examples, {tokens} tokens, {rows} rows of {seq_len}, '
+          f'packing efficiency {tokens / max(1, rows * seq_len):.4f}')
+
+
+def _engine(out):
+  if _ENGINE.value == 'beam':
+    return engines.BeamEngine(_BEAM_OPTIONS.value, scratch=out)
+  return engines.LocalEngine(_WORKERS.value)
 
 
 def main(_):
   cfg = _data_config()
   if cfg.seq_len < 1 or cfg.epochs < 1:
     raise UserError(f'config seq_len={cfg.seq_len}, epochs={cfg.epochs}: both must be >= 1')
+  if _INPUT_SHARD_MB.value <= 0 or _SAMPLED_SHARD_TOKENS.value < 1:
+    raise UserError('--input_shard_mb must be > 0 and --sampled_shard_tokens >= 1')
   out = _OUTPUT.value or cfg.dir
   check_writable(out, folder=True)
   counts = collections.Counter()
-  sampled = prepare(out, cfg, counts)
+  with _engine(out) as engine:
+    sampled = prepare(out, cfg, counts, engine)
   summary(sampled, cfg.seq_len, cfg.pack_window_rows, cfg.max_segments_per_row)
   if any(counts.values()):
     print(f'examples: {mixture.describe_dropped(counts)}')

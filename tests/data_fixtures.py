@@ -1,11 +1,13 @@
 """Test data in the reference layouts, written with plain numpy (independently of hrmtext.data).
 
 `write_reference_dataset` makes a sampled training set as the reference pipeline lays it out, so
-tests (and anyone who wants a tiny dataset to train on) can check that it is read unchanged.
+tests (and anyone who wants a tiny dataset to train on) can check that it is read unchanged;
+`shard_sampled_set` the same set with its tokens in several shards.
 """
 
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -93,3 +95,35 @@ def unpack_batch(batch):
     assert (batch['positions'][row, padding] == 0).all() and (batch['is_instruction'][row, padding]
                                                               == 0).all()
   return examples
+
+
+def shard_sampled_set(path, sharded_path, num_shards):
+  """Writes the sampled set at `path` again at `sharded_path` with its tokens.npy cut into about
+  `num_shards` token shards listed in metadata.json (cut between examples only: an example's
+  tokens lie in one shard); returns the shard lengths."""
+  tokens = np.load(os.path.join(path, 'tokens.npy'))
+  epochs = sorted(name for name in os.listdir(path) if name.startswith('epoch_'))
+  spans = []
+  for name in epochs:
+    index = {n: np.load(os.path.join(path, name, f'{n}.npy')).astype(np.int64)
+             for n in ('inst_start', 'inst_len', 'resp_start', 'resp_len')}
+    starts = np.minimum(index['inst_start'], index['resp_start'])
+    ends = np.maximum(index['inst_start'] + index['inst_len'],
+                      index['resp_start'] + index['resp_len'])
+    spans += list(zip(starts.tolist(), ends.tolist()))
+  inside = np.zeros(len(tokens) + 1, bool)  # positions a cut would split an example at
+  for start, end in spans:
+    inside[start + 1:end] = True
+  allowed = np.flatnonzero(~inside[1:len(tokens)]) + 1
+  cuts = np.unique(allowed[np.linspace(0, len(allowed) - 1, num_shards + 1).astype(int)[1:-1]])
+  shutil.copytree(path, sharded_path, ignore=shutil.ignore_patterns('tokens.npy'))
+  pieces = np.split(tokens, cuts)
+  names = [f'tokens-{k:05d}-of-{len(pieces):05d}.npy' for k in range(len(pieces))]
+  for name, piece in zip(names, pieces):
+    np.save(os.path.join(sharded_path, name), piece)
+  with open(os.path.join(path, 'metadata.json')) as f:
+    metadata = json.load(f)
+  metadata['token_shards'] = [[name, len(piece)] for name, piece in zip(names, pieces)]
+  with open(os.path.join(sharded_path, 'metadata.json'), 'w') as f:
+    json.dump(metadata, f)
+  return [len(piece) for piece in pieces]

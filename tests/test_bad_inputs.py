@@ -1,6 +1,7 @@
 """Every entry point x every bad input: one `error:` line on stderr, exit status 1 or 2, nothing
 half-written (no output, no temporary file, a user's own `X.tmp` / `X.partial` untouched). Every
 rule of the training config's `hrmtext.training.config.validate` is also checked in-process."""
+import importlib.util
 import json
 import os
 import pathlib
@@ -151,6 +152,13 @@ ROWS = {
                                  'no examples to sample: of the 5 examples in 1 sources, 5 '
                                  'dropped (2 longer than'),
     'prepare: seq_len 0': ('prepare', ('--output', '{out}', '--config.seq_len=0'), 'seq_len=0'),
+    'prepare: --workers 0': ('prepare', ('--output', '{out}', '--inputs', '{root}/ok.jsonl',
+                                         '--workers', '0'), '--workers=0: must be >= 1'),
+    'prepare: --input_shard_mb 0': ('prepare', ('--output', '{out}', '--inputs', '{root}/ok.jsonl',
+                                                '--input_shard_mb', '0'), '--input_shard_mb'),
+    'prepare: --sampled_shard_tokens 0': ('prepare', ('--output', '{out}', '--inputs',
+                                                      '{root}/ok.jsonl', '--sampled_shard_tokens',
+                                                      '0'), '--sampled_shard_tokens'),
     # Item 1: keep=0 would delete every checkpoint, a resumed run's too (here the fixture run's).
     'train: checkpoint.keep=0': ('train', ('--workdir', '{root}/run', '--config.checkpoint.keep=0'),
                                  'checkpoint.keep=0: must be >= 1'),
@@ -160,6 +168,9 @@ ROWS = {
     'train: train.steps<0': ('train', ('--workdir', '{out}', '--config.train.steps=-1'),
                              'train.steps=-1'),
 }
+if importlib.util.find_spec('apache_beam') is None:  # the optional engine, asked for without it
+  ROWS['prepare: --engine beam without Beam'] = ('prepare', (
+      '--output', '{out}', '--inputs', '{root}/ok.jsonl', '--engine', 'beam'), 'hrmtext[beam]')
 
 
 def listing(folder) -> dict:

@@ -116,3 +116,40 @@ def test_plan_is_deterministic_and_padding_rows_are_empty():
   padded = plan.padded(7)
   assert padded.num_rows % 7 == 0 and padded.num_rows - plan.num_rows < 7
   assert all(len(r) == 0 for r in padded.rows(range(plan.num_rows, padded.num_rows)))
+
+
+def _first_fit_decreasing_loop(lengths, seq_len, window_rows, max_segments):
+  """The plan as the definition reads: per window, longest first, each example into the first
+  open row with room and fewer than max_segments examples (a new row if none)."""
+  ids = np.flatnonzero(lengths > 0)
+  window = np.cumsum(lengths[ids]) // (window_rows * seq_len)
+  order, counts = [], []
+  for window_ids in np.split(ids, np.flatnonzero(np.diff(window)) + 1):
+    rows = []
+    for e in window_ids[np.argsort(-lengths[window_ids], kind='stable')].tolist():
+      row = next((r for r in rows if sum(lengths[r]) + lengths[e] <= seq_len and
+                  len(r) < max_segments), None)
+      if row is None:
+        rows.append(row := [])
+      row.append(e)
+    order += [e for row in rows for e in row]
+    counts += [len(row) for row in rows]
+  return order, np.concatenate([[0], np.cumsum(counts)])
+
+
+def test_plan_is_first_fit_decreasing_per_window():
+  """The vectorized plan (all windows at once, in pieces of examples) is the definition's."""
+  rng = np.random.default_rng(4)
+  for trial in range(40):
+    seq_len = int(rng.choice([8, 64, 512]))
+    lengths = rng.integers(0, seq_len + 1, int(rng.integers(0, 1500)))
+    if trial % 2:
+      lengths = np.minimum(lengths, rng.integers(1, 6, len(lengths)))  # many per row
+    window_rows, max_segments = int(rng.integers(1, 9)), int(rng.integers(1, 70))
+    plan = packing.pack(lengths, seq_len, window_rows, max_segments)
+    order, splits = _first_fit_decreasing_loop(lengths, seq_len, window_rows, max_segments)
+    np.testing.assert_array_equal(plan.order, order)
+    np.testing.assert_array_equal(plan.row_splits, splits)
+  lengths = rng.integers(1, 40, 200_000)  # windows across several reading pieces
+  pieces = packing.pack_windows(lengths, 64, 8, 64)
+  assert sum(len(counts) for _, counts in pieces) == packing.pack(lengths, 64, 8, 64).num_rows

@@ -1,10 +1,14 @@
 """`python -m hrmtext.prepare` end to end: built-in corpus, user files, idempotence, bad input."""
 
 import collections
+import itertools
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import reasoning_gym
 
-from hrmtext.data import builtin, layout, pipeline
+from hrmtext.data import builtin, engine, layout, pipeline
 from hrmtext.data.config import data_config
 from hrmtext.data.tokenizer import Tokenizer
 from tests.data_fixtures import unpack_batch
@@ -194,7 +198,9 @@ def test_bad_row_names_file_and_line(tmp_path, tokenizer_dir, bad_line, message)
   path.write_text('{"instruction": "q1", "response": "a1"}\n\n' + bad_line +
                   '\n{"instruction": "q2", "response": "a2"}\n')
   out = tmp_path / 'out'
-  result = _prepare('--output', out, '--inputs', path, '--tokenizer', tokenizer_dir, '--workers', 1)
+  shards = ('--input_shard_mb', '0.00004')  # a shard per line: its number counts those before
+  result = _prepare('--output', out, '--inputs', path, '--tokenizer', tokenizer_dir, '--workers', 1,
+                    *shards)
   assert result.returncode == 1
   error = result.stderr.strip().splitlines()[-1]
   assert error.startswith(f'error: {path}:3: ') and message in error
@@ -203,11 +209,12 @@ def test_bad_row_names_file_and_line(tmp_path, tokenizer_dir, bad_line, message)
       out / 'sampled')
 
   skipped = _prepare('--output', tmp_path / 'out2', '--inputs', path, '--tokenizer', tokenizer_dir,
-                     '--workers', 1, '--skip_bad_rows')
+                     '--workers', 1, '--skip_bad_rows', *shards)
   assert skipped.returncode == 0, skipped.stderr
   assert f'skipped: {path}:3: ' in skipped.stderr
-  assert len(layout.load_index(str(tmp_path / 'out2' / 'tokenized' / 'train' /
-                                   'data')).inst_len) == 2
+  assert len(layout.load_source(str(tmp_path / 'out2' / 'tokenized' / 'train' /
+                                    'data'))[1].inst_len) == 2
+  assert 'examples: 1 dropped (1 malformed (--skip_bad_rows)); 2 kept' in skipped.stdout
 
 
 def test_missing_input_and_unsupported_suffix(tmp_path):
@@ -216,3 +223,123 @@ def test_missing_input_and_unsupported_suffix(tmp_path):
   (tmp_path / 'rows.csv').write_text('x')
   csv = _prepare('--output', tmp_path / 'b', '--inputs', tmp_path / 'rows.csv')
   assert csv.returncode == 1 and 'unsupported input file' in csv.stderr
+
+
+def _tree(folder) -> dict:
+  """Every file under `folder` (relative path -> bytes)."""
+  return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), 'rb').read()
+          for d, _, names in os.walk(folder) for n in names}
+
+
+@pytest.fixture(scope='module')
+def corpus(builtin_root, tmp_path_factory):
+  """Built-in rows with a counter appended: 4,000 in JSONL, 1,000 in Parquet row groups."""
+  tmp = tmp_path_factory.mktemp('corpus')
+  raw = builtin_root[1] / 'raw' / 'train'
+  rows = [row for name in sorted(os.listdir(raw)) for row in _read_jsonl(raw / name)]
+  rows = [dict(row, instruction=f"{row['instruction']} #{i}")
+          for i, row in zip(range(5000), itertools.cycle(rows))]
+  with open(tmp / 'big.jsonl', 'w') as f:
+    f.writelines(json.dumps(row) + '\n' for row in rows[:4000])
+  pq.write_table(pa.Table.from_pylist(rows[4000:]), tmp / 'more.parquet', row_group_size=100)
+  return f'{tmp}/big.jsonl,{tmp}/more.parquet'
+
+
+SHARDED = ('--input_shard_mb', '0.1', '--sampled_shard_tokens', '30000')
+
+
+@pytest.fixture(scope='module')
+def sharded_root(corpus, tokenizer_dir, tmp_path_factory):
+  out = tmp_path_factory.mktemp('sharded') / 'out'
+  result = _prepare('--output', out, '--inputs', corpus, '--tokenizer', tokenizer_dir,
+                    '--workers', 1, *SHARDED)
+  assert result.returncode == 0, result.stderr
+  return out
+
+
+def test_sharded_outputs_are_the_same_bytes_on_any_number_of_workers(sharded_root, corpus,
+                                                                     tokenizer_dir, tmp_path):
+  parts = sorted(os.listdir(sharded_root / 'tokenized' / 'train' / 'big'))
+  assert len(parts) > 3 and parts[0] == f'part-00000-of-{len(parts):05d}'
+  assert len(os.listdir(sharded_root / 'tokenized' / 'train' / 'more')) > 1  # row groups
+  metadata = layout.SampledSet(str(sharded_root / 'sampled')).metadata
+  assert len(metadata['token_shards']) > 3
+  result = _prepare('--output', tmp_path / 'out', '--inputs', corpus, '--tokenizer', tokenizer_dir,
+                    '--workers', 2, *SHARDED)
+  assert result.returncode == 0, result.stderr
+  assert _tree(tmp_path / 'out') == _tree(sharded_root)
+  assert re.search(r'tokenizing .* rows/s, [\d.]+M tokens/s', result.stderr)  # the progress
+  assert re.search(r'examples: 0 dropped, \d+ cut to fit; \d+ kept', result.stdout)
+
+
+def test_training_reads_a_sharded_set_as_the_one_file_set(sharded_root, corpus, tokenizer_dir,
+                                                          tmp_path):
+  result = _prepare('--output', tmp_path / 'out', '--inputs', corpus, '--tokenizer', tokenizer_dir,
+                    '--workers', 2)  # default shard sizes: one tokens.npy (the reference layout)
+  assert result.returncode == 0, result.stderr
+  assert 'token_shards' not in layout.SampledSet(str(tmp_path / 'out' / 'sampled')).metadata
+  cfg = data_config()
+  sources = []
+  for root in (tmp_path / 'out', sharded_root):
+    cfg.dir = str(root)
+    sources.append(pipeline.TrainBatches(pipeline.sampled_dir(cfg), seq_len=cfg.seq_len,
+                                         rows_per_process=4, process_index=0, process_count=1,
+                                         seed=0, window_rows=cfg.pack_window_rows,
+                                         max_segments=cfg.max_segments_per_row))
+  for i in range(0, int(sources[0].epoch_end[-1]) // 4 + 2, 7):
+    want, got = sources[0][i], sources[1][i]
+    for name in want:
+      np.testing.assert_array_equal(got[name], want[name], err_msg=f'{name} of batch {i}')
+
+
+@pytest.mark.slow  # 14-70 s on 2 cores, idle to busy: Beam starts worker processes per step
+def test_beam_direct_runner_writes_the_same_bytes(sharded_root, corpus, tokenizer_dir, tmp_path):
+  pytest.importorskip('apache_beam', reason='Apache Beam is not installed (pip install '
+                      '"hrmtext[beam]"): the Beam engine is an optional extra')
+  # Tasks in Beam's own worker processes, as on a cluster (its in_memory mode uses threads).
+  options = '--runner=DirectRunner --direct_running_mode=multi_processing --direct_num_workers=2'
+  result = _prepare('--output', tmp_path / 'out', '--inputs', corpus, '--tokenizer', tokenizer_dir,
+                    '--engine', 'beam', '--beam_options', options, *SHARDED)
+  assert result.returncode == 0, result.stderr
+  assert _tree(tmp_path / 'out') == _tree(sharded_root)
+  stale = tmp_path / 'out' / '.beam-killed.tmp'  # what a run killed mid-step leaves
+  stale.mkdir()
+  (stale / 'results-00000-of-00001').write_text('[0, true, {}]\n')
+  engine.BeamEngine('--runner=DirectRunner', scratch=str(tmp_path / 'out'))
+  assert not stale.exists() and _tree(tmp_path / 'out') == _tree(sharded_root)
+  bad = _prepare('--output', tmp_path / 'bad', '--inputs', corpus, '--engine', 'beam',
+                 '--beam_options', '--runner=NoSuchRunner')
+  assert bad.returncode == 1 and not (tmp_path / 'bad').exists()
+  assert bad.stderr.strip().splitlines()[-1].startswith(
+      "error: --beam_options='--runner=NoSuchRunner': Unexpected pipeline runner: NoSuchRunner")
+
+
+def test_an_interrupted_run_resumes_to_the_same_bytes_without_redoing_shards(
+    sharded_root, corpus, tokenizer_dir, tmp_path):
+  """kill -9 once the first shards are written; the rerun keeps them (same inode and mtime)."""
+  out = tmp_path / 'out'
+  args = ['--output', out, '--inputs', corpus, '--tokenizer', tokenizer_dir, '--workers', 1,
+          '--input_shard_mb', '0.01', *SHARDED[2:]]  # smaller shards: many to interrupt
+  process = subprocess.Popen([sys.executable, '-m', 'hrmtext.prepare', *map(str, args)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             cwd=os.path.dirname(os.path.dirname(__file__)))
+  source = out / 'tokenized' / 'train' / 'big'
+  deadline = time.time() + 60
+  while not (source.is_dir() and [n for n in os.listdir(source) if n.startswith('part-')]):
+    assert process.poll() is None and time.time() < deadline, 'no shard written'
+    time.sleep(0.005)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  done = {n: os.stat(source / n) for n in os.listdir(source) if n.startswith('part-')}
+  total = int(next(iter(done)).rsplit('-', 1)[1])
+  assert 0 < len(done) < total, 'killed too late to interrupt'
+  again = _prepare(*args)
+  assert again.returncode == 0, again.stderr
+  todo, shards = map(int, re.search(r'\((\d+) of (\d+) shards to do\)', again.stderr).groups())
+  assert todo == shards - len(done)  # none of the finished ones again
+  for name, stat in done.items():
+    now = os.stat(source / name)
+    assert (now.st_ino, now.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns), name
+  fresh = _prepare(*args[:1], tmp_path / 'fresh', *args[2:])
+  assert fresh.returncode == 0, fresh.stderr
+  assert _tree(out) == _tree(tmp_path / 'fresh')

@@ -63,25 +63,74 @@ def packed_lengths(index: Index, seq_len: int) -> np.ndarray:
   return np.where(usable, length, 0).astype(np.int64)
 
 
-def _first_fit_decreasing(ids, lengths, seq_len, max_segments):
-  """Bins (as lists of ids) of total length <= seq_len and at most max_segments ids, longest
-  examples placed first."""
-  ids = ids[np.argsort(-lengths[ids], kind='stable')]
-  free = np.empty(len(ids), np.int64)  # remaining room per open bin; at most one bin per example
-  count = np.empty(len(ids), np.int64)  # examples per open bin
-  bin_of = np.empty(len(ids), np.int64)
-  num_bins = 0
-  for i, length in enumerate(lengths[ids].tolist()):
-    fits = (free[:num_bins] >= length) & (count[:num_bins] < max_segments)
-    b = int(fits.argmax()) if num_bins and fits.any() else num_bins
-    if b == num_bins:
-      free[b], count[b] = seq_len, 0
-      num_bins += 1
-    free[b] -= length
-    count[b] += 1
-    bin_of[i] = b
-  order = np.argsort(bin_of, kind='stable')
-  return ids[order], np.bincount(bin_of, minlength=num_bins)
+def _first_fit_decreasing(windows, lengths, seq_len, max_segments):
+  """First-fit-decreasing of each window (an array of example ids): bins of total length <= seq_len
+  and at most max_segments ids, longest examples placed first, each into the first open bin with
+  room. All windows advance together, one numpy step per example rank (a loop over examples in
+  Python is ~100x slower). Returns the ids grouped by bin, bin after bin, and each bin's size."""
+  sizes = np.array([len(w) for w in windows])
+  by_size = np.argsort(-sizes, kind='stable')  # windows still placing examples come first
+  sizes = sizes[by_size]
+  valid = np.arange(sizes[0]) < sizes[:, None]  # [windows, examples]
+  ids = np.zeros(valid.shape, np.int64)
+  ids[valid] = np.concatenate([windows[w] for w in by_size])
+  size = np.where(valid, lengths[ids], 0)  # real examples have length >= 1
+  rank = np.argsort(-size, axis=1, kind='stable')
+  ids, size = np.take_along_axis(ids, rank, 1), np.take_along_axis(size, rank, 1)
+  num_bins = np.zeros(len(sizes), np.int64)
+  free = np.full((len(sizes), 8), -1, np.int64)  # room per bin; -1: not open (fits nothing)
+  count = np.zeros(free.shape, np.int64)  # examples per bin
+  bin_of = np.full(valid.shape, np.iinfo(np.int64).max, np.int64)
+  for i in range(valid.shape[1]):
+    active = int(np.searchsorted(-sizes, -i, side='left'))  # windows with an example of rank i
+    if num_bins[:active].max() >= free.shape[1]:
+      free = np.pad(free, ((0, 0), (0, free.shape[1])), constant_values=-1)
+      count = np.pad(count, ((0, 0), (0, count.shape[1])))
+    open_bins = int(num_bins[:active].max()) + 1
+    length = size[:active, i]
+    fits = (free[:active, :open_bins] >= length[:, None]) & (count[:active, :open_bins]
+                                                             < max_segments)
+    first = fits.argmax(1)
+    rows = np.arange(active)
+    new = ~fits[rows, first]
+    target = np.where(new, num_bins[:active], first)
+    free[rows[new], target[new]] = seq_len
+    num_bins[:active] += new
+    free[rows, target] -= length
+    count[rows, target] += 1
+    bin_of[:active, i] = target
+  order = np.argsort(bin_of, axis=1, kind='stable')
+  ids = np.take_along_axis(ids, order, 1)
+  counts = count[:, :free.shape[1]]
+  back = np.argsort(by_size)  # windows in their given order again
+  order = ids[back][valid[back]]
+  counts = counts[back][np.arange(counts.shape[1]) < num_bins[back][:, None]]
+  return order, counts
+
+
+def _windows(lengths, window_tokens, piece=1 << 16):
+  """Groups of consecutive windows (arrays of the ids of usable examples): a window ends where the
+  running token count crosses a multiple of `window_tokens`. Reads `piece` examples at a time."""
+  carried_ids, carried_window, total = np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+  for begin in range(0, len(lengths), piece):
+    ids = np.flatnonzero(lengths[begin:begin + piece] > 0) + begin
+    sums = total + np.cumsum(lengths[ids])
+    total = int(sums[-1]) if len(sums) else total
+    ids = np.concatenate([carried_ids, ids])
+    window = np.concatenate([carried_window, sums // window_tokens])
+    last = begin + piece >= len(lengths)
+    bounds = np.flatnonzero(np.diff(window)) + 1
+    cut = len(ids) if last else (bounds[-1] if len(bounds) else 0)  # the last may go on
+    if cut:
+      yield np.split(ids[:cut], bounds[bounds < cut])
+    carried_ids, carried_window = ids[cut:], window[cut:]
+
+
+def pack_windows(lengths: np.ndarray, seq_len: int, window_rows: int, max_segments: int):
+  """Yields (example ids grouped by row, examples per row) of successive groups of windows: the
+  plan of `pack` in pieces, in bounded memory."""
+  for windows in _windows(lengths, window_rows * seq_len):
+    yield _first_fit_decreasing(windows, lengths, seq_len, max_segments)
 
 
 def pack(lengths: np.ndarray, seq_len: int, window_rows: int, max_segments: int) -> Plan:
@@ -91,15 +140,10 @@ def pack(lengths: np.ndarray, seq_len: int, window_rows: int, max_segments: int)
   Windows keep the epoch's shuffled order at a coarse grain while leaving first-fit-decreasing
   enough examples to fill rows almost completely.
   """
-  ids = np.flatnonzero(lengths > 0)
-  window = np.cumsum(lengths[ids]) // (window_rows * seq_len)
-  bounds = np.flatnonzero(np.diff(window)) + 1
   orders, counts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-  for window_ids in np.split(ids, bounds):
-    if len(window_ids):
-      order, count = _first_fit_decreasing(window_ids, lengths, seq_len, max_segments)
-      orders.append(order)
-      counts.append(count)
+  for order, count in pack_windows(lengths, seq_len, window_rows, max_segments):
+    orders.append(order)
+    counts.append(count)
   counts = np.concatenate(counts)
   return Plan(np.concatenate(orders), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
 
@@ -109,11 +153,12 @@ def packing_efficiency(plan: Plan, lengths: np.ndarray, seq_len: int) -> float:
   return float(lengths[plan.order].sum() / max(1, plan.num_rows * seq_len))
 
 
-def pack_rows(tokens: np.ndarray, index: Index, lengths: np.ndarray, rows: list[np.ndarray],
+def pack_rows(tokens, index: Index, lengths: np.ndarray, rows: list[np.ndarray],
               seq_len: int, target_only: bool = True,
               max_segments: int | None = None) -> dict[str, np.ndarray]:
   """Builds the packed batch [len(rows), seq_len] for rows given as arrays of example ids, with
   run metadata for rows of up to `max_segments` examples (default: the most any row here has).
+  `tokens`: an array, or a sampled set's layout.TokenShards.
 
   Per example: inputs = instruction ++ response[:-1], labels = IGNORE * (len(instruction) - 1)
   ++ response, positions restart at 0, segment_ids count examples from 1 within the row. Without
@@ -129,26 +174,40 @@ def pack_rows(tokens: np.ndarray, index: Index, lengths: np.ndarray, rows: list[
   start_in_row = start - (np.cumsum(row_tokens) - row_tokens)[row_of]
   segment = np.arange(len(ids)) - (np.cumsum(per_row) - per_row)[row_of] + 1
 
-  # One entry per token from here on.
-  pos = np.arange(length.sum()) - np.repeat(start, length)
-  inst_len = np.repeat(index.inst_len[ids], length)
-  resp_start = np.repeat(index.resp_start[ids], length)
+  # One entry per token from here on, example after example; where the tokens are sharded
+  # (layout.TokenShards), examples grouped by shard: each lies in one, read with one gather.
+  shard = tokens.shard_of(index.inst_start[ids]) if hasattr(tokens, 'shard_of') else None
+  by_shard = slice(None) if shard is None else np.argsort(shard, kind='stable')
+  example, example_length = ids[by_shard], length[by_shard]
+  example_start = np.cumsum(example_length) - example_length
+  pos = np.arange(example_length.sum()) - np.repeat(example_start, example_length)
+  inst_len = np.repeat(index.inst_len[example], example_length)
+  resp_start = np.repeat(index.resp_start[example], example_length)
   in_instruction = pos < inst_len
-  inst_start = np.repeat(index.inst_start[ids], length)
+  inst_start = np.repeat(index.inst_start[example], example_length)
   source = np.where(in_instruction, inst_start + pos, resp_start + pos - inst_len)
+  if shard is None:
+    take = tokens.__getitem__
+  else:  # (shard, first token, end token) of each shard's examples
+    shard = shard[by_shard]
+    first = np.flatnonzero(np.diff(shard, prepend=-1))
+    groups = list(zip(shard[first].tolist(), example_start[first].tolist(),
+                      [*example_start[first[1:]].tolist(), len(pos)]))
+    take = lambda positions: tokens.take_grouped(positions, groups)
   # Each input's label is the example's next token: an instruction token or a response token.
   next_pos = pos + 1
   label_in_instruction = next_pos < inst_len
   label_source = np.where(label_in_instruction, inst_start + next_pos,
                           resp_start + next_pos - inst_len)
   labels = np.where(label_in_instruction & target_only, IGNORE_LABEL,
-                    tokens[label_source].astype(np.int32))
-  dest = np.repeat(row_of * seq_len + start_in_row, length) + pos
+                    take(label_source).astype(np.int32))
+  dest = np.repeat((row_of * seq_len + start_in_row)[by_shard], example_length) + pos
 
   batch = {name: np.zeros((len(rows), seq_len), np.int32) for name in TOKEN_FIELDS}
   batch['labels'].fill(IGNORE_LABEL)
-  values = dict(inputs=tokens[source], labels=labels, positions=pos,
-                segment_ids=np.repeat(segment, length), is_instruction=in_instruction)
+  values = dict(inputs=take(source), labels=labels, positions=pos,
+                segment_ids=np.repeat(segment[by_shard], example_length),
+                is_instruction=in_instruction)
   for name in TOKEN_FIELDS:
     batch[name].reshape(-1)[dest] = values[name]
   if max_segments is None:

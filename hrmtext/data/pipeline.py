@@ -6,30 +6,34 @@ is stream rows [i * G, (i + 1) * G) for G rows per step; of those, data shard p 
 p-th block of G / P rows. So batch i is a pure function of i, and the global batch order does not
 depend on the number of processes: a run resumed on another process count continues it exactly.
 The iterator's position is the train step (one batch per step): a resumed run starts there.
+The sampled set may have its tokens in shards and live on object storage (layout.TokenShards):
+its batches are those of the same set in one tokens.npy.
 """
 
 import functools
 import os
 import sys
 
+from etils import epath
 import grain
 import ml_collections
 import numpy as np
 
 from hrmtext.errors import UserError
 from hrmtext.data import packing
-from hrmtext.data.layout import (METADATA_FILE, Index, SampledSet, heldout_dir, load_index,
-                                 load_tokens, tokenized_sources)
+from hrmtext.data.layout import (METADATA_FILE, Index, SampledSet, heldout_dir, load_source,
+                                 tokenized_sources)
 from hrmtext.data.sources import read_rows
 
 EVAL_WINDOW_ROWS = 1 << 20  # pack the whole held-out set as one window
 
 
 def sampled_dir(data_cfg: ml_collections.ConfigDict) -> str:
-  """`data_cfg.dir` if it is a sampled set (e.g. made by the reference), else <dir>/sampled."""
-  if os.path.exists(os.path.join(data_cfg.dir, METADATA_FILE)):
+  """`data_cfg.dir` if it is a sampled set (e.g. made by the reference), else <dir>/sampled; a
+  local folder or object storage (gs://...)."""
+  if (epath.Path(data_cfg.dir) / METADATA_FILE).exists():
     return data_cfg.dir
-  return os.path.join(data_cfg.dir, 'sampled')
+  return str(epath.Path(data_cfg.dir) / 'sampled')
 
 
 @functools.lru_cache(maxsize=8)
@@ -62,10 +66,7 @@ class TrainBatches:
     self.epoch_end = np.cumsum([plan.num_rows for plan in self.plans])  # in the global stream
     if self.epoch_end[-1] == 0:
       raise UserError(f'{directory}: no trainable examples for seq_len {seq_len}')
-    self._tokens = None
-
-  def __getstate__(self):
-    return dict(self.__dict__, _tokens=None)  # workers re-open the memory map instead of copying it
+    self._tokens = sampled.tokens()  # opened when first read (in each Grain worker: its own)
 
   def __len__(self) -> int:
     return sys.maxsize
@@ -83,8 +84,6 @@ class TrainBatches:
     return rows
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    if self._tokens is None:
-      self._tokens = load_tokens(self._dir)
     return packing.pack_rows(self._tokens, self._index, self.lengths, self.batch_rows(index),
                              self._seq_len, self._target_only, self._max_segments)
 
@@ -125,7 +124,7 @@ def make_eval_batches(data_cfg: ml_collections.ConfigDict, *, rows: int,
     return {}
   batches = {}
   for task, directory in tokenized_sources(root).items():
-    tokens, index = load_tokens(directory), load_index(directory)
+    tokens, index = load_source(directory)
     if not len(index.resp_len):
       continue
     lengths = packing.packed_lengths(index, seq_len)
