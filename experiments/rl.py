@@ -27,5 +27,7 @@ def get_config(arg: str = 'tiny'):
   c.data.seq_len = sized.data.seq_len
   c.init_from = f'runs/{arg.lower()}_sft'
   c.train.update(steps=500, lr=1e-6, global_batch_tokens=64 * sized.data.seq_len, micro_batches=0)
-  c.rl.update(prompts_per_step=64, group_size=16, max_new_tokens=1024, slots=256)
+  # 16 slots x 2048 tokens: the engine's KV cache (about 0.75 MB a token at XL) beside the
+  # train state on one H100 (python -m hrmtext.rl --compile_only --target h100:1).
+  c.rl.update(prompts_per_step=64, group_size=16, max_new_tokens=1024, slots=16)
   return c

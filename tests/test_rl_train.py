@@ -145,3 +145,14 @@ def test_errors_are_one_line(setup, tmp_path):
   assert_one_line_error(run_rl(tmp_path / 'd', *overrides, f'--config.rl.prompts={bad}'),
                         'unknown verifier')
   assert not os.path.exists(tmp_path / 'd' / 'checkpoints')
+
+
+def test_compile_only_reports_the_memory_of_each_program(tmp_path):
+  """--compile_only needs no run: the tiny config's update, prefill and decode compiled here."""
+  result = run_rl(tmp_path / 'unused', '--compile_only', '--prompt_len=64', '--vocab=1024')
+  assert_ok(result)
+  summary, memory = result.stdout.strip().splitlines()[-2:]
+  assert 'rows x 256 tokens' in summary and 'engine 128 slots x 96 tokens' in summary, summary
+  assert memory.startswith('memory per device: update ') and 'peak' in memory, memory
+  assert not os.path.exists(tmp_path / 'unused')
+  assert_one_line_error(run_rl(tmp_path / 'x', '--target=h100:1'), '--target needs --compile_only')

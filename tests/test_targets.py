@@ -216,6 +216,27 @@ def test_xl_train_step_is_the_fast_path(target):
   assert got['memory_bytes'] <= XL_MEMORY_LIMIT[target], got['memory_bytes'] / 2**30
 
 
+# About 90 s on 2 cores. Named without the target's name: the jax 0.11.2 CI leg selects -k h100.
+@pytest.mark.slow
+def test_xl_rl_step_and_engine_compile_on_one_gpu_and_fit():
+  """`python -m hrmtext.rl --config experiments/rl.py:XL --compile_only --target h100:1`: the
+  update and the engine's prefill and decode compiled on one mesh, with cuDNN attention; the
+  larger of the update and the rollout (engine + the rest of the train state) fits 72 GiB."""
+  if reason := compiler_missing('h100:1'):
+    pytest.skip(reason)
+  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': '--xla_gpu_autotune_level=0'}
+  result = subprocess.run([sys.executable, '-m', 'hrmtext.rl', '--config=experiments/rl.py:XL',
+                           '--compile_only', '--target=h100:1'], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stdout + result.stderr[-5000:]
+  summary, memory = result.stdout.strip().splitlines()[-2:]
+  assert 'H100' in summary and 'attention cudnn' in summary, summary
+  gib = {name: float(value) for name, value in re.findall(r'(\w+) ([\d.]+) GiB', memory)}
+  assert set(gib) == {'update', 'prefill', 'decode', 'rollout_peak', 'peak'}, memory
+  assert gib['peak'] == max(gib['update'], gib['rollout_peak']) <= 72, memory
+
+
 @pytest.mark.parametrize('name, error', [
     ('a100:8', 'unknown target'), ('v5p', 'bad shape'), ('v5p:2x2x2x2', 'bad shape'),
     ('h100:2x4', 'bad shape'), ('h100:0', 'bad shape'), ('h100:12', 'whole hosts of 8'),

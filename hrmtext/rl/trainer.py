@@ -17,25 +17,22 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from hrmtext import checkpoint
-from hrmtext.data.packing import field_shapes
 from hrmtext.errors import UserError
 from hrmtext.evals.engine import HeldoutGeneration
 from hrmtext.evals.loaders import heldout_tasks
-from hrmtext.infer import Engine, Sampling
+from hrmtext.infer import Sampling
 from hrmtext.model import ModelConfig
 from hrmtext.parallel import distributed, sharding
 from hrmtext.parallel.mesh import make_mesh
 from hrmtext.rl import objective, prompts, rollout
 from hrmtext.rl.config import validate_rl
-from hrmtext.rl.step import make_logp, make_rl_step
+from hrmtext.rl.program import FLOAT_FIELDS, RLProgram
+from hrmtext.rl.step import make_logp
 from hrmtext.run import Run
 from hrmtext.training import optimizer
 from hrmtext.training.config import validate
 from hrmtext.training.loop import stop_signals
-from hrmtext.training.program import build_program
 from hrmtext.training.step import TrainState
-
-FLOAT_FIELDS = ('advantages', 'weights', 'old_logp', 'ref_logp')
 
 
 class RLTrainer:
@@ -62,32 +59,25 @@ class RLTrainer:
     config.model.update(ModelConfig.from_dict(source_meta['model']).to_dict())
     config.data.dir = config.data.dir or source.data_dir(source_meta) or ''
     self.mesh = make_mesh(config.mesh)
-    self.program = build_program(config, self.mesh, vocab_size=config.model.vocab_size,
-                                 epoch_tokens=None, log=self.say)
-    self.config = config = self.program.config
-    rl = config.rl
-    self.rows = config.train.global_batch_tokens // config.data.seq_len
-    if self.rows % config.train.micro_batches:
-      raise UserError(f'{self.rows} rows per step do not split into '
-                      f'{config.train.micro_batches} micro-batches')
-    prompt_path = rl.prompts or prompts.builtin_split(config.data.dir)
-    if not rl.prompts and not os.path.isdir(prompt_path):
+    prompt_path = config.rl.prompts or prompts.builtin_split(config.data.dir)
+    if not config.rl.prompts and not os.path.isdir(prompt_path):
       raise UserError(f'no RL prompts in {prompt_path}: re-run `python -m hrmtext.prepare '
                       f'--output {config.data.dir}` (it adds the split), or set rl.prompts')
-    self.prompts = prompts.load(prompt_path, rl.tasks)
+    self.prompts = prompts.load(prompt_path, config.rl.tasks)
     self.instructions = [self.tokenizer.encode_instruction(r['instruction'], r['condition'])
                          for r in self.prompts]
-    longest = max(map(len, self.instructions))
-    self.engine = Engine(self.program.model, None, eoa=self.tokenizer.eoa, slots=rl.slots,
-                         max_len=longest + rl.max_new_tokens, vocab_size=self.tokenizer.vocab_size,
-                         mesh=self.mesh)
+    self.program = RLProgram(config, self.mesh, vocab_size=self.tokenizer.vocab_size,
+                             eoa=self.tokenizer.eoa,
+                             max_prompt_len=max(map(len, self.instructions)), log=self.say)
+    self.config = config = self.program.config
+    self.engine, self.rows = self.program.engine, self.program.rows
+    rl = config.rl
     self.sampling = Sampling(rl.temperature, rl.top_p)
     self.mngr = self.run_dir.manager(max_to_keep=config.checkpoint.keep,
                                      async_save=config.checkpoint.async_save)
     self.resume_step = checkpoint.latest_intact_step(self.mngr)
     self.evaluator = self._heldout_generation()
     self._signals = set()
-    self._steps = {}
 
   def _heldout_generation(self) -> HeldoutGeneration | None:
     """Greedy exact match on the held-out rows of the tasks trained on, every eval.every_steps."""
@@ -102,42 +92,10 @@ class RLTrainer:
     if not names:
       return None
     tasks = heldout_tasks(cfg.data.dir, names=names, max_new_tokens=cfg.rl.max_new_tokens)
-    return HeldoutGeneration(self.program.model, tasks, self.tokenizer,
+    return HeldoutGeneration(self.program.train.model, tasks, self.tokenizer,
                              every_steps=cfg.eval.every_steps, limit=cfg.eval.generate_per_task,
                              max_new_tokens=cfg.rl.max_new_tokens, mesh=self.mesh,
                              slots=cfg.rl.slots)
-
-  # ---- the compiled steps -----------------------------------------------------------------
-
-  def _batch_sharding(self):
-    return self.program.batch_sharding
-
-  def rl_step(self, horizon, with_old_logp: bool):
-    key = (horizon, with_old_logp)
-    if key not in self._steps:
-      rl, tc = self.config.rl, self.config.train
-      step = make_rl_step(self.program.model, self.program.tx, horizon, tc.ema_decay,
-                          chunk_len=tc.loss_chunk_len, clip_low=rl.clip_low,
-                          clip_high=rl.clip_high, kl_coef=rl.kl_coef)
-      batch = self._batch_sharding()
-      self._steps[key] = jax.jit(step, in_shardings=(self.program.state_shardings, batch),
-                                 out_shardings=(self.program.state_shardings, None, batch),
-                                 donate_argnums=0)
-    return self._steps[key]
-
-  def abstract_batch(self) -> dict:
-    """ShapeDtypeStructs of one step's packed rollouts (what `rl_step` takes)."""
-    micro, data = self.config.train.micro_batches, self.config.data
-    shapes = field_shapes(self.rows // micro, data.seq_len, data.max_segments_per_row)
-    shapes.update(advantages=shapes['labels'], weights=shapes['labels'])
-    return {name: jax.ShapeDtypeStruct(
-        (micro, *shape), np.float32 if name in FLOAT_FIELDS else np.int32,
-        sharding=self._batch_sharding()) for name, shape in shapes.items()}
-
-  def _device_batch(self, batch: dict) -> dict:
-    micro = self.config.train.micro_batches
-    return {name: jax.device_put(x.reshape(micro, -1, *x.shape[1:]), self._batch_sharding())
-            for name, x in batch.items()}
 
   # ---- one step ---------------------------------------------------------------------------
 
@@ -183,13 +141,13 @@ class RLTrainer:
         groups, self.tokenizer.eoa, rows=self.rows, seq_len=data.seq_len,
         max_segments=data.max_segments_per_row, token_level=rl.token_level,
         drop_overlong=rl.drop_overlong)
-    batch = self._device_batch(batch)
+    batch = self.program.device_batch(batch)
     if rl.kl_coef:
       batch['ref_logp'] = self._reference_logp(batch)
-    horizon = self.program.horizon(step - 1)
+    horizon = self.program.train.horizon(step - 1)
     per_update = []
     for inner in range(rl.inner_steps):
-      state, metrics, logp = self.rl_step(horizon, inner > 0)(state, batch)
+      state, metrics, logp = self.program.rl_step(horizon, inner > 0)(state, batch)
       if inner == 0:
         batch['old_logp'] = logp
       per_update.append(metrics)
@@ -201,7 +159,8 @@ class RLTrainer:
     """The frozen init_from weights' log-probs of the batch, per micro-batch."""
     if not hasattr(self, '_reference'):
       self._reference = self._init_weights()
-      self._ref_fn = jax.jit(jax.vmap(make_logp(self.program.model, self.program.horizon(0),
+      train = self.program.train
+      self._ref_fn = jax.jit(jax.vmap(make_logp(train.model, train.horizon(0),
                                                 self.config.train.loss_chunk_len),
                                       in_axes=(None, 0)))
     fields = {k: v for k, v in batch.items() if k not in FLOAT_FIELDS}
@@ -212,11 +171,11 @@ class RLTrainer:
   def _init_weights(self):
     use_ema = self.config.init_mode == 'ema'
     _, params, _ = Run(self.config.init_from).load_weights(
-        use_ema=use_ema, shardings=self.program.state_shardings.params)
+        use_ema=use_ema, shardings=self.program.train.state_shardings.params)
     return params
 
   def _initial_state(self) -> tuple[TrainState, int]:
-    abstract = self.program.abstract_state()
+    abstract = self.program.train.abstract_state()
     step = self.resume_step
     if step is not None:
       self.say(f'resuming from {self.mngr.directory} step {step}')
@@ -228,11 +187,12 @@ class RLTrainer:
     params = self._init_weights()
     self.say(f'starting from the weights of {self.config.init_from} '
              f'(its {"EMA" if self.config.init_mode == "ema" else "params"})')
-    state = self.program.init_state()
+    state = self.program.train.init_state()
     return state.replace(params=params, ema=optimizer.ema_init(params)), 0
 
   def save(self, state: TrainState, step: int) -> None:
-    meta = {'model': self.program.model_cfg.to_dict(), 'compute': self.program.compute.to_dict(),
+    train = self.program.train
+    meta = {'model': train.model_cfg.to_dict(), 'compute': train.compute.to_dict(),
             'config': self.config.to_dict(), 'data_dir': os.path.abspath(self.config.data.dir)}
     checkpoint.save(self.mngr, step, meta=meta, params=state.params, ema=state.ema,
                     opt_state=state.opt_state)
@@ -256,7 +216,7 @@ class RLTrainer:
     self.say(f'RL from {config.init_from}: {len(self.prompts)} prompts, '
              f'{config.rl.prompts_per_step} x {config.rl.group_size} responses a step, '
              f'{config.train.steps} steps; mesh {dict(self.mesh.shape)}, attention '
-             f'{self.program.compute.attention}')
+             f'{self.program.train.compute.attention}')
     last = {}
     if start == 0 and self.evaluator:  # the policy before RL, logged as step 0
       last.update(self._log(writer, 0, self.evaluator(0, state)))

@@ -78,15 +78,20 @@ class TrainProgram:
     with sharding.activate(self.mesh):
       compiled = self.train_step(self.horizon(self.total_steps - 1)).lower(
           self.abstract_state(), self.abstract_batch(rows)).compile()
-    m = compiled.memory_analysis()
-    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes +
-            m.temp_size_in_bytes)
+    return compiled_bytes(compiled)
 
   @functools.cached_property
   def eval_step(self):
     """(params, batch [rows, len]) -> summed loss/accuracy counts, jitted."""
     return jax.jit(make_eval_step(self.model, self.loss_chunk_len),
                    in_shardings=(self.state_shardings.params, self.row_sharding))
+
+
+def compiled_bytes(compiled) -> int:
+  """Per-device bytes of a compiled program: arguments + outputs - donated + temporaries."""
+  m = compiled.memory_analysis()
+  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes +
+          m.temp_size_in_bytes)
 
 
 def build_program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, vocab_size: int,
