@@ -64,3 +64,7 @@ def test_responses_that_do_not_fit_are_left_out():
 def test_request_seeds_are_distinct_per_step_prompt_and_sample():
   seeds = {request_seed(s, p, g) for s in range(50) for p in range(64) for g in range(8)}
   assert len(seeds) == 50 * 64 * 8
+  # 32-bit (the engine's uint32 seeds) at any step; the product of the old formula overflowed
+  # after step 42 of the tiny config.
+  assert all(0 <= request_seed(s, p, g) < 2**32 for s in (43, 10**6, 10**9) for p in (0, 511)
+             for g in (0, 15))

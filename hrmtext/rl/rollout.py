@@ -29,8 +29,9 @@ class Group:
 
 
 def request_seed(step: int, prompt: int, sample: int) -> int:
-  """The random stream of one sampled response (the engine folds it into the run's seed)."""
-  return (step * 100_003 + prompt) * 1_009 + sample
+  """The random stream of one sampled response (the engine folds it into the run's seed): a
+  32-bit hash of (step, prompt, sample), for any step."""
+  return int(np.random.SeedSequence([step, prompt, sample]).generate_state(1)[0])
 
 
 def sample_groups(engine: Engine, tokenizer, rows: list[dict], *, group_size: int,
