@@ -156,3 +156,21 @@ def test_compile_only_reports_the_memory_of_each_program(tmp_path):
   assert memory.startswith('memory per device: update ') and 'peak' in memory, memory
   assert not os.path.exists(tmp_path / 'unused')
   assert_one_line_error(run_rl(tmp_path / 'x', '--target=h100:1'), '--target needs --compile_only')
+
+
+def test_report_tables_the_evals_and_plots_the_rewards(setup, tmp_path):
+  """experiments/rl_report.py (the README's table and plot) on the reference run."""
+  reference = setup[3]
+  png = tmp_path / 'curve.png'
+  result = subprocess.run([sys.executable, 'experiments/rl_report.py', str(reference),
+                           f'--plot={png}'], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+  assert_ok(result)
+  rows = read_metrics(reference)
+  lines = result.stdout.splitlines()
+  for task in TASKS:
+    before = rows[0][f'eval_gen/{task}/exact_match']
+    after = rows[STEPS][f'eval_gen/{task}/exact_match']
+    assert f'| {task} | {before:.3f} | {after:.3f} ({after - before:+.3f}) |' in lines, lines
+  assert any(line.startswith('| mean |') for line in lines)
+  assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
