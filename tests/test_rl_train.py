@@ -174,3 +174,38 @@ def test_report_tables_the_evals_and_plots_the_rewards(setup, tmp_path):
     assert f'| {task} | {before:.3f} | {after:.3f} ({after - before:+.3f}) |' in lines, lines
   assert any(line.startswith('| mean |') for line in lines)
   assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_then_resumes(setup, tmp_path):
+  _, _, overrides, _ = setup
+  workdir = tmp_path / 'stopped'
+  log = open(f'{workdir}.log', 'w')
+  proc = subprocess.Popen(rl_command(workdir, *overrides), cwd=REPO, env=train_env(),
+                          stdout=log, stderr=subprocess.STDOUT, text=True)
+  log.close()
+  wait_for(lambda: any(r['step'] == 1 for r in metric_rows(workdir)), proc, 'step 1')
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 0
+  with open(f'{workdir}.log') as f:
+    stopped = [line for line in f if 'SIGTERM: saved step' in line]
+  assert len(stopped) == 1, stopped
+  step = int(stopped[0].split('saved step ')[1].split(',')[0])
+  assert finalized_steps(workdir)[-1] == step < STEPS
+  result = run_rl(workdir, *overrides)
+  assert_ok(result)
+  assert f'resuming from {workdir / "checkpoints"} step {step}' in result.stdout
+
+
+@pytest.mark.slow
+def test_runs_on_a_mesh_of_two_devices(setup, tmp_path):
+  """The update (params, moments, rows) and the engine (cache rows) sharded over 2 devices."""
+  _, _, overrides, _ = setup
+  env = dict(train_env(), XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  result = subprocess.run(rl_command(tmp_path / 'mesh', *overrides, '--config.train.steps=2',
+                                     '--config.mesh.fsdp=2'),
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+  assert_ok(result)
+  assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 1}" in result.stdout
+  rows = read_metrics(tmp_path / 'mesh')
+  assert rows[2]['grad_norm'] > 0 and 0 <= rows[2]['reward/mean'] <= 1
