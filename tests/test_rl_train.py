@@ -29,6 +29,21 @@ def run_rl(workdir, *overrides, timeout=400):
                         capture_output=True, text=True, timeout=timeout)
 
 
+def start_rl(workdir, *overrides) -> subprocess.Popen:
+  """An RL process in the background; stdout and stderr go to `<workdir>.log`."""
+  with open(f'{workdir}.log', 'w') as log:  # the child holds its own descriptor
+    return subprocess.Popen(rl_command(workdir, *overrides), cwd=REPO, env=train_env(),
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def signal_after_step(workdir, overrides, step: int, sig) -> subprocess.Popen:
+  """An RL run sent `sig` once it logged `step`."""
+  proc = start_rl(workdir, *overrides)
+  wait_for(lambda: any(r['step'] == step for r in metric_rows(workdir)), proc, f'step {step}')
+  proc.send_signal(sig)
+  return proc
+
+
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
   """(data root, a 10-step tiny run on it, a prompts file, the RL overrides)."""
@@ -112,13 +127,7 @@ def test_a_step_logs_rewards_updates_and_evals(setup):
 def test_resume_after_kill_9_is_bitwise(setup, tmp_path):
   _, _, overrides, reference = setup
   workdir = tmp_path / 'killed'
-  log = open(f'{workdir}.log', 'w')
-  proc = subprocess.Popen(rl_command(workdir, *overrides), cwd=REPO, env=train_env(),
-                          stdout=log, stderr=subprocess.STDOUT)
-  log.close()
-  wait_for(lambda: any(r['step'] == 3 for r in metric_rows(workdir)), proc, 'step 3')
-  proc.send_signal(signal.SIGKILL)
-  proc.wait(timeout=60)
+  signal_after_step(workdir, overrides, 3, signal.SIGKILL).wait(timeout=60)
   assert finalized_steps(workdir) == [2]
   result = run_rl(workdir, *overrides)
   assert_ok(result)
@@ -180,13 +189,7 @@ def test_report_tables_the_evals_and_plots_the_rewards(setup, tmp_path):
 def test_sigterm_saves_and_exits_then_resumes(setup, tmp_path):
   _, _, overrides, _ = setup
   workdir = tmp_path / 'stopped'
-  log = open(f'{workdir}.log', 'w')
-  proc = subprocess.Popen(rl_command(workdir, *overrides), cwd=REPO, env=train_env(),
-                          stdout=log, stderr=subprocess.STDOUT, text=True)
-  log.close()
-  wait_for(lambda: any(r['step'] == 1 for r in metric_rows(workdir)), proc, 'step 1')
-  proc.send_signal(signal.SIGTERM)
-  assert proc.wait(timeout=120) == 0
+  assert signal_after_step(workdir, overrides, 1, signal.SIGTERM).wait(timeout=120) == 0
   with open(f'{workdir}.log') as f:
     stopped = [line for line in f if 'SIGTERM: saved step' in line]
   assert len(stopped) == 1, stopped
@@ -209,3 +212,9 @@ def test_runs_on_a_mesh_of_two_devices(setup, tmp_path):
   assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 1}" in result.stdout
   rows = read_metrics(tmp_path / 'mesh')
   assert rows[2]['grad_norm'] > 0 and 0 <= rows[2]['reward/mean'] <= 1
+
+
+def test_help(tmp_path):
+  result = run_rl(tmp_path / 'unused', '--help')  # absl exits 1 after printing the help
+  assert 'python -m hrmtext.rl' in result.stdout and '--compile_only' in result.stdout, (
+      result.stdout + result.stderr)
