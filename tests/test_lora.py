@@ -97,13 +97,42 @@ def test_dropout_draws_a_mask_per_key_and_only_while_training():
   model = build_model(cfg, lora=lora_cfg)
   base, _ = lora.split(nn.unbox(model.init(jax.random.key(0))))
   params = lora.combine(base, random_adapters(cfg, lora_cfg))
-  batch = jax.tree.map(jnp.asarray, random_batch(cfg))
+  batch = random_batch(cfg)
+  batch = jax.tree.map(jnp.asarray, dict(batch, labels=np.roll(batch['inputs'], -1, axis=1)))
   loss = jax.jit(lambda rng: model.loss_sums(params, batch, rng=rng)['loss_sum'])
   evaluated = float(model.loss_sums(params, batch)['loss_sum'])
   no_dropout = build_model(cfg, lora=LoraConfig(rank=2)).loss_sums(params, batch)['loss_sum']
   assert evaluated == float(no_dropout)
   first, second = (float(loss(jax.random.key(seed))) for seed in (0, 1))
   assert len({first, second, evaluated}) == 3 and float(loss(jax.random.key(0))) == first
+
+
+def test_adapters_follow_the_axes_of_their_weights_and_the_base_is_frozen_in_base_dtype():
+  """An adapter's A keeps its weight's input axes, B its output axes (the rank replicated), in a
+  stack under the 'layers' axis too: both shard as the weight does. The train state holds the
+  adapters alone as params (float32) and the base in lora.base_dtype."""
+  from hrmtext.training import optimizer
+  from hrmtext.training.step import init_state
+  cfg = small_config()
+  model = build_model(cfg, lora=LoraConfig(rank=2, targets='all', base_dtype='bfloat16'))
+  boxed = jax.eval_shape(model.init, jax.random.key(0))
+  axes = lambda tree, name: tree[name].names
+  attn, mlp = boxed['H']['layers']['attn'], boxed['L']['layers']['mlp']
+  assert axes(attn, 'gqkv') == ('layers', 'embed', None, 'heads', 'head_dim')
+  assert axes(attn, 'gqkv_lora_a') == ('layers', 'embed', None, None)
+  assert axes(attn, 'gqkv_lora_b') == ('layers', None, None, 'heads', 'head_dim')
+  assert axes(attn, 'o_lora_a') == ('layers', 'heads', 'head_dim', None)
+  assert axes(attn, 'o_lora_b') == ('layers', None, 'embed')
+  assert axes(mlp, 'down_lora_a') == ('layers', 'mlp', None)
+  assert axes(boxed['lm_head'], 'kernel_lora_b') == (None, 'vocab')
+  state = init_state(model, optimizer.adam_atan2(1e-3, 0.9, 0.95, 0.1), jax.random.key(0))
+  assert all(lora.is_adapter(path[-1].key) and x.dtype == jnp.float32 for path, x in
+             jax.tree_util.tree_flatten_with_path(state.params)[0])
+  assert {x.dtype for x in jax.tree.leaves((state.base['H'], state.base['lm_head']))} == {
+      jnp.dtype(jnp.bfloat16)}
+  assert state.base['embed']['embedding'].dtype == jnp.float32  # looked up, not a GEMM operand
+  for moments in (state.opt_state.mu, state.opt_state.nu, state.ema):  # of the adapters alone
+    assert jax.tree.structure(moments) == jax.tree.structure(state.params)
 
 
 def test_config_errors():
@@ -246,6 +275,14 @@ def test_a_lora_run_reads_as_its_merged_weights(lora_run, tmp_path):
     Trainer(sft_config(data_dir, run, 'continue'), str(tmp_path / 'continue'))
   engine, _, _ = text.load(str(run), need_tokenizer=False)
   assert_trees_equal(jax.tree.map(np.asarray, engine.params), jax.tree.map(np.asarray, merged))
+  # generate (score, evaluate, lmeval: the same text.load) on the LoRA run itself.
+  from tests.test_infer_cli import cli, read_rows, write_rows
+  write_rows(tmp_path / 'in.jsonl', [{'instruction_ids': [5, 17, 40, 2]}])
+  result = cli('generate', '--checkpoint', run, '--input', tmp_path / 'in.jsonl', '--output',
+               tmp_path / 'out.jsonl', '--max_new_tokens', 6)
+  assert result.returncode == 0, result.stderr
+  assert [row['response_ids'] for row in read_rows(tmp_path / 'out.jsonl')] == engine.generate(
+      [[5, 17, 40, 2]], 6)
   # convert: a PEFT adapter (and how to export its base), or the merged weights as a run.
   from tests.test_convert import convert
   result = convert(run, tmp_path / 'peft')
@@ -255,6 +292,11 @@ def test_a_lora_run_reads_as_its_merged_weights(lora_run, tmp_path):
   result = convert(run, tmp_path / 'merged', '--merge_lora', '--merged_format=hrmtext')
   assert result.returncode == 0, result.stderr
   assert_trees_equal(jax.tree.map(np.asarray, Run(str(tmp_path / 'merged')).load_weights()[1]),
+                     jax.tree.map(np.asarray, merged))
+  result = convert(run, tmp_path / 'merged_hf', '--merge_lora')  # HF, and back: the same weights
+  assert result.returncode == 0, result.stderr
+  assert convert(tmp_path / 'merged_hf', tmp_path / 'back').returncode == 0
+  assert_trees_equal(jax.tree.map(np.asarray, Run(str(tmp_path / 'back')).load_weights()[1]),
                      jax.tree.map(np.asarray, merged))
   result = convert(run.parent / 'pretrain', tmp_path / 'not_lora', '--merge_lora')
   assert result.returncode == 1 and 'needs a LoRA run' in result.stderr, result.stderr
@@ -268,3 +310,42 @@ def test_a_lora_run_reads_as_its_merged_weights(lora_run, tmp_path):
   checksums.write_text(checksums.read_text() + ' ')
   with pytest.raises(UserError, match='changed since the adapters were trained'):
     find_base(ref, str(moved / 'lora'))
+
+
+# ---- memory: the XL LoRA SFT step ----------------------------------------------------------
+
+def test_xl_lora_sft_trains_the_adapters_on_a_bf16_base():
+  """`experiments/sft.py:XL --config.lora.rank=16` as bench --compile_only builds it (the
+  README's memory table), abstract: the adapters of every projection and the LM head are the
+  trainable parameters, rank x (in + out) each, and the frozen base is held in bf16."""
+  from hrmtext.parallel.mesh import make_mesh
+  from hrmtext.training.config import experiment_config
+  from hrmtext.training.program import build_program
+  config = experiment_config('experiments/sft.py', 'XL')
+  config.lora.rank = 16
+  config.train.update(steps=10, micro_batches=8)
+  config.compute.remat_policy = 'nothing_saveable'
+  program = build_program(config, make_mesh(config.mesh), vocab_size=65536, epoch_tokens=None,
+                          log=lambda _: None)
+  state, cfg = program.abstract_state(), program.model_cfg
+  d, attn, mlp, r = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.mlp_size, 16
+  per_layer = r * (4 * (d + attn) + (attn + d) + 2 * (d + mlp) + (mlp + d))
+  want = 2 * cfg.layers_per_stack * per_layer + r * (d + cfg.vocab_size)
+  assert lora.count(state.params) == want
+  assert want < 0.02 * lora.count(state.base)
+  assert {x.dtype for x in jax.tree.leaves((state.base['L'], state.base['H'],
+                                            state.base['lm_head']))} == {jnp.dtype(jnp.bfloat16)}
+  assert (program.config.data.seq_len, program.config.train.global_batch_tokens) == (4096, 32768)
+
+
+@pytest.mark.slow  # a compile in a fresh process
+def test_bench_compiles_a_lora_step():
+  """bench --compile_only of a LoRA config: it counts all the parameters and the trainable ones,
+  and the step's arguments hold the base once (no moments or EMA of it)."""
+  from tests.test_real_size import compile_only
+  report = compile_only('--config.lora.rank=4', '--config.lora.targets=attn.q,attn.v',
+                        '--vocab=1000')
+  trainable, params = report['trainable_params'], report['params']
+  assert 0 < trainable < 0.1 * params
+  argument = report['per_device_memory_bytes']['argument']
+  assert 4 * (params + 3 * trainable) <= argument < 4 * 4 * params / 2, report
