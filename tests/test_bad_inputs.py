@@ -159,6 +159,9 @@ ROWS = {
                               'train.epochs=0'),
     'train: train.steps<0': ('train', ('--workdir', '{out}', '--config.train.steps=-1'),
                              'train.steps=-1'),
+    'train: unknown lora target': ('train', ('--workdir', '{out}', '--config.lora.rank=4',
+                                             '--config.lora.targets=attn.x'),
+                                   "lora.targets: unknown 'attn.x'"),
 }
 
 

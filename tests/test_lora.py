@@ -273,6 +273,8 @@ def test_a_lora_run_reads_as_its_merged_weights(lora_run, tmp_path):
   assert_trees_equal(jax.tree.map(np.asarray, state.params), jax.tree.map(np.asarray, merged))
   with pytest.raises(UserError, match='a LoRA run'):
     Trainer(sft_config(data_dir, run, 'continue'), str(tmp_path / 'continue'))
+  with pytest.raises(UserError, match='set init_from'):
+    Trainer(lora_config(data_dir, ''), str(tmp_path / 'no_base'))
   engine, _, _ = text.load(str(run), need_tokenizer=False)
   assert_trees_equal(jax.tree.map(np.asarray, engine.params), jax.tree.map(np.asarray, merged))
   # generate (score, evaluate, lmeval: the same text.load) on the LoRA run itself.
