@@ -351,3 +351,13 @@ def test_bench_compiles_a_lora_step():
   assert 0 < trainable < 0.1 * params
   argument = report['per_device_memory_bytes']['argument']
   assert 4 * (params + 3 * trainable) <= argument < 4 * 4 * params / 2, report
+
+
+def test_the_readme_lora_sft_command_configures_adapters_of_the_tiny_run():
+  from tests.test_real_size import load_config
+  from hrmtext.training.config import validate
+  c = load_config('experiments/sft.py', '--config.init_mode=ema', '--config.lora.rank=16',
+                  '--config.train.lr=2e-3')
+  validate(c)
+  assert LoraConfig.from_dict(c.lora) == LoraConfig(rank=16)
+  assert (c.init_from, c.init_mode, c.train.lr) == ('runs/tiny', 'ema', 2e-3)
