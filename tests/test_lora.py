@@ -269,8 +269,12 @@ def test_a_lora_run_reads_as_its_merged_weights(lora_run, tmp_path):
   from tests.test_train import assert_trees_equal
   data_dir, _, run = lora_run
   _, merged, _ = Run(str(run)).load_weights()
-  state, _ = Trainer(sft_config(data_dir, run, 'ema'), str(tmp_path / 'full'))._initial_state()
+  full = Trainer(sft_config(data_dir, run, 'ema'), str(tmp_path / 'full'))
+  state, _ = full._initial_state()
   assert_trees_equal(jax.tree.map(np.asarray, state.params), jax.tree.map(np.asarray, merged))
+  full.run()  # and trains every weight: a plain run
+  meta = Run(str(tmp_path / 'full')).meta()
+  assert 'lora' not in meta and meta['model'] == Run(str(run)).meta()['model']
   with pytest.raises(UserError, match='a LoRA run'):
     Trainer(sft_config(data_dir, run, 'continue'), str(tmp_path / 'continue'))
   with pytest.raises(UserError, match='set init_from'):
