@@ -18,7 +18,7 @@ from hrmtext.data import pipeline
 from hrmtext.data.layout import SampledSet
 from hrmtext.data.tokenizer import Tokenizer
 from hrmtext.errors import UserError
-from hrmtext.model import ModelConfig
+from hrmtext.model import ModelConfig, lora
 from hrmtext.model.flops import peak_flops, train_flops_per_token
 from hrmtext.parallel import distributed, sharding
 from hrmtext.parallel.mesh import make_mesh
@@ -90,7 +90,7 @@ def lora_size(state: TrainState) -> dict:
   """What a LoRA run's checkpoints hold: its trainable parameters and the bytes of their arrays
   (adapters, EMA, optimizer state)."""
   arrays = jax.tree.leaves((state.params, state.ema, state.opt_state))
-  return {'params': sum(x.size for x in jax.tree.leaves(state.params)),
+  return {'params': lora.count(state.params),
           'bytes': sum(x.size * x.dtype.itemsize for x in arrays)}
 
 
@@ -213,11 +213,12 @@ class Trainer:
     meta = checkpoint.read_meta(self.mngr, step)
     saved = ModelConfig.from_dict(meta['model'])
     self._check_same_model(saved, f'{self.workdir} step {step} (resuming)')
-    lora = self.program.lora.to_dict() if self.program.lora else None
-    if {k: v for k, v in (meta.get('lora') or {}).items() if k != 'dropout'} != {
-        k: v for k, v in (lora or {}).items() if k != 'dropout'}:
+    # The adapters' shapes and meaning must match; the dropout may change.
+    adapters = lambda d: {k: v for k, v in (d or {}).items() if k != 'dropout'}
+    ours = self.program.lora.to_dict() if self.program.lora else None
+    if adapters(meta.get('lora')) != adapters(ours):
       raise UserError(f'{self.workdir} step {step} (resuming) has other LoRA adapters: '
-                      f'{meta.get("lora")} (this run {lora})')
+                      f'{meta.get("lora")} (this run {ours})')
 
   def _data_tokenizer(self, sampled_dir: str) -> Tokenizer | None:
     """The tokenizer the data was made with; None, said in a note, when its model file is not
@@ -360,7 +361,7 @@ class Trainer:
     params_m = sum(x.size for x in jax.tree.leaves(state.weights())) / 1e6
     compute = self.program.compute
     if self.program.lora:
-      size, frozen = lora_size(state), sum(x.size for x in jax.tree.leaves(state.base))
+      size, frozen = lora_size(state), lora.count(state.base)
       self.say(f'LoRA: {size["params"]:,} trainable parameters ({size["params"] / frozen:.2%} of '
                f'the {frozen:,} frozen ones), checkpoints of {size["bytes"] / 2**20:.2f} MiB '
                f'(adapters, EMA, moments)')
