@@ -16,7 +16,10 @@ from hrmtext.errors import UserError
 from hrmtext.model import ComputeConfig, LoraConfig, ModelConfig, build_model, lora
 from hrmtext.run import Run, find_base
 from tests import hf_oracle
+from tests.device_checks import DeviceChecks
 from tests.test_model import padded_batch, random_batch, small_config
+
+device_check = DeviceChecks(__file__)
 
 # Odd ranks, and targets that leave some parts of the fused projections without an adapter.
 LORAS = [
@@ -145,6 +148,57 @@ def test_config_errors():
   assert LoraConfig(targets='attn,lm_head').target_names == (
       'attn.gate', 'attn.q', 'attn.k', 'attn.v', 'attn.o', 'lm_head')
   assert build_model(small_config(), lora=LoraConfig(rank=0)).lora is None
+
+
+@device_check
+def adapters_shard_as_their_weights_and_train_as_on_one_device():
+  """On a (data 2, fsdp 2, tensor 2) mesh: A has its weight's input-axis sharding, B its
+  output-axis one, the base its own; a LoRA train step there gives the single-device step's
+  adapters, EMA and moments, and keeps them sharded so."""
+  from types import SimpleNamespace
+  from hrmtext.model import full_horizon
+  from hrmtext.parallel import mesh as mesh_lib, sharding
+  from hrmtext.training import optimizer
+  from hrmtext.training.step import init_state, make_train_step, state_shardings
+  cfg = small_config(vocab_size=96)  # the vocabulary splits over 'tensor'
+  model = build_model(cfg, lora=LoraConfig(rank=2, alpha=4.0, targets='all'))
+  mesh = mesh_lib.make_mesh(SimpleNamespace(data=2, fsdp=2, tensor=2))
+  shardings = state_shardings(model, mesh)
+  weight = shardings.base['H']['layers']['attn']['gqkv'].spec  # [layers, embed, 4, heads, head_dim]
+  a, b = (shardings.params['H']['layers']['attn'][f'gqkv_lora_{x}'].spec for x in 'ab')
+  assert weight[1] is not None and weight[3] is not None  # the rules shard embed and heads
+  assert tuple(a) == (weight[0], weight[1], None, None)
+  assert tuple(b) == (weight[0], None, None, *weight[3:])
+  tx = optimizer.adam_atan2(1e-2, weight_decay=0.1)
+  state = init_state(model, tx, jax.random.key(0))
+  adapters = random_adapters(cfg, model.lora)
+  state = state.replace(params=adapters, ema=adapters, opt_state=tx.init(adapters))
+  batch = random_batch(cfg, rows=8)
+  batch = jax.tree.map(lambda x: jnp.asarray(x)[None],  # one micro-batch
+                       dict(batch, labels=np.roll(batch['inputs'], -1, 1)))
+  step = make_train_step(model, tx, full_horizon(cfg), ema_decay=0.9)
+  want, _ = jax.jit(step)(state, batch)
+  batch_sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(None, *sharding.batch_sharding(mesh).spec))
+  with sharding.activate(mesh):
+    sharded_step = jax.jit(step, in_shardings=(shardings, batch_sharding),
+                           out_shardings=(shardings, None))
+    got, _ = sharded_step(jax.device_put(state, shardings), jax.device_put(batch, batch_sharding))
+  assert got.params['H']['layers']['attn']['gqkv_lora_a'].sharding.spec == a
+  for name in ('params', 'ema', 'opt_state'):
+    for x, y in zip(jax.tree.leaves(getattr(got, name)), jax.tree.leaves(getattr(want, name))):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope='module')
+def device_check_output():
+  return device_check.output()
+
+
+@pytest.mark.slow  # a subprocess with 8 CPU devices compiling two train steps
+@pytest.mark.parametrize('name', list(device_check.checks))
+def test_on_8_cpu_devices(name, device_check_output):
+  device_check.assert_passed(name, device_check_output)
 
 
 @hf_oracle.needs_hf
@@ -365,3 +419,7 @@ def test_the_readme_lora_sft_command_configures_adapters_of_the_tiny_run():
   validate(c)
   assert LoraConfig.from_dict(c.lora) == LoraConfig(rank=16)
   assert (c.init_from, c.init_mode, c.train.lr) == ('runs/tiny', 'ema', 2e-3)
+
+
+if __name__ == '__main__':
+  device_check.run()
