@@ -18,6 +18,10 @@ no warmup, cosine to 0.1 x lr, 32,768-token global batches, 5 epochs, weight dec
             weights_only_resume_from_ema); `params`: the same from its raw weights.
 An imported HF checkpoint has weights only: fine-tune it with init_mode ema or params.
 Re-running the same command resumes the SFT run itself, exactly.
+
+LoRA instead of full fine-tuning: add --config.lora.rank=16 (alpha 32, every projection and the
+LM head by default; hrmtext.model.lora). The weights of `init_from` stay frozen (its EMA with
+init_mode ema, else its params) and only the adapters train; the run refers to `init_from`.
 """
 import os
 

@@ -257,7 +257,9 @@ def run(config) -> dict:
       'devices': devices,
       'device_kind': device_kind.replace(' ', '_'),
       'mesh': 'x'.join(map(str, mesh.devices.shape)),
-      'params': sum(x.size for x in jax.tree.leaves(abstract_state.params)),
+      'params': sum(x.size for x in jax.tree.leaves(abstract_state.weights())),
+      # What trains: all the params, or a LoRA model's adapters (config.lora).
+      'trainable_params': sum(x.size for x in jax.tree.leaves(abstract_state.params)),
       'rows': rows,
       'micro_batches': micro,
       'seq_len': seq_len,
@@ -311,7 +313,9 @@ def report(results: dict) -> None:
   """A readable summary, then every result on one `bench: key=value ...` line (and with --json
   as one JSON object on the last line)."""
   r = {k: 'n/a' if v is None else v for k, v in results.items()}
-  print(f'model: {r["architecture"]}, {r["params"] / 1e6:.1f}M params, attention '
+  lora = (f' ({r["trainable_params"] / 1e6:.2f}M trainable: LoRA)'
+          if r['trainable_params'] != r['params'] else '')
+  print(f'model: {r["architecture"]}, {r["params"] / 1e6:.1f}M params{lora}, attention '
         f'{r["attention"]}, bp_steps {r["bp_steps"]} ({r["differentiable_applications"]} stack '
         f'applications differentiable), remat {r["remat_policy"]}')
   print(f'batch: {r["rows"]} rows x {r["seq_len"]} tokens in {r["micro_batches"]} micro-batches '

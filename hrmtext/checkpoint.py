@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 
 from hrmtext.errors import UserError
 from hrmtext.files import atomic_open
-from hrmtext.model import ModelConfig, build_model
+from hrmtext.model import LoraConfig, ModelConfig, build_model, lora as lora_lib
 from hrmtext.parallel import mesh as mesh_lib, sharding
 
 CHECKSUMS = 'checksums.json'  # {'sha256': {path in the step folder: hex digest}}
@@ -201,6 +201,13 @@ def _checksums(path: str) -> dict | None:
     raise DamagedCheckpoint(f'checkpoint {path} is damaged: unreadable {CHECKSUMS} ({e})') from None
 
 
+def digest(mngr: Manager, step: int) -> str | None:
+  """The sha256 of `step`'s checksums.json, which names every file of it: a fingerprint of the
+  step's bytes (None for a step saved without checksums)."""
+  path = os.path.join(step_dir(mngr, step), CHECKSUMS)
+  return _sha256(path) if os.path.isfile(path) else None
+
+
 def verify(mngr: Manager, step: int) -> None:
   """DamagedCheckpoint unless every file of `step` holds the bytes it was saved with (hashed once
   per manager). A step saved without checksums passes."""
@@ -277,11 +284,14 @@ def restore(mngr: Manager, step: int, **abstract) -> dict:
                                  for name, item in abstract.items()})
 
 
-def abstract_params(cfg: ModelConfig, shardings=None):
+def abstract_params(cfg: ModelConfig, shardings=None, lora: LoraConfig | None = None):
   """ShapeDtypeStructs of the model's parameters on `shardings`: a pytree of shardings, or a mesh
   (the params' logical shardings on it, as training and the inference engine lay them out).
-  None: the mesh of the first device alone (hrmtext.parallel.mesh.inference_mesh)."""
-  model = build_model(cfg)
+  None: the mesh of the first device alone (hrmtext.parallel.mesh.inference_mesh). With `lora`,
+  those of its adapters alone, on the mesh of `shardings`."""
+  model = build_model(cfg, lora=lora)
+  if lora is not None and shardings is not None and not isinstance(shardings, jax.sharding.Mesh):
+    shardings = jax.tree.leaves(shardings)[0].mesh
   # Unbox while tracing: under sharding.activate (the train loop) unboxing applies logical
   # sharding constraints, which fail on the bare ShapeDtypeStructs eval_shape returns.
   shapes = jax.eval_shape(lambda key: nn.unbox(model.init(key)), jax.random.key(0))
@@ -289,5 +299,6 @@ def abstract_params(cfg: ModelConfig, shardings=None):
     shardings = mesh_lib.inference_mesh()
   if isinstance(shardings, jax.sharding.Mesh):
     shardings = sharding.param_shardings(jax.eval_shape(model.init, jax.random.key(0)), shardings)
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+  tree = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       shapes, shardings)
+  return tree if lora is None else lora_lib.split(tree)[1]

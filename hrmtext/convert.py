@@ -11,6 +11,12 @@ cot=<|object_ref_end|> noisy=<|quad_start|> synth=<|quad_end|>. Change or add so
 --prompt_tokens. generate / score / evaluate then need no --tokenizer. A directory without a
 tokenizer converts too: token-id rows still work (EOA from the config's eos_token_id).
 hrmtext -> HF writes the tokenizer files and tokenizer_info.json back next to the weights.
+
+A LoRA run (trained with lora.rank > 0) converts to a PEFT adapter directory (adapter_config.json,
+adapter_model.safetensors) for transformers' HrmTextForCausalLM of its base run, which
+`peft.PeftModel.from_pretrained(HrmTextForCausalLM.from_pretrained(BASE_HF), DST)` loads (the
+command prints how to export that base); with --merge_lora, to its weights with the adapters
+merged in: a HF directory, or (--merged_format=hrmtext) an hrmtext run.
 """
 import os
 
@@ -20,12 +26,19 @@ from hrmtext import cli
 from hrmtext import hf
 from hrmtext.errors import UserError
 from hrmtext.files import atomic_path, check_writable
+from hrmtext.run import Run, save_merged
 
 _SRC = flags.DEFINE_string('src',
     None, 'HF hrm_text directory or hrmtext run/checkpoint directory.')
 _DST = flags.DEFINE_string('dst', None, 'Output directory (must not exist yet).')
 _EMA = flags.DEFINE_bool('ema',
     True, 'hrmtext -> HF: export the EMA weights when the checkpoint has them.')
+_MERGE_LORA = flags.DEFINE_bool(
+    'merge_lora', False, 'A LoRA run: write its weights with the adapters merged in (a HF '
+    'directory, or see --merged_format) instead of a PEFT adapter.')
+_MERGED_FORMAT = flags.DEFINE_enum(
+    'merged_format', 'hf', ['hf', 'hrmtext'], 'With --merge_lora: a HF hrm_text directory or '
+    'an hrmtext run (weights only, with the run\'s tokenizer).')
 _PROMPT_TOKENS = flags.DEFINE_list('prompt_tokens',
     [], 'HF -> hrmtext: KEY=TOKEN pairs overriding the released '
                   'prompt tokens; KEY is boq, eoq, eoa or a condition tag, e.g. '
@@ -45,18 +58,29 @@ def main(_):
   to_hrmtext = hf.is_hf_dir(src)
   if prompt_tokens and not to_hrmtext:
     raise UserError('--prompt_tokens applies to HF -> hrmtext only')
+  lora = not to_hrmtext and bool(Run(src).meta().get('lora'))
+  if _MERGE_LORA.value and not lora:
+    raise UserError(f'--merge_lora needs a LoRA run; {src} is none')
+  merged = 'hrmtext' if _MERGE_LORA.value and _MERGED_FORMAT.value == 'hrmtext' else 'HF hrm_text'
   print(f'HF hrm_text -> hrmtext: {src} -> {dst}' if to_hrmtext else
+        f'LoRA run -> PEFT adapter: {src} -> {dst}' if lora and not _MERGE_LORA.value else
+        f'LoRA run, merged -> {merged}: {src} -> {dst}' if lora else
         f'hrmtext -> HF hrm_text: {src} -> {dst}')
   os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+  note = ''
   try:
     with atomic_path(dst) as tmp:  # renamed into place only once complete
       if to_hrmtext:
         hf.hf_to_hrmtext(src, tmp, prompt_tokens=prompt_tokens)
+      elif lora and not _MERGE_LORA.value:
+        note = hf.lora_to_peft(src, tmp, use_ema=_EMA.value)
+      elif merged == 'hrmtext':
+        save_merged(src, tmp, use_ema=_EMA.value, final_path=dst)
       else:
         hf.hrmtext_to_hf(src, tmp, use_ema=_EMA.value)
   except cli.USER_ERRORS as e:
     raise UserError(f'cannot convert {src}: {cli.one_line(e)}') from None
-  print(f'wrote {dst}')
+  print(f'wrote {dst}' + (f'; {note}' if note else ''))
 
 
 if __name__ == '__main__':

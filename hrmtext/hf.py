@@ -14,6 +14,9 @@ by default) as the run's tokenizer (hrmtext.run), so inference needs no --tokeni
 tokenizer, token-id rows still work. Everything of the HF directory we do not model (extra config
 fields, tokenizer files, generation config, tensor dtypes) is carried in the run (its hf_files/
 and checkpoint meta) so the export is identical.
+LoRA runs export as PEFT adapters (`lora_to_peft`): per adapted module of transformers'
+HrmTextForCausalLM, PEFT's lora_A [rank, in] and lora_B [out, rank]; a fused weight's adapter
+(hrmtext.model.lora) gives one per part, the module of that part.
 """
 import json
 import os
@@ -26,15 +29,24 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.flax import load_file, save_file
+from safetensors.numpy import save_file as save_numpy_file
 
 from hrmtext import checkpoint
 from hrmtext.data.tokenizer import INFO_FILE, Tokenizer
 from hrmtext.errors import UserError
-from hrmtext.model import ModelConfig
-from hrmtext.run import Run
+from hrmtext.model import LoraConfig, ModelConfig, lora as lora_lib
+from hrmtext.run import Run, find_base
 
 WEIGHTS = 'model.safetensors'
 HF_TOKENIZER = 'tokenizer.json'
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'
+# LoRA target (hrmtext.model.lora.TARGETS) -> the module of transformers' HrmTextForCausalLM it
+# adapts, in each block of a stack or (lm_head) the model's.
+PEFT_MODULES = {
+    'attn.gate': 'self_attn.gate_proj', 'attn.q': 'self_attn.q_proj',
+    'attn.k': 'self_attn.k_proj', 'attn.v': 'self_attn.v_proj', 'attn.o': 'self_attn.o_proj',
+    'mlp.gate': 'mlp.gate_proj', 'mlp.up': 'mlp.up_proj', 'mlp.down': 'mlp.down_proj',
+    'lm_head': 'lm_head'}
 
 # transformers' HrmTextConfig field defaults (configuration_hrm_text.py, transformers 5.x).
 HF_DEFAULTS = dict(
@@ -409,8 +421,83 @@ def hrmtext_to_hf(src: str, dst: str, *, use_ema: bool = True) -> None:
   with open(os.path.join(dst, 'config.json'), 'w') as f:
     json.dump(hf, f, indent=2, sort_keys=True)
     f.write('\n')
-  if os.path.isdir(run.hf_files):
-    for name in os.listdir(run.hf_files):
-      shutil.copy2(os.path.join(run.hf_files, name), os.path.join(dst, name))
+  hf_files = run.hf_files if os.path.isdir(run.hf_files) else meta.get('hf_files')  # LoRA: base's
+  if hf_files:
+    for name in os.listdir(hf_files):
+      shutil.copy2(os.path.join(hf_files, name), os.path.join(dst, name))
   if tokenizer is not None:  # the prompt tokens, next to the tokenizer's model file
     tokenizer.copy_to(dst)
+
+
+def peft_target_modules(lora: LoraConfig) -> str:
+  """PEFT's target_modules of `lora`: a regex of the full module names (PEFT matches it whole)."""
+  stacks = 'L|H' if lora.stacks == 'both' else lora.stacks
+  block = [re.escape(PEFT_MODULES[t]) for t in lora.target_names if t != 'lm_head']
+  patterns = [rf'model\.({stacks})_module\.layers\.\d+\.({"|".join(block)})'] if block else []
+  return '|'.join(patterns + (['lm_head'] if 'lm_head' in lora.target_names else []))
+
+
+def adapters_to_peft(adapters: dict, cfg: ModelConfig, lora: LoraConfig) -> dict:
+  """PEFT's tensors (`base_model.model.<module>.lora_A/B.weight`) of hrmtext adapters."""
+  out = {}
+
+  def put(module, a, b):  # a [*in, rank], b [rank, *out]
+    prefix = f'base_model.model.{module}'
+    out[f'{prefix}.lora_A.weight'] = np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
+    out[f'{prefix}.lora_B.weight'] = np.ascontiguousarray(b.reshape(b.shape[0], -1).T)
+
+  adapters = jax.tree.map(lambda x: np.asarray(x, np.float32), adapters)
+  for target in lora.target_names:
+    weight, part = lora_lib.TARGETS[target]
+    if target == 'lm_head':
+      put('lm_head', *(adapters['lm_head'][weight + s] for s in lora_lib.SUFFIXES))
+      continue
+    for stack in 'LH':
+      if not lora.adapts_stack(stack):
+        continue
+      module = adapters[stack]['layers']['attn' if target.startswith('attn.') else 'mlp']
+      a, b = (module[weight + s] for s in lora_lib.SUFFIXES)
+      if part is not None:  # [layers, in, parts, rank], [layers, parts, rank, ...]
+        j = lora.parts(weight).index(part)
+        a, b = a[:, :, j], b[:, j]
+      for i in range(cfg.layers_per_stack):
+        put(f'model.{stack}_module.layers.{i}.{PEFT_MODULES[target]}', a[i], b[i])
+  return out
+
+
+def write_peft(dst: str, cfg: ModelConfig, lora: LoraConfig, adapters: dict, *,
+               base_name: str = '') -> None:
+  """A PEFT adapter directory `dst` of `adapters` (of a `cfg` model); `base_name`: its
+  base_model_name_or_path."""
+  config_to_hf(cfg)  # only what transformers has a counterpart of
+  os.makedirs(dst, exist_ok=True)
+  save_numpy_file(adapters_to_peft(adapters, cfg, lora), os.path.join(dst, ADAPTER_WEIGHTS),
+                  metadata={'format': 'pt'})
+  config = {
+      'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'base_model_name_or_path': base_name,
+      'r': lora.rank, 'lora_alpha': lora.alpha, 'lora_dropout': lora.dropout,
+      'target_modules': peft_target_modules(lora), 'bias': 'none', 'fan_in_fan_out': False,
+      'use_rslora': False, 'use_dora': False, 'init_lora_weights': True, 'inference_mode': True,
+      'modules_to_save': None}
+  with open(os.path.join(dst, ADAPTER_CONFIG), 'w') as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+    f.write('\n')
+
+
+def lora_to_peft(src: str, dst: str, *, use_ema: bool = True) -> str:
+  """Writes LoRA run `src`'s (EMA) adapters as a PEFT adapter directory `dst`; returns a note
+  on the base model it needs (the run's base exported to HF, as those weights)."""
+  cfg, lora, adapters, meta = Run(src).load_adapters(use_ema=use_ema)
+  ref = meta['lora_base']
+  write_peft(dst, cfg, lora, adapters, base_name=ref['run'])
+  base = find_base(ref, Run(src).path)
+  flags = ('' if ref['weights'] == 'ema' else ' --noema') + (
+      ' --merge_lora' if base.meta(ref['step']).get('lora') else '')
+  note = (f'the adapters are of {base.path} step {ref["step"]} (its {ref["weights"]}): '
+          f'python -m hrmtext.convert --src {base.path} --dst BASE_HF{flags} exports that base')
+  mngr = base.manager(create=False)
+  latest = mngr.latest_step()
+  mngr.close()
+  if latest != ref['step']:
+    note += f' once step {ref["step"]} is its latest (it is {latest})'
+  return note

@@ -14,19 +14,29 @@ A step's meta: 'model', 'compute', 'config' and 'data_dir' (the absolute data ro
 an imported step's: 'model', 'horizon', 'hf_config' and 'hf_dtypes'. A reader needs the run
 directory alone, so a run keeps working when its data moves or is deleted.
 
+A LoRA run (hrmtext.model.lora) saves its adapters as params/ema/opt_state; its meta adds 'lora'
+(the LoraConfig), 'lora_base' (`Run.reference` to the frozen weights it adapts: that run's path,
+absolute and relative to this one, step, EMA or params, and the digest of the step's checksums)
+and 'lora_size'. Reading its weights reads the base's and merges the adapters in: every reader
+of a run reads a LoRA run too, as long as its base is where it was (or at the same relative
+place) and unchanged.
+
 Runs saved before the run kept its tokenizer still load: their meta 'tokenizer' names the sampled
 set they trained on (its tokenizer, and by its parent the data root), and an imported one keeps
 its tokenizer_info.json beside checkpoints/.
 """
+import functools
 import json
 import os
 import shutil
+
+import jax
 
 from hrmtext import checkpoint
 from hrmtext.data.tokenizer import INFO_FILE, Tokenizer
 from hrmtext.errors import UserError
 from hrmtext.files import atomic_open, atomic_path
-from hrmtext.model import ModelConfig
+from hrmtext.model import LoraConfig, ModelConfig, lora as lora_lib
 
 CHECKPOINTS = 'checkpoints'
 TOKENIZER = 'tokenizer'
@@ -59,17 +69,71 @@ class Run:
   def load_weights(self, *, use_ema: bool = True, step: int | None = None, shardings=None
                    ) -> tuple[ModelConfig, dict, dict]:
     """(ModelConfig, params, meta) of the latest (or given) step: its EMA weights when saved, on
-    `shardings` (hrmtext.checkpoint.abstract_params)."""
+    `shardings` (hrmtext.checkpoint.abstract_params). A LoRA run's: its base's weights with its
+    (EMA) adapters merged in, and its meta with the base's HF config and files."""
+    cfg, params, meta, lora = self._read(use_ema, step, shardings)
+    if lora is None:
+      return cfg, params, meta
+    base_run = find_base(meta['lora_base'], self.path)
+    _, base, base_meta = base_run.load_weights(
+        use_ema=meta['lora_base']['weights'] == 'ema', step=meta['lora_base']['step'],
+        shardings=shardings)
+    merge = jax.jit(functools.partial(lora_lib.merge, lora=lora),
+                    out_shardings=jax.tree.map(lambda x: x.sharding, base))
+    inherited = {k: base_meta[k] for k in ('hf_config', 'hf_dtypes', 'hf_files') if k in base_meta}
+    if os.path.isdir(base_run.hf_files):
+      inherited['hf_files'] = base_run.hf_files
+    return cfg, merge(lora_lib.combine(base, params)), {**inherited, **meta}
+
+  def meta(self, step: int | None = None) -> dict:
+    """The meta of the latest (or given) step."""
+    mngr = self.manager(create=False)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint under {os.path.abspath(self.checkpoints)}')
+    meta = checkpoint.read_meta(mngr, step)
+    mngr.close()
+    return meta
+
+  def load_adapters(self, *, use_ema: bool = True, step: int | None = None
+                    ) -> tuple[ModelConfig, LoraConfig, dict, dict]:
+    """(ModelConfig, LoraConfig, adapters, meta) of a LoRA run's latest (or given) step."""
+    cfg, adapters, meta, lora = self._read(use_ema, step, None)
+    if lora is None:
+      raise UserError(f'{self.path} is no LoRA run (its checkpoint has no adapters)')
+    return cfg, lora, adapters, meta
+
+  def _read(self, use_ema: bool, step: int | None, shardings):
+    """(ModelConfig, the saved params or EMA (a LoRA run's: adapters), meta, LoraConfig or
+    None)."""
     mngr = self.manager(create=False)
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint under {os.path.abspath(self.checkpoints)}')
     meta = checkpoint.read_meta(mngr, step)
     cfg = ModelConfig.from_dict(meta['model'])
+    lora = LoraConfig.from_dict(meta['lora']) if meta.get('lora') else None
     item = 'ema' if use_ema and 'ema' in checkpoint.saved_items(mngr, step) else 'params'
-    params = checkpoint.restore(mngr, step, **{item: checkpoint.abstract_params(cfg, shardings)})
+    params = checkpoint.restore(mngr, step, **{
+        item: checkpoint.abstract_params(cfg, shardings, lora)})
     mngr.close()
-    return cfg, params[item], meta
+    return cfg, params[item], meta, lora
+
+  def reference(self, *, use_ema: bool, relative_to: str, step: int | None = None) -> dict:
+    """What a LoRA run records of its base, this run's latest (or given) step: the run's path
+    (absolute, and relative to `relative_to`, the LoRA run's), the step, which weights (its EMA
+    when `use_ema` and saved) and the digest of its checksums (hrmtext.checkpoint.digest)."""
+    mngr = self.manager(create=False)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint under {os.path.abspath(self.checkpoints)}')
+    ema = use_ema and 'ema' in checkpoint.saved_items(mngr, step)
+    ref = {'run': os.path.abspath(self.path),
+           'relative': os.path.relpath(self.path, os.path.abspath(relative_to)),
+           'step': step, 'weights': 'ema' if ema else 'params',
+           'checksum': checkpoint.digest(mngr, step)}
+    mngr.close()
+    return ref
 
   # ---- tokenizer ----------------------------------------------------------------------------
 
@@ -136,6 +200,46 @@ class Run:
     with atomic_open(self.metrics_file) as f:
       f.writelines(line if line.endswith('\n') else line + '\n' for line in kept)
     return sum(row is None for _, row in rows)
+
+
+def find_base(ref: dict, lora_run: str) -> Run:
+  """The run that `ref` (Run.reference) of LoRA run `lora_run` refers to: at its absolute path,
+  else at its place relative to the LoRA run (the two moved together); UserError when it is
+  gone or its step's checksums changed (not the weights the adapters were trained on)."""
+  for path in (ref['run'], os.path.join(lora_run, ref['relative'])):
+    run = Run(path)
+    if os.path.isdir(os.path.join(run.checkpoints, str(ref['step']))):
+      mngr = run.manager(create=False)
+      digest = checkpoint.digest(mngr, ref['step'])
+      mngr.close()
+      if digest != ref['checksum']:
+        raise UserError(f'{run.path} step {ref["step"]}, the base of LoRA run {lora_run}, changed '
+                        f'since the adapters were trained on it (its checksums differ)')
+      return run
+  raise UserError(f'the base of LoRA run {lora_run}, {ref["run"]} step {ref["step"]}, is gone '
+                  f'(moved? or the step deleted by a later save)')
+
+
+def save_merged(src: str, dst: str, *, use_ema: bool = True, final_path: str = '') -> None:
+  """A weights-only run at `dst` with LoRA run `src`'s weights merged (its EMA adapters unless
+  not `use_ema`), its tokenizer, and its base's HF files (so its HF export is as the base's).
+  `final_path`: where `dst` will be (written elsewhere first), for the reference to `src`."""
+  run, out = Run(src), Run(dst)
+  cfg, params, meta = run.load_weights(use_ema=use_ema)
+  if 'lora' not in meta:
+    raise UserError(f'{src} is no LoRA run: it has nothing to merge')
+  kept = {k: meta[k] for k in ('compute', 'config', 'data_dir', 'hf_config', 'hf_dtypes')
+          if k in meta}
+  mngr = out.manager(async_save=False)
+  checkpoint.save(mngr, 0, params=params, meta={
+      'model': cfg.to_dict(), **kept,
+      'merged_from': run.reference(use_ema=use_ema, relative_to=final_path or dst)})
+  mngr.close()
+  tokenizer = run.tokenizer(meta)
+  if tokenizer is not None:
+    out.save_tokenizer(tokenizer)
+  if meta.get('hf_files'):
+    shutil.copytree(meta['hf_files'], out.hf_files)
 
 
 def _json_or_none(line: str):

@@ -167,6 +167,9 @@ ROWS = {
                               'train.epochs=0'),
     'train: train.steps<0': ('train', ('--workdir', '{out}', '--config.train.steps=-1'),
                              'train.steps=-1'),
+    'train: unknown lora target': ('train', ('--workdir', '{out}', '--config.lora.rank=4',
+                                             '--config.lora.targets=attn.x'),
+                                   "lora.targets: unknown 'attn.x'"),
 }
 if importlib.util.find_spec('apache_beam') is None:  # the optional engine, asked for without it
   ROWS['prepare: --engine beam without Beam'] = ('prepare', (

@@ -13,10 +13,10 @@ from safetensors.numpy import load_file
 from tests import hf_oracle
 
 
-def convert(src, dst):
+def convert(src, dst, *flags):
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}  # no accelerator plugin start-up noise
-  return subprocess.run([sys.executable, '-m', 'hrmtext.convert', f'--src={src}', f'--dst={dst}'],
-                        capture_output=True, text=True, env=env)
+  return subprocess.run([sys.executable, '-m', 'hrmtext.convert', f'--src={src}', f'--dst={dst}',
+                         *flags], capture_output=True, text=True, env=env)
 
 
 @hf_oracle.needs_hf

@@ -71,7 +71,7 @@ class HeldoutGeneration:
                **kwargs)
 
   def __call__(self, step: int, state) -> dict:
-    self.engine.params = state.ema  # placed on the mesh, a no-op for the training state's
+    self.engine.params = state.weights()  # placed on the mesh: a no-op for the training state's
     results = evaluate(self.tasks, *model_fns(self.engine, self.tok), limit=self.limit,
                        progress=False)
     metrics = {f'eval_gen/{task}/{name}': value for task, task_metrics in results.items()

@@ -7,28 +7,37 @@ and inputs: JAX then stores no residuals and does no backward work for it.
 import collections
 import dataclasses
 import functools
+import itertools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hrmtext.errors import UserError
 from hrmtext.model import cache as kv_cache
 from hrmtext.model import loss
 from hrmtext.model.attention import AttentionMask, PackedRuns, auto_implementation
 from hrmtext.model.config import REMAT_POLICIES, ComputeConfig, ModelConfig
 from hrmtext.model.horizon import Horizon, full_horizon
 from hrmtext.model.layers import Embed, LMHead, Stack, rope_tables, truncated_normal
+from hrmtext.model.lora import LoraConfig
 
 
 class LanguageModel:
-  """Shared embedding / LM head; subclasses define the stacks and `hidden_states`."""
+  """Shared embedding / LM head; subclasses define the stacks and `hidden_states`. With `lora`,
+  the parameters hold LoRA adapters beside the weights they adapt (hrmtext.model.lora)."""
   stacks: tuple = ()
 
-  def __init__(self, cfg: ModelConfig, compute: ComputeConfig):
-    self.cfg, self.compute = cfg, compute
+  def __init__(self, cfg: ModelConfig, compute: ComputeConfig, lora: LoraConfig | None = None):
+    self.cfg, self.compute, self.lora = cfg, compute, lora
     self.embed = Embed(cfg, compute)
     self.stack = Stack(cfg, compute, cfg.layers_per_stack)
-    self.head = LMHead(cfg, compute)
+    self.adapted_stack = Stack(cfg, compute, cfg.layers_per_stack, lora) if lora else None
+    self.head = LMHead(cfg, compute, lora)
+
+  def stack_module(self, name: str) -> Stack:
+    """The module of stack `name`: with adapters where the LoRA config adapts it."""
+    return self.adapted_stack if self.lora and self.lora.adapts_stack(name) else self.stack
 
   def init(self, rng, z_L_init: str = 'truncated_normal') -> dict:
     """Parameters, boxed with their logical axes (`nn.unbox` to get plain arrays). `z_L_init`:
@@ -45,17 +54,19 @@ class LanguageModel:
         'lm_head': self.head.init(rng_head, x)['params'],
     }
     for name, key in zip(self.stacks, rng_stacks):
-      params[name] = self.stack.init(key, x, rope, mask)['params']
+      params[name] = self.stack_module(name).init(key, x, rope, mask)['params']
     return params
 
   def has_gradient(self, horizon: Horizon) -> dict:
     """Per top-level parameter group: does the horizon give it a gradient?"""
     return {name: True for name in ('embed', 'lm_head') + self.stacks}
 
-  def _apply_stack(self, name, params, x, rope, mask, past):
-    """One application of stack `name` (its parameters `params`): (output, its keys/values)."""
-    return self.stack.apply({'params': params}, x, rope, mask, past,
-                            final_norm=self.cfg.has_final_norm(name))
+  def _apply_stack(self, name, params, x, rope, mask, past, rng=None):
+    """One application of stack `name` (its parameters `params`): (output, its keys/values).
+    `rng`: the adapters' dropout (training a LoRA model)."""
+    return self.stack_module(name).apply(
+        {'params': params}, x, rope, mask, past, final_norm=self.cfg.has_final_norm(name),
+        rngs={} if rng is None else {'dropout': rng})
 
   def head_logits(self, params, hidden):
     """float32 logits [batch, len, vocab] of final hidden states."""
@@ -65,11 +76,13 @@ class LanguageModel:
     hidden, _ = self.hidden_states(params, batch, horizon)
     return self.head_logits(params, hidden)
 
-  def loss_sums(self, params, batch, horizon: Horizon | None = None, loss_chunk_len: int = 0):
+  def loss_sums(self, params, batch, horizon: Horizon | None = None, loss_chunk_len: int = 0,
+                rng=None):
     """Summed loss/accuracy counts (`loss.loss_and_metrics`) of a packed batch. With
     `loss_chunk_len`, logits are computed that many positions at a time (same values, a chunk's
-    logits live instead of the whole batch's: `loss.chunked_token_stats`)."""
-    hidden, _ = self.hidden_states(params, batch, horizon)
+    logits live instead of the whole batch's: `loss.chunked_token_stats`). `rng`: the LoRA
+    adapters' dropout."""
+    hidden, _ = self.hidden_states(params, batch, horizon, rng=rng)
     labels = batch['labels']
     logits_fn = functools.partial(self.head_logits, params)
     if 0 < loss_chunk_len < labels.shape[1]:
@@ -77,6 +90,13 @@ class LanguageModel:
     else:
       stats = loss.token_stats(logits_fn(hidden), labels)
     return loss.sums_from_token_stats(*stats, labels, batch['segment_ids'])
+
+  def frozen_base(self, base):
+    """A LoRA model's frozen base as training holds it: the stacks and LM head in
+    lora.base_dtype (default: the compute dtype, which the forward casts them to anyway)."""
+    dtype = jnp.dtype(self.lora.base_dtype or self.compute.dtype)
+    return {name: jax.tree.map(lambda p: p.astype(dtype), sub)
+            if name in self.stacks + ('lm_head',) else sub for name, sub in base.items()}
 
   def _stacks_in_compute_dtype(self, params):
     """The stacks' weights cast to the compute dtype once per forward pass, outside the layer and
@@ -110,12 +130,12 @@ class Transformer(LanguageModel):
   def cache_slots(self):
     return {'stack': 1}
 
-  def hidden_states(self, params, batch, horizon=None, cache=None):
+  def hidden_states(self, params, batch, horizon=None, cache=None, rng=None):
     params = self._stacks_in_compute_dtype(params)
     x, rope, mask = self._inputs(params, batch)
     applications = kv_cache.Applications(cache)
     x, new = self._apply_stack('stack', params['stack'], x, rope, mask,
-                               applications.next('stack'))
+                               applications.next('stack'), rng)
     applications.give('stack', new)
     return x, applications.new_entries()
 
@@ -175,9 +195,10 @@ class Recurrent(LanguageModel):
     return {'lm_head': True, 'z_L_init': False,  # z_L_init is a fixed, untrained state
             **{name: name in reached for name in ('embed',) + self.stacks}}
 
-  def hidden_states(self, params, batch, horizon=None, cache=None):
+  def hidden_states(self, params, batch, horizon=None, cache=None, rng=None):
     """Final hidden states [batch, len, hidden] and, with a `cache` (the past keys/values of every
-    stack application, read-only), the keys/values of these tokens (hrmtext.model.cache)."""
+    stack application, read-only), the keys/values of these tokens (hrmtext.model.cache). `rng`:
+    the LoRA adapters' dropout, a key of its own for each application."""
     cfg = self.cfg
     horizon = horizon or full_horizon(cfg)
     params = self._stacks_in_compute_dtype(params)
@@ -185,27 +206,35 @@ class Recurrent(LanguageModel):
     z_L = jnp.broadcast_to(jax.lax.stop_gradient(params['z_L_init']).astype(x.dtype), x.shape)
     frozen = jax.lax.stop_gradient(params)
     applications = kv_cache.Applications(cache)
+    calls = itertools.count()
 
-    def apply_stack(name, differentiable, x, past):
+    def keys(n):
+      """Dropout keys of the next call's n applications (None without dropout)."""
+      return None if rng is None else jax.random.split(jax.random.fold_in(rng, next(calls)), n)
+
+    def apply_stack(name, differentiable, x, past, key=None):
       """One application; forward-only ones see constant parameters and inputs."""
       p = params[name] if differentiable else frozen[name]
       x = x if differentiable else jax.lax.stop_gradient(x)
-      return self._apply_stack(name, p, x, rope, mask, past)
+      return self._apply_stack(name, p, x, rope, mask, past, key)
 
     def L_run(z_L, z_H, differentiable, n):
       """n applications of L on z_L + z_H: one jax.lax.scan, or, with a cache (each application
       has its own), a Python loop."""
-      step = lambda z_L, past: apply_stack(self.L_stack, differentiable, z_L + z_H, past)
+      step = lambda z_L, past, key=None: apply_stack(self.L_stack, differentiable, z_L + z_H,
+                                                     past, key)
       if cache is None:
-        return jax.lax.scan(step, z_L, None, length=n, unroll=self.compute.unroll_loops)[0]
+        return jax.lax.scan(lambda z_L, key: step(z_L, None, key), z_L, keys(n), length=n,
+                            unroll=self.compute.unroll_loops)[0]
       for _ in range(n):
         z_L, new = step(z_L, applications.next(self.L_stack))
         applications.give(self.L_stack, new)
       return z_L
 
     def H_step(z_H, z_L, differentiable):
+      key = None if rng is None else keys(1)[0]
       z_H, new = apply_stack(self.H_stack, differentiable, z_H + z_L if self.inject_H else z_L,
-                             applications.next(self.H_stack))
+                             applications.next(self.H_stack), key)
       applications.give(self.H_stack, new)
       return z_H
 
@@ -247,14 +276,17 @@ MODELS = {'hrm': HrmText, 'transformer': Transformer, 'ut': UniversalTransformer
 
 
 def build_model(cfg: ModelConfig, compute: ComputeConfig = ComputeConfig(),
-                device=None) -> LanguageModel:
+                device=None, lora: LoraConfig | None = None) -> LanguageModel:
   """The model of `cfg` run as `compute` says, on `device` (default: this host's first): an
   'auto' attention kernel is resolved here, once, for that device (a compile-only target's too),
   so `model.compute` says which kernel runs. An 'auto' remat policy not fitted to memory
-  (training.fit) is the most frugal one."""
+  (training.fit) is the most frugal one. `lora` (rank > 0): with LoRA adapters."""
+  lora = lora if lora and lora.rank else None
+  if lora and cfg.single_stack and lora.stacks != 'both':
+    raise UserError(f'lora.stacks {lora.stacks!r}: {cfg.architecture} has one stack (use both)')
   if compute.attention == 'auto':
     kernel = auto_implementation(device or jax.devices()[0], compute.dtype)
     compute = dataclasses.replace(compute, attention=kernel)
   if compute.remat_policy == 'auto':
     compute = dataclasses.replace(compute, remat_policy=REMAT_POLICIES[-1])
-  return MODELS[cfg.architecture](cfg, compute)
+  return MODELS[cfg.architecture](cfg, compute, lora)

@@ -10,6 +10,7 @@ from hrmtext.errors import UserError
 from hrmtext.data.config import data_config
 from hrmtext.model.attention import auto_implementation
 from hrmtext.model.config import ComputeConfig, ModelConfig
+from hrmtext.model.lora import LoraConfig
 from hrmtext.training import schedules, step
 
 
@@ -86,6 +87,12 @@ def base_config() -> ml_collections.ConfigDict:
   # weight decay and EMA decay; 'ema' / 'params': its EMA / raw weights, a fresh optimizer and EMA.
   c.init_from = ''
   c.init_mode = 'continue'
+  # LoRA (hrmtext.model.lora; rank 0: off): adapters of rank `rank` (scale alpha / rank, dropout
+  # on their input) on the `targets` projections (attn.q/k/v/gate/o, mlp.gate/up/down, lm_head;
+  # groups attn, mlp, all) of the `stacks` ('both', 'H', 'L') train, the weights of `init_from`
+  # (its EMA with init_mode ema, else its params) stay frozen in `base_dtype` ('': the compute
+  # dtype). Checkpoints hold the adapters and refer to that run.
+  c.lora = ml_collections.ConfigDict(LoraConfig().to_dict())
   return c
 
 
@@ -144,6 +151,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       value = value.get(key) if value is not None else None
     if value is not None and not fine(value, config):
       raise UserError(f'config {field}={value!r}: must be {requirement}')
+  LoraConfig.from_dict(config.get('lora'))  # its own checks
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:

@@ -18,11 +18,11 @@ from hrmtext.data import pipeline
 from hrmtext.data.layout import SampledSet
 from hrmtext.data.tokenizer import Tokenizer
 from hrmtext.errors import UserError
-from hrmtext.model import ModelConfig
+from hrmtext.model import ModelConfig, lora
 from hrmtext.model.flops import peak_flops, train_flops_per_token
 from hrmtext.parallel import distributed, sharding
 from hrmtext.parallel.mesh import make_mesh
-from hrmtext.run import Run
+from hrmtext.run import Run, find_base
 from hrmtext.training import optimizer
 from hrmtext.training.config import validate
 from hrmtext.training.program import build_program
@@ -99,6 +99,14 @@ def stop_signals(received: set):
       signal.signal(sig, handler)
 
 
+def lora_size(state: TrainState) -> dict:
+  """What a LoRA run's checkpoints hold: its trainable parameters and the bytes of their arrays
+  (adapters, EMA, optimizer state)."""
+  arrays = jax.tree.leaves((state.params, state.ema, state.opt_state))
+  return {'params': lora.count(state.params),
+          'bytes': sum(x.size * x.dtype.itemsize for x in arrays)}
+
+
 def check_batch_split(rows: int, micro_batches: int, batch_shards: int) -> None:
   """A step's rows must split evenly into micro-batches, each over the batch shards."""
   if rows < 1 or micro_batches < 1 or rows % (micro_batches * batch_shards):
@@ -124,7 +132,7 @@ class HeldoutLoss:
     self.trainer, self.every_steps = trainer, trainer.config.eval.every_steps
 
   def __call__(self, step: int, state: TrainState) -> dict:
-    return self.trainer.evaluate(state.ema)
+    return self.trainer.evaluate(state.weights())
 
 
 class Trainer:
@@ -170,10 +178,14 @@ class Trainer:
     # Copied into the run as it starts; a resumed run's data must have been made with its copy.
     self.tokenizer = self._data_tokenizer(sampled.directory)
     self._signals = set()  # names of the stop signals this process got
+    self.base_ref = None  # a LoRA run's reference to its base (hrmtext.run.Run.reference)
     if self.resume_step is not None:
       self._check_resume()
     elif config.init_from:
       self._check_init_from()  # user errors surface here, before any training starts
+    elif self.program.lora:
+      raise UserError('lora.rank > 0 trains adapters of the weights of another run: set '
+                      'init_from')
 
   def _check_init_from(self) -> None:
     """FileNotFoundError / ValueError unless `init_from` holds a checkpoint of this model (and,
@@ -186,10 +198,17 @@ class Trainer:
     if step is None:
       raise FileNotFoundError(
           f'init_from: no checkpoint under {os.path.abspath(Run(source).checkpoints)}')
-    cfg = ModelConfig.from_dict(checkpoint.read_meta(mngr, step)['model'])
+    meta = checkpoint.read_meta(mngr, step)
+    cfg = ModelConfig.from_dict(meta['model'])
     missing = {'opt_state', 'ema'} - checkpoint.saved_items(mngr, step)
     mngr.close()
     self._check_same_model(cfg, f'init_from {source}')
+    if self.program.lora:  # its weights are the frozen base, whatever else it holds
+      return
+    if mode == 'continue' and meta.get('lora'):
+      raise UserError(f'init_mode continue needs the optimizer state of the weights; {source} is '
+                      f'a LoRA run, whose optimizer state is its adapters\' (use '
+                      f'--config.init_mode=ema or params: its weights with the adapters merged)')
     if mode == 'continue' and missing:
       raise UserError(f'init_mode continue needs the optimizer state and EMA of a training run; '
                       f'{source} step {step} has no {" or ".join(sorted(missing))} '
@@ -204,8 +223,15 @@ class Trainer:
                         f'run\'s ({self.run_dir.tokenizer_dir})')
       self.run_dir.check_tokenizer(self.tokenizer)
     step = self.resume_step
-    saved = ModelConfig.from_dict(checkpoint.read_meta(self.mngr, step)['model'])
+    meta = checkpoint.read_meta(self.mngr, step)
+    saved = ModelConfig.from_dict(meta['model'])
     self._check_same_model(saved, f'{self.workdir} step {step} (resuming)')
+    # The adapters' shapes and meaning must match; the dropout may change.
+    adapters = lambda d: {k: v for k, v in (d or {}).items() if k != 'dropout'}
+    ours = self.program.lora.to_dict() if self.program.lora else None
+    if adapters(meta.get('lora')) != adapters(ours):
+      raise UserError(f'{self.workdir} step {step} (resuming) has other LoRA adapters: '
+                      f'{meta.get("lora")} (this run {ours})')
 
   def _data_tokenizer(self, sampled_dir: str) -> Tokenizer | None:
     """The tokenizer the data was made with; None, said in a note, when its model file is not
@@ -226,6 +252,8 @@ class Trainer:
 
   def _initial_state(self) -> tuple[TrainState, int]:
     """Resume from the workdir, else start from `init_from` weights, else from scratch."""
+    if self.program.lora:
+      return self._initial_lora_state()
     step = self.resume_step
     abstract = self.program.abstract_state()
     if step is not None:
@@ -255,6 +283,30 @@ class Trainer:
       state = state.replace(params=params, ema=optimizer.ema_init(params))
     return state, 0
 
+  def _initial_lora_state(self) -> tuple[TrainState, int]:
+    """A LoRA run's adapters (resumed, or fresh) and the frozen base they adapt: the weights of
+    init_from (its EMA with init_mode ema, else its params), found by the run's reference."""
+    step = self.resume_step
+    if step is not None:
+      self.say(f'resuming from {self.mngr.directory} step {step}')
+      abstract = self.program.abstract_state()
+      items = checkpoint.restore(self.mngr, step, params=abstract.params, ema=abstract.ema,
+                                 opt_state=abstract.opt_state)
+      state = TrainState(jnp.asarray(step, jnp.int32), items['params'], items['ema'],
+                         items['opt_state'])
+      self.base_ref = checkpoint.read_meta(self.mngr, step)['lora_base']
+    else:
+      state, step = self.program.init_state(base=False), 0
+      self.base_ref = Run(self.config.init_from).reference(
+          use_ema=self.config.init_mode == 'ema', relative_to=self.workdir)
+    ref, shardings = self.base_ref, self.program.state_shardings.base
+    _, base, _ = find_base(ref, self.workdir).load_weights(
+        use_ema=ref['weights'] == 'ema', step=ref['step'], shardings=shardings)
+    base = jax.jit(self.program.model.frozen_base, out_shardings=shardings)(base)
+    self.say(f'LoRA adapters of {ref["run"]} step {ref["step"]} (its {ref["weights"]}, frozen '
+             f'in {jax.tree.leaves(base["lm_head"])[0].dtype})')
+    return state.replace(base=base), step
+
   def _global_batch(self, local: dict) -> dict:
     micro = self.config.train.micro_batches
     out = {}
@@ -276,6 +328,9 @@ class Trainer:
     """A checkpoint of `state` with its meta (hrmtext.run)."""
     meta = {'model': self.model_cfg.to_dict(), 'compute': self.program.compute.to_dict(),
             'config': self.config.to_dict(), 'data_dir': os.path.abspath(self.config.data.dir)}
+    if self.program.lora:
+      meta.update(lora=self.program.lora.to_dict(), lora_base=self.base_ref,
+                  lora_size=lora_size(state))
     checkpoint.save(self.mngr, step, meta=meta,
                     params=state.params, ema=state.ema, opt_state=state.opt_state)
 
@@ -303,8 +358,13 @@ class Trainer:
         self.say(f'{self.run_dir.metrics_file}: dropping {unreadable} unreadable line(s)')
     device_peak = peak_flops(jax.devices()[0].device_kind)
     tokens_per_step = self.global_rows * config.data.seq_len
-    params_m = sum(x.size for x in jax.tree.leaves(state.params)) / 1e6
+    params_m = sum(x.size for x in jax.tree.leaves(state.weights())) / 1e6
     compute = self.program.compute
+    if self.program.lora:
+      size, frozen = lora_size(state), lora.count(state.base)
+      self.say(f'LoRA: {size["params"]:,} trainable parameters ({size["params"] / frozen:.2%} of '
+               f'the {frozen:,} frozen ones), checkpoints of {size["bytes"] / 2**20:.2f} MiB '
+               f'(adapters, EMA, moments)')
     self.say(f'model {self.model_cfg.architecture}: {params_m:.2f}M params; {self.total_steps} '
              f'steps of {tokens_per_step} tokens; mesh {dict(self.mesh.shape)}; attention '
              f'{compute.attention}, {compute.dtype}, remat {compute.remat_policy}')

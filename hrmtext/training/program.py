@@ -12,7 +12,7 @@ import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hrmtext.data.packing import field_shapes
-from hrmtext.model import ComputeConfig, Horizon, ModelConfig, build_model
+from hrmtext.model import ComputeConfig, Horizon, ModelConfig, build_model, lora
 from hrmtext.parallel import sharding
 from hrmtext.training import fit, optimizer, schedules
 from hrmtext.training.config import resolve, validate
@@ -30,12 +30,18 @@ class TrainProgram:
     self.config, self.mesh, self.total_steps = config, mesh, tc.steps
     self.model_cfg = ModelConfig.from_dict(config.model)
     self.compute = ComputeConfig.from_dict(config.compute)
-    self.model = build_model(self.model_cfg, self.compute, device=mesh.devices.flat[0])
+    # LoRA (rank > 0): the adapters train, the base weights stay as loaded (None: full training).
+    self.lora = lora.LoraConfig.from_dict(config.get('lora'))
+    self.lora = self.lora if self.lora.rank else None
+    self.model = build_model(self.model_cfg, self.compute, device=mesh.devices.flat[0],
+                             lora=self.lora)
     # step (0-based) -> the credit horizon of its update
     self.horizon = schedules.horizon_schedule(tc.horizon, self.model_cfg, tc.steps)
     self.schedule = schedules.warmup_cosine(tc.lr, tc.warmup_steps, tc.steps, tc.lr_min_ratio)
     self.tx = optimizer.adam_atan2(self.schedule, tc.b1, tc.b2, tc.weight_decay)
     self.state_shardings = state_shardings(self.model, mesh)
+    # Of the model's parameters (a LoRA model's: base and adapters), as evals take them.
+    self.weight_shardings = self.state_shardings.weights()
     self.row_sharding = sharding.batch_sharding(mesh)  # [rows, len]
     self.batch_sharding = NamedSharding(  # [micro_batches, rows, len]
         mesh, PartitionSpec(None, *self.row_sharding.spec))
@@ -45,9 +51,12 @@ class TrainProgram:
     return init_state(self.model, self.tx, jax.random.key(self.config.train.seed),
                       z_L_init=self.config.train.z_L_init)
 
-  def init_state(self) -> TrainState:
-    """A fresh train state, created sharded."""
-    return jax.jit(self.init_fn, out_shardings=self.state_shardings)()
+  def init_state(self, base: bool = True) -> TrainState:
+    """A fresh train state, created sharded; without its (random) LoRA base unless `base`."""
+    if base:
+      return jax.jit(self.init_fn, out_shardings=self.state_shardings)()
+    return jax.jit(lambda: self.init_fn().replace(base=None),
+                   out_shardings=self.state_shardings.replace(base=None))()
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs of the train state on its shardings (nothing allocated)."""
@@ -66,7 +75,7 @@ class TrainProgram:
   def train_step(self, horizon: Horizon):
     """(state, batch) -> (state, metrics), jitted; the state is donated."""
     step = make_train_step(self.model, self.tx, horizon, self.config.train.ema_decay,
-                           self.loss_chunk_len)
+                           self.loss_chunk_len, self.config.train.seed)
     return jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
                    out_shardings=(self.state_shardings, None), donate_argnums=0)
 
@@ -82,9 +91,10 @@ class TrainProgram:
 
   @functools.cached_property
   def eval_step(self):
-    """(params, batch [rows, len]) -> summed loss/accuracy counts, jitted."""
+    """(weights (`TrainState.weights`), batch [rows, len]) -> summed loss/accuracy counts,
+    jitted."""
     return jax.jit(make_eval_step(self.model, self.loss_chunk_len),
-                   in_shardings=(self.state_shardings.params, self.row_sharding))
+                   in_shardings=(self.weight_shardings, self.row_sharding))
 
 
 def compiled_bytes(compiled) -> int:
