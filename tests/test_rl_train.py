@@ -218,3 +218,26 @@ def test_help(tmp_path):
   result = run_rl(tmp_path / 'unused', '--help')  # absl exits 1 after printing the help
   assert 'python -m hrmtext.rl' in result.stdout and '--compile_only' in result.stdout, (
       result.stdout + result.stderr)
+
+
+@pytest.mark.slow
+def test_rl_on_lora_adapters_only(setup, tmp_path):
+  """--config.lora.rank: the policy is init_from's frozen weights plus adapters, which alone
+  train (and are what the checkpoints hold, with the reference to the base)."""
+  from hrmtext.run import Run
+  _, init, overrides, _ = setup
+  workdir = tmp_path / 'lora'
+  result = run_rl(workdir, *overrides, '--config.train.steps=2', '--config.lora.rank=4',
+                  '--config.rl.kl_coef=0.1')
+  assert_ok(result)
+  rows = read_metrics(workdir)
+  assert rows[2]['grad_norm'] > 0 and rows[2]['kl'] >= 0
+  meta = Run(str(workdir)).meta()
+  assert meta['lora']['rank'] == 4 and meta['lora_base']['weights'] == 'ema'
+  # The merged weights differ from init_from's only through the adapters' B A products.
+  _, merged, _ = Run(str(workdir)).load_weights(use_ema=False)
+  _, start, _ = load(init, use_ema=True)
+  import jax
+  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(merged),
+                                                       jax.tree.leaves(start))]
+  assert any(changed) and not all(changed)  # the embeddings, norms carry no adapter

@@ -1,6 +1,7 @@
 """The policy-gradient train step: per-token log-probs of the sampled responses under the train
 forward (the credit horizon applies), the clipped surrogate of rl.objective, then the optimizer
-update and EMA exactly as supervised training does them."""
+update and EMA exactly as supervised training does them. A LoRA model's state trains its adapters
+(`params`) on its frozen `base`, as training.step's."""
 import functools
 
 import jax
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from hrmtext.data.packing import IGNORE_LABEL
-from hrmtext.model import Horizon, LanguageModel
+from hrmtext.model import Horizon, LanguageModel, lora
 from hrmtext.model.loss import chunked_token_stats
 from hrmtext.rl import objective
 from hrmtext.training import optimizer
@@ -41,8 +42,8 @@ def make_rl_step(model: LanguageModel, tx, horizon: Horizon, ema_decay: float, *
   (the log-probs before the update) is what the later inner steps take as `old_logp`. The
   micro-batches' losses add up to the batch's."""
 
-  def loss_fn(params, batch):
-    logp, ent = response_stats(model, params, batch, horizon, chunk_len)
+  def loss_fn(params, base, batch):
+    logp, ent = response_stats(model, lora.combine(base, params), batch, horizon, chunk_len)
     old_logp = batch['old_logp'] if 'old_logp' in batch else jax.lax.stop_gradient(logp)
     loss, sums = objective.policy_loss(
         logp, old_logp, batch['advantages'], batch['weights'], clip_low=clip_low,
@@ -50,20 +51,22 @@ def make_rl_step(model: LanguageModel, tx, horizon: Horizon, ema_decay: float, *
     sums = {**sums, 'loss': loss, 'entropy': jnp.sum(batch['weights'] * ent)}
     return loss, (sums, jax.lax.stop_gradient(logp))
 
-  def micro_step(params, carry, micro_batch):
-    grads, (sums, logp) = jax.grad(loss_fn, has_aux=True)(params, micro_batch)
+  def micro_step(params, base, carry, micro_batch):
+    grads, (sums, logp) = jax.grad(loss_fn, has_aux=True)(params, base, micro_batch)
     return jax.tree.map(jnp.add, carry, (grads, sums)), logp
 
   def rl_step(state: TrainState, batch):
     zero_sums = dict.fromkeys(('clip_fraction', 'kl', 'loss', 'entropy'), jnp.zeros(()))
     zeros = (jax.tree.map(jnp.zeros_like, state.params), zero_sums)
-    (grads, sums), logp = jax.lax.scan(lambda c, b: micro_step(state.params, c, b), zeros, batch)
+    (grads, sums), logp = jax.lax.scan(lambda c, b: micro_step(state.params, state.base, c, b),
+                                       zeros, batch)
     mask = grad_mask(model, horizon, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_mask=mask)
     params = optax.apply_updates(state.params, updates)
     ema = optimizer.ema_update(state.ema, params, ema_decay, mask)
     metrics = {**sums, 'grad_norm': optax.global_norm(grads)}
-    return TrainState(state.step + 1, params, ema, opt_state), metrics, logp
+    state = state.replace(step=state.step + 1, params=params, ema=ema, opt_state=opt_state)
+    return state, metrics, logp
 
   return rl_step
 

@@ -7,14 +7,12 @@ A step's prompts and sampling streams are pure functions of (seed, step), and th
 training state: a run killed at any point resumes from its last checkpoint bitwise.
 """
 import os
-import sys
 import time
 
 import jax
 import ml_collections
 import numpy as np
 from tensorboardX import SummaryWriter
-from tqdm import tqdm
 
 from hrmtext import checkpoint
 from hrmtext.errors import UserError
@@ -29,14 +27,15 @@ from hrmtext.rl.config import validate_rl
 from hrmtext.rl.program import FLOAT_FIELDS, RLProgram
 from hrmtext.rl.step import make_logp
 from hrmtext.run import Run
-from hrmtext.training import optimizer
 from hrmtext.training.config import validate
-from hrmtext.training.loop import stop_signals
+from hrmtext.training.loop import TrainStateStore, stop_signals
 from hrmtext.training.step import TrainState
 
 
-class RLTrainer:
-  """Everything an RL run needs, built from the config; `run()` trains to train.steps."""
+class RLTrainer(TrainStateStore):
+  """Everything an RL run needs, built from the config; `run()` trains to train.steps. The state
+  starts, resumes and saves as a training run's (TrainStateStore): with `lora.rank` > 0 only
+  adapters of init_from's frozen weights train."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     validate(config)
@@ -66,16 +65,22 @@ class RLTrainer:
     self.prompts = prompts.load(prompt_path, config.rl.tasks)
     self.instructions = [self.tokenizer.encode_instruction(r['instruction'], r['condition'])
                          for r in self.prompts]
-    self.program = RLProgram(config, self.mesh, vocab_size=self.tokenizer.vocab_size,
-                             eoa=self.tokenizer.eoa,
-                             max_prompt_len=max(map(len, self.instructions)), log=self.say)
-    self.config = config = self.program.config
-    self.engine, self.rows = self.program.engine, self.program.rows
-    rl = config.rl
-    self.sampling = Sampling(rl.temperature, rl.top_p)
+    self.rl = RLProgram(config, self.mesh, vocab_size=self.tokenizer.vocab_size,
+                        eoa=self.tokenizer.eoa, max_prompt_len=max(map(len, self.instructions)),
+                        log=self.say)
+    self.program = self.rl.train
+    self.config = config = self.rl.config
+    self.model_cfg, self.total_steps = self.program.model_cfg, config.train.steps
+    self.engine, self.rows = self.rl.engine, self.rl.rows
+    self.sampling = Sampling(config.rl.temperature, config.rl.top_p)
     self.mngr = self.run_dir.manager(max_to_keep=config.checkpoint.keep,
                                      async_save=config.checkpoint.async_save)
     self.resume_step = checkpoint.latest_intact_step(self.mngr)
+    self.base_ref = None
+    if self.resume_step is not None:
+      self._check_resumed_model()
+    else:
+      self._check_init_from()
     self.evaluator = self._heldout_generation()
     self._signals = set()
 
@@ -92,7 +97,7 @@ class RLTrainer:
     if not names:
       return None
     tasks = heldout_tasks(cfg.data.dir, names=names, max_new_tokens=cfg.rl.max_new_tokens)
-    return HeldoutGeneration(self.program.train.model, tasks, self.tokenizer,
+    return HeldoutGeneration(self.program.model, tasks, self.tokenizer,
                              every_steps=cfg.eval.every_steps, limit=cfg.eval.generate_per_task,
                              max_new_tokens=cfg.rl.max_new_tokens, mesh=self.mesh,
                              slots=cfg.rl.slots)
@@ -102,7 +107,7 @@ class RLTrainer:
   def rollouts(self, state: TrainState, step: int) -> tuple[list, dict]:
     """The groups of `step` (informative ones only, with dynamic sampling) and their metrics."""
     rl = self.config.rl
-    self.engine.params = state.params  # the policy: already on the mesh, no copy
+    self.engine.params = state.weights(ema=False)  # the policy, already on the mesh: no copy
     kept, sampled, groups_seen = [], [], 0
     for attempt in range(rl.max_draws if rl.dynamic_sampling else 1):
       chosen = prompts.step_prompts(len(self.prompts), rl.prompts_per_step,
@@ -141,13 +146,13 @@ class RLTrainer:
         groups, self.tokenizer.eoa, rows=self.rows, seq_len=data.seq_len,
         max_segments=data.max_segments_per_row, token_level=rl.token_level,
         drop_overlong=rl.drop_overlong)
-    batch = self.program.device_batch(batch)
+    batch = self.rl.device_batch(batch)
     if rl.kl_coef:
-      batch['ref_logp'] = self._reference_logp(batch)
-    horizon = self.program.train.horizon(step - 1)
+      batch['ref_logp'] = self._reference_logp(state, batch)
+    horizon = self.program.horizon(step - 1)
     per_update = []
     for inner in range(rl.inner_steps):
-      state, metrics, logp = self.program.rl_step(horizon, inner > 0)(state, batch)
+      state, metrics, logp = self.rl.rl_step(horizon, inner > 0)(state, batch)
       if inner == 0:
         batch['old_logp'] = logp
       per_update.append(metrics)
@@ -155,47 +160,22 @@ class RLTrainer:
     per_update = jax.device_get(per_update)
     return state, {k: float(np.mean([m[k] for m in per_update])) for k in per_update[0]}
 
-  def _reference_logp(self, batch: dict):
-    """The frozen init_from weights' log-probs of the batch, per micro-batch."""
+  def _reference_logp(self, state: TrainState, batch: dict):
+    """The frozen init_from weights' log-probs of the batch, per micro-batch: a LoRA run's base
+    with fresh adapters (B is 0: the base's function), else init_from's EMA or params."""
     if not hasattr(self, '_reference'):
-      self._reference = self._init_weights()
-      train = self.program.train
-      self._ref_fn = jax.jit(jax.vmap(make_logp(train.model, train.horizon(0),
+      if self.program.lora:  # the adapters alone: the base is the state's (donated each step)
+        self._reference = self.program.init_state(base=False).params
+      else:
+        self._reference = Run(self.config.init_from).load_weights(
+            use_ema=self.config.init_mode == 'ema',
+            shardings=self.program.state_shardings.params)[1]
+      self._ref_fn = jax.jit(jax.vmap(make_logp(self.program.model, self.program.horizon(0),
                                                 self.config.train.loss_chunk_len),
                                       in_axes=(None, 0)))
     fields = {k: v for k, v in batch.items() if k not in FLOAT_FIELDS}
-    return self._ref_fn(self._reference, fields)
-
-  # ---- state and the loop -----------------------------------------------------------------
-
-  def _init_weights(self):
-    use_ema = self.config.init_mode == 'ema'
-    _, params, _ = Run(self.config.init_from).load_weights(
-        use_ema=use_ema, shardings=self.program.train.state_shardings.params)
-    return params
-
-  def _initial_state(self) -> tuple[TrainState, int]:
-    abstract = self.program.train.abstract_state()
-    step = self.resume_step
-    if step is not None:
-      self.say(f'resuming from {self.mngr.directory} step {step}')
-      items = checkpoint.restore(self.mngr, step, params=abstract.params, ema=abstract.ema,
-                                 opt_state=abstract.opt_state)
-      updates = step * self.config.rl.inner_steps  # the state's step counts updates
-      return TrainState(jax.numpy.asarray(updates, jax.numpy.int32), items['params'],
-                        items['ema'], items['opt_state']), step
-    params = self._init_weights()
-    self.say(f'starting from the weights of {self.config.init_from} '
-             f'(its {"EMA" if self.config.init_mode == "ema" else "params"})')
-    state = self.program.train.init_state()
-    return state.replace(params=params, ema=optimizer.ema_init(params)), 0
-
-  def save(self, state: TrainState, step: int) -> None:
-    train = self.program.train
-    meta = {'model': train.model_cfg.to_dict(), 'compute': train.compute.to_dict(),
-            'config': self.config.to_dict(), 'data_dir': os.path.abspath(self.config.data.dir)}
-    checkpoint.save(self.mngr, step, meta=meta, params=state.params, ema=state.ema,
-                    opt_state=state.opt_state)
+    weights = state.replace(params=self._reference).weights(ema=False)
+    return self._ref_fn(weights, fields)
 
   def run(self) -> dict:
     with sharding.activate(self.mesh), stop_signals(self._signals):
@@ -216,10 +196,15 @@ class RLTrainer:
     self.say(f'RL from {config.init_from}: {len(self.prompts)} prompts, '
              f'{config.rl.prompts_per_step} x {config.rl.group_size} responses a step, '
              f'{config.train.steps} steps; mesh {dict(self.mesh.shape)}, attention '
-             f'{self.program.train.compute.attention}')
+             f'{self.program.compute.attention}')
     last = {}
+
+    def log(step, metrics):
+      self._log(writer, step, metrics)
+      last.update(metrics)
+
     if start == 0 and self.evaluator:  # the policy before RL, logged as step 0
-      last.update(self._log(writer, 0, self.evaluator(0, state)))
+      log(0, self.evaluator(0, state))
     for step in range(start + 1, config.train.steps + 1):
       t0 = time.perf_counter()
       groups, metrics = self.rollouts(state, step)
@@ -236,28 +221,15 @@ class RLTrainer:
           'train_tokens_per_s': (self.rows * config.data.seq_len * config.rl.inner_steps /
                                  max(t2 - t1, 1e-9) if groups else 0.0)})
       if step % config.log_every_steps == 0 or step == config.train.steps:
-        last.update(self._log(writer, step, metrics))
+        log(step, metrics)
       stop = sorted(self._signals)
       if step % config.checkpoint.every_steps == 0 or step == config.train.steps or stop:
         self.save(state, step)
       if self.evaluator and not stop and (step % config.eval.every_steps == 0 or
                                           step == config.train.steps):
-        last.update(self._log(writer, step, self.evaluator(step, state)))
+        log(step, self.evaluator(step, state))
       if stop:
         self.say(f'{"/".join(stop)}: saved step {step}, exiting')
         break
     writer.close()
     return last
-
-  def _log(self, writer, step: int, metrics: dict) -> dict:
-    for name, value in metrics.items():
-      writer.add_scalar(name, value, step)
-    writer.flush()
-    self.run_dir.append_metrics(step, metrics)
-    shown = ' '.join(f'{k} {v:.4g}' for k, v in metrics.items() if k.count('/') < 2)
-    self.say(f'step {step}/{self.config.train.steps} {shown}')
-    return metrics
-
-  def say(self, message: str) -> None:
-    tqdm.write(message)
-    sys.stdout.flush()

@@ -135,57 +135,11 @@ class HeldoutLoss:
     return self.trainer.evaluate(state.weights())
 
 
-class Trainer:
-  """Everything a run needs, built from the config; `run()` trains to the end. `evaluators` run
-  in the loop (the teacher-forced held-out eval, `HeldoutLoss`, to begin with): add others
-  (hrmtext.train adds the generation eval) before `run()`."""
-
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    validate(config)
-    distributed.initialize()
-    self.workdir = workdir
-    self.run_dir = Run(workdir)
-    self.mesh = make_mesh(config.mesh)
-    sampled = SampledSet(pipeline.sampled_dir(config.data))
-    # Every default filled in once, here (micro-batches and remat fitted to the devices): what
-    # the run does, its config.json.
-    self.program = build_program(
-        config, self.mesh, vocab_size=sampled.metadata['tokenizer_info']['vocab_size'],
-        epoch_tokens=sampled.metadata['total_length'], log=self.say)
-    self.config = config = self.program.config
-    tc, seq_len = config.train, config.data.seq_len
-    self.global_rows = tc.global_batch_tokens // seq_len
-    # The mesh spans all processes' devices: batch_shards already counts every process.
-    batch_shards = self.mesh.shape['data'] * self.mesh.shape['fsdp']
-    check_batch_split(self.global_rows, tc.micro_batches, batch_shards)
-    self.total_steps = tc.steps
-    self.model_cfg = self.program.model_cfg
-    self.mngr = self.run_dir.manager(max_to_keep=config.checkpoint.keep,
-                                     async_save=config.checkpoint.async_save)
-    # Where this run resumes (None: it starts): the newest step whose files are as saved.
-    self.resume_step = checkpoint.latest_intact_step(self.mngr)
-    # Batch i of the pipeline is global batch i whatever the process count, and a step takes
-    # one: a resumed run (on any number of processes) continues from its step.
-    data_index, data_count = sharding.process_data_shard(self.mesh)
-    self.data = pipeline.make_train_iterator(
-        config.data, rows_per_process=self.global_rows // data_count, seq_len=seq_len,
-        process_index=data_index, process_count=data_count, seed=tc.seed,
-        start=self.resume_step or 0)
-    # Built now, so a broken held-out set fails before any training, not at the first eval.
-    self._eval_batches = pipeline.make_eval_batches(config.data, rows=config.eval.rows,
-                                                    seq_len=seq_len)
-    self.evaluators: list[Evaluator] = [HeldoutLoss(self)]
-    # Copied into the run as it starts; a resumed run's data must have been made with its copy.
-    self.tokenizer = self._data_tokenizer(sampled.directory)
-    self._signals = set()  # names of the stop signals this process got
-    self.base_ref = None  # a LoRA run's reference to its base (hrmtext.run.Run.reference)
-    if self.resume_step is not None:
-      self._check_resume()
-    elif config.init_from:
-      self._check_init_from()  # user errors surface here, before any training starts
-    elif self.program.lora:
-      raise UserError('lora.rank > 0 trains adapters of the weights of another run: set '
-                      'init_from')
+class TrainStateStore:
+  """Starts, resumes and saves the TrainState of a run directory: from the workdir's newest intact
+  step, else from init_from's weights (a LoRA run: fresh adapters on them, frozen), else from
+  scratch. What a loop over it sets: config, program (its TrainProgram), model_cfg, workdir,
+  run_dir, mngr, resume_step, total_steps and base_ref (None)."""
 
   def _check_init_from(self) -> None:
     """FileNotFoundError / ValueError unless `init_from` holds a checkpoint of this model (and,
@@ -214,14 +168,9 @@ class Trainer:
                       f'{source} step {step} has no {" or ".join(sorted(missing))} '
                       f'(use --config.init_mode=ema or params)')
 
-  def _check_resume(self) -> None:
-    """UserError unless the data was tokenized with the run's tokenizer (runs of older versions
-    kept none) and the workdir's checkpoint is of this model (e.g. not another H_cycles)."""
-    if self.run_dir.has_tokenizer():
-      if self.tokenizer is None:
-        raise UserError(f'the data\'s tokenizer is not found: it cannot be checked against the '
-                        f'run\'s ({self.run_dir.tokenizer_dir})')
-      self.run_dir.check_tokenizer(self.tokenizer)
+  def _check_resumed_model(self) -> None:
+    """UserError unless the workdir's checkpoint is of this model (e.g. not another H_cycles)
+    and, for a LoRA run, of these adapters."""
     step = self.resume_step
     meta = checkpoint.read_meta(self.mngr, step)
     saved = ModelConfig.from_dict(meta['model'])
@@ -232,16 +181,6 @@ class Trainer:
     if adapters(meta.get('lora')) != adapters(ours):
       raise UserError(f'{self.workdir} step {step} (resuming) has other LoRA adapters: '
                       f'{meta.get("lora")} (this run {ours})')
-
-  def _data_tokenizer(self, sampled_dir: str) -> Tokenizer | None:
-    """The tokenizer the data was made with; None, said in a note, when its model file is not
-    found (that of a data set prepared elsewhere may lie elsewhere): the run keeps no copy."""
-    try:
-      return Tokenizer.load(sampled_dir)
-    except FileNotFoundError as e:
-      self.say(f'note: {e}: the run keeps no tokenizer (generate, score and evaluate will need '
-               f'--tokenizer)')
-      return None
 
   def _check_same_model(self, saved: ModelConfig, what: str) -> None:
     differences = saved.weight_differences(self.model_cfg)
@@ -307,6 +246,105 @@ class Trainer:
              f'in {jax.tree.leaves(base["lm_head"])[0].dtype})')
     return state.replace(base=base), step
 
+  def save(self, state: TrainState, step: int) -> None:
+    """A checkpoint of `state` with its meta (hrmtext.run)."""
+    meta = {'model': self.model_cfg.to_dict(), 'compute': self.program.compute.to_dict(),
+            'config': self.config.to_dict(), 'data_dir': os.path.abspath(self.config.data.dir)}
+    if self.program.lora:
+      meta.update(lora=self.program.lora.to_dict(), lora_base=self.base_ref,
+                  lora_size=lora_size(state))
+    checkpoint.save(self.mngr, step, meta=meta,
+                    params=state.params, ema=state.ema, opt_state=state.opt_state)
+
+  def _log(self, writer, step: int, metrics: dict) -> None:
+    if not writer or not metrics:
+      return
+    for name, value in metrics.items():
+      writer.add_scalar(name, value, step)
+    writer.flush()
+    self.run_dir.append_metrics(step, metrics)
+    shown = ' '.join(f'{k.replace("eval/", "eval_")} {v:.4g}' for k, v in metrics.items())
+    self.say(f'step {step}/{self.total_steps} {shown}')
+
+  def say(self, message: str) -> None:
+    """A line on stdout (main process only), above the progress bar."""
+    if distributed.is_main_process():
+      tqdm.write(message)
+      sys.stdout.flush()
+
+
+class Trainer(TrainStateStore):
+  """Everything a run needs, built from the config; `run()` trains to the end. `evaluators` run
+  in the loop (the teacher-forced held-out eval, `HeldoutLoss`, to begin with): add others
+  (hrmtext.train adds the generation eval) before `run()`."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    validate(config)
+    distributed.initialize()
+    self.workdir = workdir
+    self.run_dir = Run(workdir)
+    self.mesh = make_mesh(config.mesh)
+    sampled = SampledSet(pipeline.sampled_dir(config.data))
+    # Every default filled in once, here (micro-batches and remat fitted to the devices): what
+    # the run does, its config.json.
+    self.program = build_program(
+        config, self.mesh, vocab_size=sampled.metadata['tokenizer_info']['vocab_size'],
+        epoch_tokens=sampled.metadata['total_length'], log=self.say)
+    self.config = config = self.program.config
+    tc, seq_len = config.train, config.data.seq_len
+    self.global_rows = tc.global_batch_tokens // seq_len
+    # The mesh spans all processes' devices: batch_shards already counts every process.
+    batch_shards = self.mesh.shape['data'] * self.mesh.shape['fsdp']
+    check_batch_split(self.global_rows, tc.micro_batches, batch_shards)
+    self.total_steps = tc.steps
+    self.model_cfg = self.program.model_cfg
+    self.mngr = self.run_dir.manager(max_to_keep=config.checkpoint.keep,
+                                     async_save=config.checkpoint.async_save)
+    # Where this run resumes (None: it starts): the newest step whose files are as saved.
+    self.resume_step = checkpoint.latest_intact_step(self.mngr)
+    # Batch i of the pipeline is global batch i whatever the process count, and a step takes
+    # one: a resumed run (on any number of processes) continues from its step.
+    data_index, data_count = sharding.process_data_shard(self.mesh)
+    self.data = pipeline.make_train_iterator(
+        config.data, rows_per_process=self.global_rows // data_count, seq_len=seq_len,
+        process_index=data_index, process_count=data_count, seed=tc.seed,
+        start=self.resume_step or 0)
+    # Built now, so a broken held-out set fails before any training, not at the first eval.
+    self._eval_batches = pipeline.make_eval_batches(config.data, rows=config.eval.rows,
+                                                    seq_len=seq_len)
+    self.evaluators: list[Evaluator] = [HeldoutLoss(self)]
+    # Copied into the run as it starts; a resumed run's data must have been made with its copy.
+    self.tokenizer = self._data_tokenizer(sampled.directory)
+    self._signals = set()  # names of the stop signals this process got
+    self.base_ref = None  # a LoRA run's reference to its base (hrmtext.run.Run.reference)
+    if self.resume_step is not None:
+      self._check_resume()
+    elif config.init_from:
+      self._check_init_from()  # user errors surface here, before any training starts
+    elif self.program.lora:
+      raise UserError('lora.rank > 0 trains adapters of the weights of another run: set '
+                      'init_from')
+
+  def _check_resume(self) -> None:
+    """UserError unless the data was tokenized with the run's tokenizer (runs of older versions
+    kept none) and the workdir's checkpoint is of this model."""
+    if self.run_dir.has_tokenizer():
+      if self.tokenizer is None:
+        raise UserError(f'the data\'s tokenizer is not found: it cannot be checked against the '
+                        f'run\'s ({self.run_dir.tokenizer_dir})')
+      self.run_dir.check_tokenizer(self.tokenizer)
+    self._check_resumed_model()
+
+  def _data_tokenizer(self, sampled_dir: str) -> Tokenizer | None:
+    """The tokenizer the data was made with; None, said in a note, when its model file is not
+    found (that of a data set prepared elsewhere may lie elsewhere): the run keeps no copy."""
+    try:
+      return Tokenizer.load(sampled_dir)
+    except FileNotFoundError as e:
+      self.say(f'note: {e}: the run keeps no tokenizer (generate, score and evaluate will need '
+               f'--tokenizer)')
+      return None
+
   def _global_batch(self, local: dict) -> dict:
     micro = self.config.train.micro_batches
     out = {}
@@ -323,16 +361,6 @@ class Trainer:
         k: jax.make_array_from_callback(v.shape, self.program.row_sharding, lambda i, v=v: v[i])
         for k, v in batch.items()}
     return heldout_metrics(self.program.eval_step, params, self._eval_batches, put)
-
-  def save(self, state: TrainState, step: int) -> None:
-    """A checkpoint of `state` with its meta (hrmtext.run)."""
-    meta = {'model': self.model_cfg.to_dict(), 'compute': self.program.compute.to_dict(),
-            'config': self.config.to_dict(), 'data_dir': os.path.abspath(self.config.data.dir)}
-    if self.program.lora:
-      meta.update(lora=self.program.lora.to_dict(), lora_base=self.base_ref,
-                  lora_size=lora_size(state))
-    checkpoint.save(self.mngr, step, meta=meta,
-                    params=state.params, ema=state.ema, opt_state=state.opt_state)
 
   def run(self) -> dict:
     with sharding.activate(self.mesh), stop_signals(self._signals):
@@ -431,19 +459,3 @@ class Trainer:
     when several would write the same <host>.xplane.pb."""
     tb = self.run_dir.tensorboard_dir
     return tb if jax.process_count() == 1 else os.path.join(tb, f'process_{jax.process_index()}')
-
-  def _log(self, writer, step: int, metrics: dict) -> None:
-    if not writer or not metrics:
-      return
-    for name, value in metrics.items():
-      writer.add_scalar(name, value, step)
-    writer.flush()
-    self.run_dir.append_metrics(step, metrics)
-    shown = ' '.join(f'{k.replace("eval/", "eval_")} {v:.4g}' for k, v in metrics.items())
-    self.say(f'step {step}/{self.total_steps} {shown}')
-
-  def say(self, message: str) -> None:
-    """A line on stdout (main process only), above the progress bar."""
-    if distributed.is_main_process():
-      tqdm.write(message)
-      sys.stdout.flush()
