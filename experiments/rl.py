@@ -3,8 +3,9 @@
   python -m hrmtext.rl --config experiments/rl.py --workdir runs/rl --config.init_from=runs/tiny
 
 'tiny' (default): the quick start's model on six built-in tasks with short direct answers, 16
-prompts x 8 samples a step. B/L/XL/XXL: experiments/sft.py's model of that size (init_from
-runs/<size>_sft), 4096-token rows, micro-batches fitted to the devices.
+prompts x 8 samples a step, 60 steps at lr 3e-4 (the README's two seeds). B/L/XL/XXL:
+experiments/sft.py's model of that size (init_from runs/<size>_sft), 4096-token rows,
+micro-batches fitted to the devices, 16 engine slots (an H100 holds their cache beside the state).
 """
 import os
 
@@ -19,7 +20,7 @@ def get_config(arg: str = 'tiny'):
   if arg == 'tiny':
     c.init_from = 'runs/tiny'
     c.rl.tasks = TINY_TASKS
-    c.train.steps = 60
+    c.train.update(steps=60, lr=3e-4)
     return c
   sized = experiment_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sft.py'),
                             arg)
