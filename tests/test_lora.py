@@ -94,6 +94,7 @@ def test_the_frozen_base_gets_no_weight_gradient_work():
   assert (adapted - forward) / (full - forward) < 0.6, (forward, adapted, full)
 
 
+@pytest.mark.slow  # about 30 s
 def test_dropout_draws_a_mask_per_key_and_only_while_training():
   cfg = small_config()
   lora_cfg = LoraConfig(rank=2, dropout=0.5)

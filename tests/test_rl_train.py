@@ -1,12 +1,15 @@
 """`python -m hrmtext.rl` end to end on a tiny model trained on the small built-in corpus: what a
 step logs and saves, the held-out greedy eval before and after, bitwise resume after kill -9,
-one-line errors; the built-in RL prompt split is disjoint from the training and held-out rows."""
+one-line errors; the built-in RL prompt split is disjoint from the training and held-out rows.
+All but --help are `slow`: the module's fixture prepares data, trains and runs RL (about a
+minute), and a compile alone takes 25 s."""
 import json
 import os
 import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -79,6 +82,7 @@ def setup(tmp_path_factory):
   return data, init, overrides, reference
 
 
+@pytest.mark.slow
 def test_builtin_rl_split_is_disjoint_and_verifiable(setup):
   from hrmtext.rl import rewards
   data = setup[0]
@@ -96,6 +100,7 @@ def test_builtin_rl_split_is_disjoint_and_verifiable(setup):
       assert rewards.reward('no idea', row) == 0.0
 
 
+@pytest.mark.slow
 def test_a_step_logs_rewards_updates_and_evals(setup):
   data, init, _, reference = setup
   rows = read_metrics(reference)
@@ -116,8 +121,8 @@ def test_a_step_logs_rewards_updates_and_evals(setup):
   _, params, _ = load(reference, use_ema=False)
   _, ema, _ = load(reference, use_ema=True)
   assert_trees_equal(params, ema)
-  assert any(not np.array_equal(a, b) for a, b in zip(*map(
-      lambda t: [np.asarray(x) for x in __import__('jax').tree.leaves(t)], (start, params))))
+  assert any(not np.array_equal(a, b)
+             for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(params)))
   assert os.path.isfile(reference / 'tokenizer' / 'tokenizer_info.json')
   with open(reference / 'config.json') as f:
     assert json.load(f)['rl']['group_size'] == 4
@@ -142,6 +147,7 @@ def test_resume_after_kill_9_is_bitwise(setup, tmp_path):
     assert_trees_equal(load(workdir, use_ema)[1], load(reference, use_ema)[1])
 
 
+@pytest.mark.slow
 def test_errors_are_one_line(setup, tmp_path):
   data, init, overrides, _ = setup
   assert_one_line_error(run_rl(tmp_path / 'a', '--config.init_from='), 'init_from is unset')
@@ -156,6 +162,7 @@ def test_errors_are_one_line(setup, tmp_path):
   assert not os.path.exists(tmp_path / 'd' / 'checkpoints')
 
 
+@pytest.mark.slow
 def test_compile_only_reports_the_memory_of_each_program(tmp_path):
   """--compile_only needs no run: the tiny config's update, prefill and decode compiled here."""
   result = run_rl(tmp_path / 'unused', '--compile_only', '--prompt_len=64', '--vocab=1024')
@@ -167,6 +174,7 @@ def test_compile_only_reports_the_memory_of_each_program(tmp_path):
   assert_one_line_error(run_rl(tmp_path / 'x', '--target=h100:1'), '--target needs --compile_only')
 
 
+@pytest.mark.slow
 def test_report_tables_the_evals_and_plots_the_rewards(setup, tmp_path):
   """experiments/rl_report.py (the README's table and plot) on the reference run."""
   reference = setup[3]
@@ -201,35 +209,20 @@ def test_sigterm_saves_and_exits_then_resumes(setup, tmp_path):
 
 
 @pytest.mark.slow
-def test_runs_on_a_mesh_of_two_devices(setup, tmp_path):
-  """The update (params, moments, rows) and the engine (cache rows) sharded over 2 devices."""
-  _, _, overrides, _ = setup
+def test_rl_on_lora_adapters_on_a_mesh_of_two_devices(setup, tmp_path):
+  """--config.lora.rank: the policy is init_from's frozen weights plus adapters, which alone
+  train (and are what the checkpoints hold, with the reference to the base); the update
+  (adapters, moments, rows) and the engine (cache rows) sharded over 2 devices."""
+  from hrmtext.run import Run
+  _, init, overrides, _ = setup
+  workdir = tmp_path / 'lora'
   env = dict(train_env(), XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  result = subprocess.run(rl_command(tmp_path / 'mesh', *overrides, '--config.train.steps=2',
+  result = subprocess.run(rl_command(workdir, *overrides, '--config.train.steps=2',
+                                     '--config.lora.rank=4', '--config.rl.kl_coef=0.1',
                                      '--config.mesh.fsdp=2'),
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
   assert_ok(result)
   assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 1}" in result.stdout
-  rows = read_metrics(tmp_path / 'mesh')
-  assert rows[2]['grad_norm'] > 0 and 0 <= rows[2]['reward/mean'] <= 1
-
-
-def test_help(tmp_path):
-  result = run_rl(tmp_path / 'unused', '--help')  # absl exits 1 after printing the help
-  assert 'python -m hrmtext.rl' in result.stdout and '--compile_only' in result.stdout, (
-      result.stdout + result.stderr)
-
-
-@pytest.mark.slow
-def test_rl_on_lora_adapters_only(setup, tmp_path):
-  """--config.lora.rank: the policy is init_from's frozen weights plus adapters, which alone
-  train (and are what the checkpoints hold, with the reference to the base)."""
-  from hrmtext.run import Run
-  _, init, overrides, _ = setup
-  workdir = tmp_path / 'lora'
-  result = run_rl(workdir, *overrides, '--config.train.steps=2', '--config.lora.rank=4',
-                  '--config.rl.kl_coef=0.1')
-  assert_ok(result)
   rows = read_metrics(workdir)
   assert rows[2]['grad_norm'] > 0 and rows[2]['kl'] >= 0
   meta = Run(str(workdir)).meta()
@@ -237,7 +230,6 @@ def test_rl_on_lora_adapters_only(setup, tmp_path):
   # The merged weights differ from init_from's only through the adapters' B A products.
   _, merged, _ = Run(str(workdir)).load_weights(use_ema=False)
   _, start, _ = load(init, use_ema=True)
-  import jax
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(merged),
                                                        jax.tree.leaves(start))]
   assert any(changed) and not all(changed)  # the embeddings, norms carry no adapter
