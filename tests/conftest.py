@@ -40,8 +40,11 @@ if sys.platform.startswith('linux'):
 def _children() -> list[tuple[int, str]]:
   pids = []
   for task in glob.glob(f'/proc/{os.getpid()}/task/*/children'):
-    with open(task) as f:
-      pids += [int(pid) for pid in f.read().split()]
+    try:
+      with open(task) as f:
+        pids += [int(pid) for pid in f.read().split()]
+    except FileNotFoundError:  # the thread ended since the glob: it has no children now
+      pass
   found = []
   for pid in pids:
     try:
