@@ -121,16 +121,21 @@ def _heldout_row(row, _) -> tuple[str, str, str, str]:
   return row['instruction'], row.get('condition') or 'direct', response, str(answer)
 
 
+def heldout_files(prepared_root) -> dict[str, pathlib.Path]:
+  """{task name: its file} of <prepared_root>/raw/heldout/<task>.jsonl ({} without that folder)."""
+  folder = pathlib.Path(prepared_root) / 'raw' / 'heldout'
+  return {f.stem: f for f in sorted(folder.glob('*.jsonl'))}
+
+
 def heldout_tasks(prepared_root, *, names: Sequence[str] | None = None,
                   max_new_tokens: int = 1024) -> list[GenerationTask]:
   """One task per <prepared_root>/raw/heldout/<task>.jsonl (rows: instruction, response,
   condition, optional answer), scored by whitespace-normalised exact match of the response. Tasks
   whose responses are worked solutions (the response is not just the `answer`, or states it after
   '####' / in '\\boxed{}') also score the final answer extracted from the generation."""
-  folder = pathlib.Path(prepared_root) / 'raw' / 'heldout'
-  files = {f.stem: f for f in sorted(folder.glob('*.jsonl'))}
+  files = heldout_files(prepared_root)
   if not files:
-    raise UserError(f'{folder}: no held-out .jsonl files')
+    raise UserError(f'{pathlib.Path(prepared_root) / "raw" / "heldout"}: no held-out .jsonl files')
   unknown = sorted(set(names or ()) - set(files))
   if unknown:
     raise UserError(f'unknown held-out tasks {unknown}; available: {sorted(files)}')

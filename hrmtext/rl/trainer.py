@@ -17,7 +17,7 @@ from tensorboardX import SummaryWriter
 from hrmtext import checkpoint
 from hrmtext.errors import UserError
 from hrmtext.evals.engine import HeldoutGeneration
-from hrmtext.evals.loaders import heldout_tasks
+from hrmtext.evals.loaders import heldout_files, heldout_tasks
 from hrmtext.infer import Sampling
 from hrmtext.model import ModelConfig
 from hrmtext.parallel import distributed, sharding
@@ -45,12 +45,10 @@ class RLTrainer(TrainStateStore):
       raise UserError('hrmtext.rl runs in one process (its engine serves that process\'s devices)')
     self.run_dir, self.workdir = Run(workdir), workdir
     source = Run(config.init_from)
-    mngr = source.manager(create=False)
-    source_step = mngr.latest_step()
-    if source_step is None:
-      raise UserError(f'init_from: no checkpoint under {os.path.abspath(source.checkpoints)}')
-    source_meta = checkpoint.read_meta(mngr, source_step)
-    mngr.close()
+    try:
+      source_meta = source.meta()
+    except FileNotFoundError as e:
+      raise UserError(f'init_from: {e}') from None
     self.tokenizer = source.tokenizer(source_meta)
     if self.tokenizer is None:
       raise UserError(f'init_from {config.init_from} keeps no tokenizer')
@@ -87,14 +85,9 @@ class RLTrainer(TrainStateStore):
   def _heldout_generation(self) -> HeldoutGeneration | None:
     """Greedy exact match on the held-out rows of the tasks trained on, every eval.every_steps."""
     cfg = self.config
-    if not cfg.eval.generate_per_task or not os.path.isdir(
-        os.path.join(cfg.data.dir, 'raw', 'heldout')):
-      return None
-    trained = sorted({r['task'] for r in self.prompts})
-    available = {p[:-len('.jsonl')] for p in os.listdir(os.path.join(cfg.data.dir, 'raw',
-                                                                      'heldout'))}
-    names = [t for t in trained if t in available]
-    if not names:
+    available = heldout_files(cfg.data.dir)
+    names = sorted({r['task'] for r in self.prompts} & set(available))
+    if not cfg.eval.generate_per_task or not names:
       return None
     tasks = heldout_tasks(cfg.data.dir, names=names, max_new_tokens=cfg.rl.max_new_tokens)
     return HeldoutGeneration(self.program.model, tasks, self.tokenizer,
@@ -108,7 +101,7 @@ class RLTrainer(TrainStateStore):
     """The groups of `step` (informative ones only, with dynamic sampling) and their metrics."""
     rl = self.config.rl
     self.engine.params = state.weights(ema=False)  # the policy, already on the mesh: no copy
-    kept, sampled, groups_seen = [], [], 0
+    kept, sampled = [], []
     for attempt in range(rl.max_draws if rl.dynamic_sampling else 1):
       chosen = prompts.step_prompts(len(self.prompts), rl.prompts_per_step,
                                     seed=self.config.train.seed, step=step, attempt=attempt)
@@ -117,7 +110,6 @@ class RLTrainer(TrainStateStore):
           group_size=rl.group_size, sampling=self.sampling, max_new_tokens=rl.max_new_tokens,
           seed=self.config.train.seed, step=step, first_prompt=attempt * rl.prompts_per_step)
       sampled += groups
-      groups_seen += len(groups)
       rewards = np.concatenate([g.rewards for g in groups])
       informative = (objective.informative_groups(rewards, rl.group_size)
                      if rl.dynamic_sampling else np.ones(len(groups), bool))
@@ -125,12 +117,12 @@ class RLTrainer(TrainStateStore):
       if len(kept) >= rl.prompts_per_step:
         break
     kept = kept[:rl.prompts_per_step]
-    return kept, self._rollout_metrics(sampled, kept, groups_seen)
+    return kept, self._rollout_metrics(sampled, kept)
 
-  def _rollout_metrics(self, sampled, kept, groups_seen) -> dict:
+  def _rollout_metrics(self, sampled, kept) -> dict:
     rewards = np.concatenate([g.rewards for g in sampled])
     metrics = {'reward/mean': float(rewards.mean()), 'reward/std': float(rewards.std()),
-               'groups_kept': len(kept) / groups_seen,
+               'groups_kept': len(kept) / len(sampled),
                'response_len': float(np.mean([len(r) for g in sampled for r in g.responses])),
                'overlong': float(np.mean([~g.finished for g in sampled]))}
     for task in sorted({g.row['task'] for g in sampled}):
