@@ -29,7 +29,6 @@ from absl import app, flags
 from hrmtext import cli
 from hrmtext.errors import UserError
 from hrmtext.infer.engine import Engine, bucket
-from hrmtext.parallel import sharding
 from hrmtext.infer.sampling import Sampling
 from hrmtext.model import ModelConfig, build_model
 
@@ -103,9 +102,7 @@ def decode_step_copies(engine: Engine, window: int) -> float:
   """MiB written per decode step by the compiled chunk's copy-like ops (the profile behind the
   README's decode note): what is not matmul work grows with batch x window when it copies the
   cache."""
-  with sharding.activate(engine.mesh):  # as generate() traces it
-    compiled = engine._decode.lower(engine.params, engine._init_state(), Sampling(), window,
-                                    False).compile()
+  compiled = engine.lower(Sampling(), prompt_len=1, window=window)[1].compile()
   hlo = compiled.as_text()
   computations = {}
   for block in hlo.split('\n\n'):
@@ -195,7 +192,9 @@ def main(_):
       if HLO.value:
         engine = Engine(build_model(cfg), params, eoa=NO_EOA, slots=batch,
                         max_len=bucket(PROMPT_LEN.value + NEW_TOKENS.value + 1))
-        window = bucket(PROMPT_LEN.value + NEW_TOKENS.value, engine.min_window)
+        # As generate() sizes it: never past the cache.
+        window = min(bucket(PROMPT_LEN.value + NEW_TOKENS.value, engine.min_window),
+                     engine.max_len)
         copies = f' decode_step_copies_mib={decode_step_copies(engine, window):.1f}'
       print(f'bench: engine=hrmtext {common} decode_tokens_per_s={our_rate:.1f} '
             f'first_run_s={first:.1f}{copies}', flush=True)

@@ -79,7 +79,7 @@ def test_decode_bench_matches_transformers():
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO}
   env.pop('XLA_FLAGS', None)
   result = subprocess.run([sys.executable, '-m', 'hrmtext.bench_decode', '--batch=1,3',
-                           '--new_tokens=5', '--prompt_len=7', '--vocab_size=512'], env=env,
+                           '--new_tokens=5', '--prompt_len=7', '--vocab_size=512', '--hlo'], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stdout + result.stderr
   lines = [dict(item.split('=', 1) for item in line.split()[1:] if '=' in item)
@@ -88,6 +88,9 @@ def test_decode_bench_matches_transformers():
       ('hrmtext', '1'), ('hf', '1'), ('hrmtext', '3'), ('hf', '3')], result.stdout
   for line in lines:
     assert float(line['decode_tokens_per_s']) > 0 and line['new_tokens'] == '5'
+  # --hlo with a prompt shorter than the engine's smallest window (a crash once).
+  assert all(float(line['decode_step_copies_mib']) >= 0 for line in lines
+             if line['engine'] == 'hrmtext')
   # Greedy tokens of the weights exported to transformers are those hrmtext generated.
   assert all(line['same_tokens_as_hrmtext'] == '1.000' for line in lines if line['engine'] == 'hf')
 

@@ -237,6 +237,23 @@ class Engine:
   # ---- host loop --------------------------------------------------------------------------
 
   @_on_mesh
+  def lower(self, sampling: Sampling, *, prompt_len: int, window: int | None = None,
+            params=None) -> tuple[jax.stages.Lowered, jax.stages.Lowered]:
+    """(prefill, decode) as generate() runs them, lowered for inspection or compile-only memory:
+    a prefill of every slot with `prompt_len`-token prompts and a decode chunk over `window`
+    cache positions (default max_len). `params` (default: the engine's) may be abstract
+    (ShapeDtypeStructs with shardings), for devices that are not here."""
+    params = self.params if params is None else params
+    s, window = self.slots, window or self.max_len
+    state = jax.eval_shape(self._zero_state)
+    ints = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32)
+    with sharding.activate(self.mesh):  # as generate() traces them
+      prefill = self._prefill.lower(
+          params, state, ints(s, prompt_len), ints(s), ints(s), ints(s), sampling,
+          jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((s,), np.uint32))
+      decode = self._decode.lower(params, state, sampling, window, np.bool_(False))
+    return prefill, decode
+
   def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int] = 256,
                sampling: Sampling = Sampling(), seed: int = 0, progress=None,
                request_seeds: list[int] | None = None) -> list[list[int]]:

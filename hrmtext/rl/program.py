@@ -77,19 +77,12 @@ class RLProgram:
     engine, horizon = self.engine, self.train.horizon(self.train.total_steps - 1)
     abstract = self.train.abstract_state()
     params = abstract.weights(ema=False)  # what the engine reads: a LoRA model's base too
-    state = jax.eval_shape(engine._zero_state)  # pylint: disable=protected-access
-    s = engine.slots
     prompt_len = min(bucket(engine.max_len - self.config.rl.max_new_tokens), engine.max_len)
-    ints = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32)
     sampling = Sampling(self.config.rl.temperature, self.config.rl.top_p)
     with sharding.activate(self.mesh):
       update = self.rl_step(horizon, True).lower(abstract, self.abstract_batch(True)).compile()
-      prefill = engine._prefill.lower(  # pylint: disable=protected-access
-          params, state, ints(s, prompt_len), ints(s), ints(s), ints(s), sampling,
-          jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((s,), np.uint32)
-      ).compile()
-      decode = engine._decode.lower(  # pylint: disable=protected-access
-          params, state, sampling, engine.max_len, np.bool_(True)).compile()
+    prefill, decode = (p.compile() for p in engine.lower(sampling, prompt_len=prompt_len,
+                                                         params=params))
     # While the engine runs, the rest of the train state (EMA, moments) stays on the devices.
     held = _device_bytes(abstract) - _device_bytes(params)
     rollout = max(compiled_bytes(prefill), compiled_bytes(decode)) + held
