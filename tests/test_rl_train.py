@@ -153,6 +153,8 @@ def test_errors_are_one_line(setup, tmp_path):
   assert_one_line_error(run_rl(tmp_path / 'a', '--config.init_from='), 'init_from is unset')
   assert_one_line_error(run_rl(tmp_path / 'b', *overrides, '--config.rl.group_size=1'),
                         'rl.group_size=1')
+  assert_one_line_error(run_rl(tmp_path / 'b', *overrides, '--config.rl.cycles=3'),
+                        "rl.cycles='3'")
   assert_one_line_error(run_rl(tmp_path / 'c', *overrides, f'--config.rl.prompts={tmp_path}/no'),
                         'no such file or folder')
   bad = tmp_path / 'bad.jsonl'
@@ -209,17 +211,18 @@ def test_sigterm_saves_and_exits_then_resumes(setup, tmp_path):
 
 
 @pytest.mark.slow
-def test_rl_on_lora_adapters_on_a_mesh_of_two_devices(setup, tmp_path):
+def test_rl_on_lora_adapters_deeper_on_a_mesh_of_two_devices(setup, tmp_path):
   """--config.lora.rank: the policy is init_from's frozen weights plus adapters, which alone
   train (and are what the checkpoints hold, with the reference to the base); the update
-  (adapters, moments, rows) and the engine (cache rows) sharded over 2 devices."""
+  (adapters, moments, rows) and the engine (cache rows) sharded over 2 devices; rl.cycles: the
+  policy runs (and is saved) at another depth than init_from's."""
   from hrmtext.run import Run
   _, init, overrides, _ = setup
   workdir = tmp_path / 'lora'
   env = dict(train_env(), XLA_FLAGS='--xla_force_host_platform_device_count=2')
   result = subprocess.run(rl_command(workdir, *overrides, '--config.train.steps=2',
                                      '--config.lora.rank=4', '--config.rl.kl_coef=0.1',
-                                     '--config.mesh.fsdp=2'),
+                                     '--config.mesh.fsdp=2', '--config.rl.cycles=3,0'),
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
   assert_ok(result)
   assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 1}" in result.stdout
@@ -227,9 +230,13 @@ def test_rl_on_lora_adapters_on_a_mesh_of_two_devices(setup, tmp_path):
   assert rows[2]['grad_norm'] > 0 and rows[2]['kl'] >= 0
   meta = Run(str(workdir)).meta()
   assert meta['lora']['rank'] == 4 and meta['lora_base']['weights'] == 'ema'
+  init_model = Run(str(init)).meta()['model']
+  assert (meta['model']['H_cycles'], meta['model']['L_cycles']) == (3, init_model['L_cycles'])
+  assert init_model['H_cycles'] != 3
   # The merged weights differ from init_from's only through the adapters' B A products.
   _, merged, _ = Run(str(workdir)).load_weights(use_ema=False)
   _, start, _ = load(init, use_ema=True)
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(merged),
                                                        jax.tree.leaves(start))]
   assert any(changed) and not all(changed)  # the embeddings, norms carry no adapter
+

@@ -3,6 +3,7 @@
 import ml_collections
 
 from hrmtext.errors import UserError
+from hrmtext.model import ModelConfig
 from hrmtext.training.config import base_config
 
 
@@ -25,6 +26,9 @@ def rl_config() -> ml_collections.ConfigDict:
       dynamic_sampling=True, max_draws=4,
       drop_overlong=True,  # responses cut by max_new_tokens get no gradient
       kl_coef=0.0,  # > 0: k3 KL to the frozen init_from weights
+      # 'H,L': the policy's recurrence depth, H_cycles and L_cycles (0 keeps one), for rollouts,
+      # updates and evals alike: test-time depth, trained on; '': init_from's.
+      cycles='',
   ))
   c.init_mode = 'ema'  # the policy starts from init_from's EMA weights (or 'params')
   # RL defaults: a constant learning rate, the horizon of SFT (bp_max from the first step), the
@@ -62,3 +66,25 @@ def validate_rl(config: ml_collections.ConfigDict) -> None:
     raise UserError('config rl.top_p must be in (0, 1] and rl.temperature >= 0')
   if config.rl.clip_low < 0 or config.rl.clip_high < 0 or config.rl.kl_coef < 0:
     raise UserError('config rl.clip_low, rl.clip_high and rl.kl_coef must be >= 0')
+  policy_cycles(config)
+
+
+def policy_cycles(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """rl.cycles as (H_cycles, L_cycles), 0 keeping a count; None when unset."""
+  if not config.rl.cycles:
+    return None
+  counts = str(config.rl.cycles).split(',')
+  if len(counts) != 2 or not all(c.strip().isdigit() for c in counts):
+    raise UserError(f'config rl.cycles={config.rl.cycles!r}: give H,L (e.g. 3,4; 0 keeps one)')
+  return int(counts[0]), int(counts[1])
+
+
+def with_policy_depth(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with its model's cycle counts set by rl.cycles (a copy; unset: `config`)."""
+  cycles = policy_cycles(config)
+  if cycles is None:
+    return config
+  deeper = ModelConfig.from_dict(config.model.to_dict()).with_cycles(*cycles)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.update(H_cycles=deeper.H_cycles, L_cycles=deeper.L_cycles)
+  return config

@@ -11,6 +11,7 @@ from hrmtext.errors import UserError
 from hrmtext.infer import Engine, Sampling
 from hrmtext.infer.engine import bucket
 from hrmtext.parallel import sharding
+from hrmtext.rl.config import with_policy_depth
 from hrmtext.rl.step import make_rl_step
 from hrmtext.training.program import build_program, compiled_bytes
 
@@ -23,7 +24,8 @@ class RLProgram:
 
   def __init__(self, config: ml_collections.ConfigDict, mesh, *, vocab_size: int, eoa: int,
                max_prompt_len: int, log=print):
-    self.train = build_program(config, mesh, vocab_size=vocab_size, epoch_tokens=None, log=log)
+    self.train = build_program(with_policy_depth(config), mesh, vocab_size=vocab_size,
+                               epoch_tokens=None, log=log)
     self.config = config = self.train.config
     self.mesh = mesh
     self.rows = config.train.global_batch_tokens // config.data.seq_len

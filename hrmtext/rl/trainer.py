@@ -23,7 +23,7 @@ from hrmtext.model import ModelConfig
 from hrmtext.parallel import distributed, sharding
 from hrmtext.parallel.mesh import make_mesh
 from hrmtext.rl import objective, prompts, rollout
-from hrmtext.rl.config import validate_rl
+from hrmtext.rl.config import policy_cycles, validate_rl
 from hrmtext.rl.program import FLOAT_FIELDS, RLProgram
 from hrmtext.rl.step import make_logp
 from hrmtext.run import Run
@@ -94,6 +94,11 @@ class RLTrainer(TrainStateStore):
                              every_steps=cfg.eval.every_steps, limit=cfg.eval.generate_per_task,
                              max_new_tokens=cfg.rl.max_new_tokens, mesh=self.mesh,
                              slots=cfg.rl.slots)
+
+  def _check_same_model(self, saved: ModelConfig, what: str) -> None:
+    if policy_cycles(self.config):  # init_from's weights at another depth: only cycles differ
+      saved = saved.with_cycles(self.model_cfg.H_cycles, self.model_cfg.L_cycles)
+    super()._check_same_model(saved, what)
 
   # ---- one step ---------------------------------------------------------------------------
 
