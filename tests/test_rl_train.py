@@ -240,3 +240,57 @@ def test_rl_on_lora_adapters_deeper_on_a_mesh_of_two_devices(setup, tmp_path):
                                                        jax.tree.leaves(start))]
   assert any(changed) and not all(changed)  # the embeddings, norms carry no adapter
 
+
+class _Answers:
+  """A tokenizer and engine whose prompt k's answers are given: greedy[k], then sampled[k]."""
+
+  def __init__(self, greedy, sampled):
+    self.greedy, self.sampled, self.words = greedy, sampled, sorted(set(greedy) | {
+        w for ws in sampled for w in ws})
+
+  def encode_instruction(self, instruction, condition):
+    return [int(instruction)]
+
+  def decode(self, ids):
+    return ' ' + self.words[ids[0]]
+
+  def generate(self, prompts, max_new_tokens, sampling, seed=0, request_seeds=None):
+    if not sampling.temperature:
+      return [[self.words.index(self.greedy[p[0]])] for p in prompts]
+    group = len(self.sampled[0])
+    return [[self.words.index(self.sampled[p[0]][i % group])] for i, p in enumerate(prompts)]
+
+
+def test_probe_measures_how_much_the_samples_depend_on_the_prompt():
+  """experiments/rl_probe.py's numbers, by hand: 4 prompts (answers Yes Yes No No), 2 samples
+  each; sampled Yes 5/8 and No 3/8, answers half each: an input-independent policy scores 1/2."""
+  from experiments import rl_probe
+  fake = _Answers(greedy=['Yes', 'Yes', 'No', 'Yes'],
+                  sampled=[['Yes', 'Yes'], ['Yes', 'No'], ['No', 'No'], ['Yes', 'Yes']])
+  rows = [dict(instruction=str(k), condition='direct', answer=a)
+          for k, a in enumerate(['Yes', 'Yes', 'No', 'No'])]
+  result = rl_probe.probe(fake, fake, rows, group=2, max_new_tokens=4, seed=0)
+  assert result == pytest.approx({'greedy': 3 / 4, 'sampled': 5 / 8, 'pass@2': 3 / 4,
+                                  'independent': 1 / 2, 'dependence': 1 / 8})
+
+
+@pytest.mark.slow
+def test_probe_tables_each_task(setup):
+  init = setup[1]
+  result = subprocess.run([sys.executable, 'experiments/rl_probe.py', str(init),
+                           '--tasks=gcd,syllogism', '--prompts=6', '--group=4',
+                           '--max_new_tokens=4'], cwd=REPO, env=train_env(),
+                          capture_output=True, text=True, timeout=300)
+  assert_ok(result)
+  lines = [line for line in result.stdout.splitlines() if line.startswith('| ')]
+  assert lines[0] == '| task | greedy | sampled | pass@4 | independent | dependence |'
+  rows = {cells[0]: [float(c) for c in cells[1:]]
+          for cells in ([c.strip() for c in line.strip('|').split('|')] for line in lines[1:])}
+  assert sorted(rows) == ['gcd', 'syllogism']
+  for greedy, sampled, pass_at, independent, dependence in rows.values():
+    assert 0 <= greedy <= 1 and 0 <= sampled <= pass_at <= 1 and 0 <= independent <= 1
+    assert dependence == pytest.approx(sampled - independent, abs=2e-3)
+  missing = subprocess.run([sys.executable, 'experiments/rl_probe.py', str(init), '--tasks=nope'],
+                           cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
+  assert missing.returncode == 1 and missing.stderr.strip().startswith('error: ') and \
+      'nope' in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
