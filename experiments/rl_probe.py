@@ -45,7 +45,7 @@ def probe(engine, tok, rows: list[dict], *, group: int, max_new_tokens: int,
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+  parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('run', help='a trained run (its EMA weights)')
   parser.add_argument('--tasks', default='', help='comma-separated tasks (default: all)')

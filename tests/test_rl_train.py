@@ -1,8 +1,8 @@
 """`python -m hrmtext.rl` end to end on a tiny model trained on the small built-in corpus: what a
 step logs and saves, the held-out greedy eval before and after, bitwise resume after kill -9,
-one-line errors; the built-in RL prompt split is disjoint from the training and held-out rows.
-All but --help are `slow`: the module's fixture prepares data, trains and runs RL (about a
-minute), and a compile alone takes 25 s."""
+one-line errors; the built-in RL prompt split is disjoint from the training and held-out rows;
+experiments/rl_probe.py. All but the probe's arithmetic are `slow`: the module's fixture
+prepares data, trains and runs RL (about a minute), and a compile alone takes 25 s."""
 import json
 import os
 import signal
@@ -290,6 +290,9 @@ def test_probe_tables_each_task(setup):
   for greedy, sampled, pass_at, independent, dependence in rows.values():
     assert 0 <= greedy <= 1 and 0 <= sampled <= pass_at <= 1 and 0 <= independent <= 1
     assert dependence == pytest.approx(sampled - independent, abs=2e-3)
+  shown = subprocess.run([sys.executable, 'experiments/rl_probe.py', '--help'], cwd=REPO,
+                         env=train_env(), capture_output=True, text=True, timeout=120)
+  assert shown.returncode == 0 and 'dependence' in shown.stdout, shown.stderr
   missing = subprocess.run([sys.executable, 'experiments/rl_probe.py', str(init), '--tasks=nope'],
                            cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
   assert missing.returncode == 1 and missing.stderr.strip().startswith('error: ') and \
