@@ -247,13 +247,13 @@ class Engine:
     s, window = self.slots, window or self.max_len
     state = jax.eval_shape(self._zero_state)
     ints = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32)
-    with sharding.activate(self.mesh):  # as generate() traces them
-      prefill = self._prefill.lower(
-          params, state, ints(s, prompt_len), ints(s), ints(s), ints(s), sampling,
-          jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((s,), np.uint32))
-      decode = self._decode.lower(params, state, sampling, window, np.bool_(False))
+    prefill = self._prefill.lower(
+        params, state, ints(s, prompt_len), ints(s), ints(s), ints(s), sampling,
+        jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((s,), np.uint32))
+    decode = self._decode.lower(params, state, sampling, window, np.bool_(False))
     return prefill, decode
 
+  @_on_mesh
   def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int] = 256,
                sampling: Sampling = Sampling(), seed: int = 0, progress=None,
                request_seeds: list[int] | None = None) -> list[list[int]]:
