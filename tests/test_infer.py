@@ -1,4 +1,6 @@
 """Inference: KV-cache decoding equals recomputation; generation and scores match transformers."""
+import contextlib
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -6,6 +8,7 @@ import pytest
 
 from hrmtext.infer import Engine, Sampling
 from hrmtext.model import ComputeConfig, ModelConfig, build_model
+from hrmtext.parallel import sharding
 from tests import hf_oracle
 from tests.hf_oracle import torch
 
@@ -124,3 +127,27 @@ def test_cache_dtype_follows_the_model():
   # An explicit override: a bfloat16 cache for a float32 model.
   bf16 = Engine(model, params, eoa=3, slots=2, max_len=32, cache_dtype='bfloat16')
   assert {c.dtype for c in jax.tree.leaves(bf16._init_state()['cache'])} == {np.dtype('bfloat16')}
+
+
+def test_device_functions_trace_on_the_engine_mesh(monkeypatch):
+  """generate, score and lower trace with the engine's mesh and logical rules current, so the
+  model's activation and cache constraints apply to that mesh (generate lost it once)."""
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, num_heads=2, head_dim=16, intermediate_size=64,
+                    layers_per_stack=1, H_cycles=1, L_cycles=1)
+  model = build_model(cfg)
+  engine = Engine(model, nn.unbox(model.init(jax.random.key(0))), eoa=3, slots=2, max_len=32)
+  meshes, activate = [], sharding.activate
+
+  @contextlib.contextmanager
+  def recorded(mesh):
+    meshes.append(mesh)
+    with activate(mesh):
+      yield
+
+  monkeypatch.setattr(sharding, 'activate', recorded)
+  for call in (lambda: engine.generate(prompts(cfg.vocab_size, [3, 5]), 2),
+               lambda: engine.score([([5, 6], [7, 8])]),
+               lambda: engine.lower(Sampling(), prompt_len=4)):
+    meshes.clear()
+    call()
+    assert meshes and all(m is engine.mesh for m in meshes)
