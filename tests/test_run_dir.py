@@ -133,3 +133,17 @@ def test_older_runs_tokenizer_and_data_root(tmp_path):
   (tmp_path / 'imported' / 'tokenizer_info.json').write_text(json.dumps(info))
   assert imported.tokenizer({}).same_as(Tokenizer.load(str(tmp_path / 'moved' / 'sampled')))
   assert Run(str(tmp_path / 'new')).data_dir({'data_dir': '/data', 'tokenizer': '/x'}) == '/data'
+
+
+@pytest.mark.slow
+def test_init_from_refuses_data_of_another_tokenizer(moved, tmp_path):
+  """Fine-tuning a run on data tokenized otherwise would read its token ids as other words."""
+  run, _, data = moved
+  other = tmp_path / 'other'
+  make_data(other, texts=[text.upper() for text in CORPUS * 3])
+  assert_one_line_error(run_train(tmp_path / 'tuned', *tiny_overrides(other, *STEPS),
+                                  f'--config.init_from={run}'),
+                        'init_from: the data was tokenized with', 'not with the tokenizer of the run')
+  assert finalized_steps(tmp_path / 'tuned') == []
+  assert_ok(run_train(tmp_path / 'same', *tiny_overrides(data, '--config.train.steps=1'),
+                      f'--config.init_from={run}'))

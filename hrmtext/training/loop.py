@@ -143,7 +143,8 @@ class TrainStateStore:
 
   def _check_init_from(self) -> None:
     """FileNotFoundError / ValueError unless `init_from` holds a checkpoint of this model (and,
-    for init_mode 'continue', its optimizer state and EMA)."""
+    for init_mode 'continue', its optimizer state and EMA) whose tokenizer, if it keeps one, is
+    the data's."""
     mode, source = self.config.init_mode, self.config.init_from
     if mode not in INIT_MODES:
       raise UserError(f'init_mode {mode!r} is not one of {", ".join(INIT_MODES)}')
@@ -157,6 +158,11 @@ class TrainStateStore:
     missing = {'opt_state', 'ema'} - checkpoint.saved_items(mngr, step)
     mngr.close()
     self._check_same_model(cfg, f'init_from {source}')
+    if self.tokenizer is not None and Run(source).has_tokenizer():  # its token ids are the data's
+      try:
+        Run(source).check_tokenizer(self.tokenizer)
+      except UserError as e:
+        raise UserError(f'init_from: {e}') from None
     if self.program.lora:  # its weights are the frozen base, whatever else it holds
       return
     if mode == 'continue' and meta.get('lora'):
