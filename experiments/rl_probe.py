@@ -56,6 +56,8 @@ def main(argv=None) -> None:
   parser.add_argument('--max_new_tokens', type=int, default=32)
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args(argv)
+  if min(args.prompts, args.group, args.max_new_tokens) < 1:
+    parser.error('--prompts, --group and --max_new_tokens must be >= 1')
   try:
     run = Run(args.run)
     meta = run.meta()
@@ -69,6 +71,8 @@ def main(argv=None) -> None:
       if len(by_task[row['task']]) < args.prompts:
         by_task[row['task']].append(row)
     tok = run.tokenizer(meta)
+    if tok is None:
+      raise UserError(f'{args.run} keeps no tokenizer')
     longest = max(len(tok.encode_instruction(r['instruction'], r['condition']))
                   for rows in by_task.values() for r in rows)
     engine, tok, _ = load(args.run, slots=256, max_len=longest + args.max_new_tokens)

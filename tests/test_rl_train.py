@@ -293,6 +293,9 @@ def test_probe_tables_each_task(setup):
   shown = subprocess.run([sys.executable, 'experiments/rl_probe.py', '--help'], cwd=REPO,
                          env=train_env(), capture_output=True, text=True, timeout=120)
   assert shown.returncode == 0 and 'dependence' in shown.stdout, shown.stderr
+  none = subprocess.run([sys.executable, 'experiments/rl_probe.py', str(init), '--group=0'],
+                        cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=120)
+  assert none.returncode == 2 and '--group' in none.stderr.strip().splitlines()[-1]
   missing = subprocess.run([sys.executable, 'experiments/rl_probe.py', str(init), '--tasks=nope'],
                            cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
   assert missing.returncode == 1 and missing.stderr.strip().startswith('error: ') and \
